@@ -1,0 +1,3 @@
+from anatcl_infer.cli import main
+
+main()

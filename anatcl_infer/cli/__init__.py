@@ -1,0 +1,13 @@
+"""Command-line interface: ``anatcl``."""
+
+from __future__ import annotations
+
+from . import _embed, _heads, _qc, _train, _weights  # noqa: F401  (register commands)
+from .app import app
+
+__all__ = ["app", "main"]
+
+
+def main() -> None:
+    """Entry point of the ``anatcl`` console script."""
+    app()

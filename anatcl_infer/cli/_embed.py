@@ -1,0 +1,6 @@
+"""`anatcl` sub-commands: embed."""
+
+from __future__ import annotations
+
+from .app import app  # noqa: F401
+

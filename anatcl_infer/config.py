@@ -1,0 +1,214 @@
+"""Specs as data: the preprocessing contract and the model config.
+
+Both are frozen dataclasses serialised to JSON in ``config.json`` beside
+``model.safetensors``, so the preprocessing always travels with the weights
+(``anatcl convert`` writes it, :func:`anatcl_infer.load_model` reads it back).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ._version import __version__
+from .errors import ConfigError
+
+__all__ = [
+    "REFERENCE_SHAPE",
+    "REFERENCE_AFFINE",
+    "PreprocessConfig",
+    "ModelConfig",
+    "CONFIG_NAME",
+    "WEIGHTS_NAME",
+]
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+#: The CAT12 1.5 mm MNI box the published models were trained on (OpenBHB "vbm").
+REFERENCE_SHAPE: tuple[int, int, int] = (121, 145, 121)
+REFERENCE_AFFINE: tuple[tuple[float, ...], ...] = (
+    (-1.5, 0.0, 0.0, 90.0),
+    (0.0, 1.5, 0.0, -126.0),
+    (0.0, 0.0, 1.5, -72.0),
+    (0.0, 0.0, 0.0, 1.0),
+)
+
+_INPUT_KINDS = ("gm", "t1")
+_INTENSITY = ("none", "zscore", "robust")
+
+
+def _as_affine(value: Any) -> tuple[tuple[float, ...], ...]:
+    rows = tuple(tuple(float(v) for v in row) for row in value)
+    if len(rows) == 3:
+        rows = rows + ((0.0, 0.0, 0.0, 1.0),)
+    if len(rows) != 4 or any(len(r) != 4 for r in rows):
+        raise ConfigError(f"grid_affine must be a 4x4 (or 3x4) matrix, got {value!r}")
+    return rows
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How an image is turned into the array the model receives.
+
+    Attributes:
+        input_kind: ``"gm"`` for CAT12-style modulated grey-matter maps (mwp1; the
+            published models' input) or ``"t1"`` for skull-stripped T1 in MNI space.
+        grid_shape: shape of the target grid every image is conformed onto.
+        grid_affine: voxel-to-world (MNI mm) affine of the target grid.
+        crop: ``(start, stop)`` per axis applied after conforming; the published
+            models use y 8:136 (145 -> 128).
+        intensity: ``"none"`` (raw values, as the authors), ``"zscore"`` (per volume,
+            over the whole array) or ``"robust"`` (per volume: subtract the median and
+            divide by the interquartile range of the voxels above zero).
+        pad_to: optional shape to zero-pad to after cropping (e.g. ``(128, 128, 128)``).
+
+    Example:
+        >>> cfg = PreprocessConfig()
+        >>> cfg.model_input_shape
+        (121, 128, 121)
+    """
+
+    input_kind: str = "gm"
+    grid_shape: tuple[int, int, int] = REFERENCE_SHAPE
+    grid_affine: tuple[tuple[float, ...], ...] = REFERENCE_AFFINE
+    crop: tuple[tuple[int, int], ...] = ((0, 121), (8, 136), (0, 121))
+    intensity: str = "none"
+    pad_to: tuple[int, int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.input_kind not in _INPUT_KINDS:
+            raise ConfigError(f"input_kind must be one of {_INPUT_KINDS}, got {self.input_kind!r}")
+        if self.intensity not in _INTENSITY:
+            raise ConfigError(f"intensity must be one of {_INTENSITY}, got {self.intensity!r}")
+        shape = tuple(int(s) for s in self.grid_shape)
+        if len(shape) != 3 or min(shape) < 1:
+            raise ConfigError(f"grid_shape must be three positive integers, got {self.grid_shape!r}")
+        object.__setattr__(self, "grid_shape", shape)
+        object.__setattr__(self, "grid_affine", _as_affine(self.grid_affine))
+        crop = tuple((int(a), int(b)) for a, b in self.crop)
+        if len(crop) != 3 or any(not (0 <= a < b <= n) for (a, b), n in zip(crop, shape)):
+            raise ConfigError(f"crop {self.crop!r} must be three (start, stop) pairs inside grid_shape {shape}")
+        object.__setattr__(self, "crop", crop)
+        if self.pad_to is not None:
+            pad = tuple(int(p) for p in self.pad_to)
+            cropped = tuple(b - a for a, b in crop)
+            if len(pad) != 3 or any(p < c for p, c in zip(pad, cropped)):
+                raise ConfigError(f"pad_to {self.pad_to!r} must be >= the cropped shape {cropped}")
+            object.__setattr__(self, "pad_to", pad)
+
+    @property
+    def model_input_shape(self) -> tuple[int, int, int]:
+        """Spatial shape of the array given to the network."""
+        if self.pad_to is not None:
+            return tuple(self.pad_to)  # type: ignore[return-value]
+        return tuple(b - a for a, b in self.crop)  # type: ignore[return-value]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (lists, not tuples)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PreprocessConfig:
+        """Build from :meth:`to_dict` output; unknown keys are an error."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise ConfigError(f"unknown preprocessing keys {sorted(unknown)}; valid keys are {sorted(names)}")
+        kwargs = dict(data)
+        for key in ("grid_shape", "pad_to"):
+            if kwargs.get(key) is not None:
+                kwargs[key] = tuple(kwargs[key])
+        if "crop" in kwargs:
+            kwargs["crop"] = tuple(tuple(c) for c in kwargs["crop"])
+        return cls(**kwargs)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything that identifies a set of weights and how to feed them.
+
+    Attributes:
+        architecture: ``resnet18`` (published), ``resnet34``, ``resnet50`` or ``resnet101``.
+        variant: ``global``, ``local`` or a free label for user-trained models.
+        fold: cross-validation fold of the published run (``None`` for other models).
+        name: registry name, e.g. ``anatcl-global``.
+        source: where the weights came from (URL, ``hf://`` address or path).
+        source_sha256: SHA-256 of the original file the weights were read from.
+        feature_dim: size of the encoder output.
+        projection_dim: size of the contrastive projection.
+        preprocess: the preprocessing spec.
+    """
+
+    architecture: str = "resnet18"
+    variant: str = "global"
+    fold: int | None = 0
+    name: str = "anatcl-global"
+    source: str = ""
+    source_sha256: str | None = None
+    feature_dim: int = 512
+    projection_dim: int = 128
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``config.json`` content, with a version block."""
+        data = dataclasses.asdict(self)
+        data["preprocess"] = self.preprocess.to_dict()
+        data["anatcl_infer_version"] = __version__
+        data["format"] = "anatcl-infer/1"
+        return json.loads(json.dumps(data))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        """Read a ``config.json`` dict; warns when a newer package wrote it."""
+        data = dict(data)
+        written_by = data.pop("anatcl_infer_version", None)
+        data.pop("format", None)
+        if written_by and _version_tuple(written_by) > _version_tuple(__version__):
+            warnings.warn(
+                f"this config was written by anatcl-infer {written_by}, newer than the installed "
+                f"{__version__}; upgrade with `pip install -U anatcl-infer` if loading misbehaves",
+                stacklevel=2,
+            )
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            logger.warning("ignoring unknown config keys %s", sorted(unknown))
+        kwargs = {k: v for k, v in data.items() if k in names}
+        kwargs["preprocess"] = PreprocessConfig.from_dict(data.get("preprocess", {}))
+        return cls(**kwargs)
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``config.json`` into ``directory``."""
+        path = Path(directory) / CONFIG_NAME
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, directory_or_file: str | Path) -> ModelConfig:
+        """Read ``config.json`` from a directory or a file path."""
+        path = Path(directory_or_file)
+        if path.is_dir():
+            path = path / CONFIG_NAME
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path} not found: a model directory needs {CONFIG_NAME} beside {WEIGHTS_NAME}") from None
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path} is not valid JSON: {exc}") from None
+        return cls.from_dict(data)
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    parts = []
+    for piece in version.split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)

@@ -1,0 +1,129 @@
+"""Every exception the package raises.
+
+All errors derive from :class:`AnatCLError`, and most also from the builtin that
+describes them best, so callers can catch broadly (``except AnatCLError``) or
+precisely (``except FileNotFoundError``). Messages say what to do next; errors
+carry the offending path, key or source as attributes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+__all__ = [
+    "AnatCLError",
+    "ConfigError",
+    "UnknownModelError",
+    "CheckpointError",
+    "UnsafeCheckpointError",
+    "StateDictMismatchError",
+    "IntegrityError",
+    "DownloadError",
+    "OfflineError",
+    "InputError",
+    "InputKindError",
+    "HeadError",
+]
+
+
+class AnatCLError(Exception):
+    """Base class of every error raised by anatcl-infer."""
+
+
+class ConfigError(AnatCLError, ValueError):
+    """A configuration (preprocessing spec, model config, head file) is invalid."""
+
+
+class UnknownModelError(AnatCLError, KeyError):
+    """A model name, variant or fold is not in the registry."""
+
+    def __init__(self, message: str, *, name: str | None = None) -> None:
+        super().__init__(message)
+        self.name = name
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+class CheckpointError(AnatCLError, ValueError):
+    """A checkpoint file cannot be read as an AnatCL model."""
+
+    def __init__(self, message: str, *, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint asks to call code while it is being unpickled; it was refused."""
+
+    def __init__(self, message: str, *, path: str | None = None, global_name: str | None = None) -> None:
+        super().__init__(message, path=path)
+        self.global_name = global_name
+
+
+class StateDictMismatchError(CheckpointError):
+    """The weights in a checkpoint do not match the network's parameters exactly."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | None = None,
+        missing: Sequence[str] = (),
+        unexpected: Sequence[str] = (),
+        mismatched: Sequence[str] = (),
+    ) -> None:
+        super().__init__(message, path=path)
+        self.missing = list(missing)
+        self.unexpected = list(unexpected)
+        self.mismatched = list(mismatched)
+
+
+class IntegrityError(AnatCLError, ValueError):
+    """A downloaded or local file does not have the expected SHA-256."""
+
+    def __init__(self, message: str, *, path: str | None = None, expected: str = "", actual: str = "") -> None:
+        super().__init__(message)
+        self.path = path
+        self.expected = expected
+        self.actual = actual
+
+
+class DownloadError(AnatCLError, OSError):
+    """A file could not be fetched from a URL or the Hugging Face Hub."""
+
+    def __init__(self, message: str, *, url: str | None = None) -> None:
+        super().__init__(message)
+        self.url = url
+
+
+class OfflineError(DownloadError, FileNotFoundError):
+    """Offline mode is on and the file is not in the cache."""
+
+
+class InputError(AnatCLError, ValueError):
+    """An input image cannot be used (unreadable, wrong shape, not in MNI space...).
+
+    Attributes:
+        path: the offending input, when it has one.
+        stage: where it failed: ``"read"``, ``"check"``, ``"conform"``, ``"encode"``.
+    """
+
+    def __init__(self, message: str, *, path: str | None = None, stage: str = "check") -> None:
+        super().__init__(message)
+        self.path = path
+        self.stage = stage
+
+    def __str__(self) -> str:
+        msg = str(self.args[0])
+        if self.path and self.path not in msg:
+            return f"{self.path}: {msg}"
+        return msg
+
+
+class InputKindError(InputError):
+    """An input does not look like what the model was trained on (raised under ``strict``)."""
+
+
+class HeadError(AnatCLError, ValueError):
+    """A prediction head cannot be fitted or does not fit these features."""
