@@ -1,0 +1,206 @@
+"""The registry of published AnatCL weights, read from the manifest shipped in the wheel.
+
+``anatcl_infer/weights/manifest.json`` lists each variant (``anatcl-global``,
+``anatcl-local``), its aliases (``global``/``g3``, ``local``/``l3``) and, per fold,
+the original download URLs in order of preference with their SHA-256 where known.
+
+A Hugging Face mirror is a setting, not a fact of the manifest: set
+``ANATCL_HUB_REPO`` to a repository template such as ``myorg/{name}-fold{fold}``
+(fields ``{name}``, ``{variant}``, ``{fold}``) and the registry tries that repository
+first, falling back to the original URLs.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+from .errors import ConfigError, UnknownModelError
+
+__all__ = [
+    "FOLDS",
+    "ModelSource",
+    "ResolvedModel",
+    "list_models",
+    "resolve",
+    "canonical_name",
+    "model_card",
+    "load_manifest",
+    "hub_mirror",
+]
+
+#: cross-validation folds of the published runs
+FOLDS: tuple[int, ...] = (0, 1, 2, 3, 4)
+
+HUB_REPO_ENV = "ANATCL_HUB_REPO"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """One place an original checkpoint can be downloaded from.
+
+    Attributes:
+        url: http(s) URL of the ``.pth``.
+        release: the authors' package release that published it (``v0.0.2``...).
+        sha256: SHA-256 of the whole file, ``None`` while unknown.
+        size: size in bytes, ``None`` while unknown.
+    """
+
+    url: str
+    release: str = ""
+    sha256: str | None = None
+    size: int | None = None
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A registry name and fold resolved to where its weights come from.
+
+    Attributes:
+        name: canonical registry name (``anatcl-global``).
+        variant: ``global`` or ``local``.
+        fold: cross-validation fold, 0-4.
+        architecture: network name (``resnet18``).
+        sources: original URLs, preferred first.
+        hub_repo: Hub mirror repository from ``ANATCL_HUB_REPO`` (``None`` when unset).
+    """
+
+    name: str
+    variant: str
+    fold: int
+    architecture: str
+    sources: tuple[ModelSource, ...]
+    hub_repo: str | None = None
+
+
+@functools.lru_cache(maxsize=1)
+def _packaged_manifest() -> dict[str, Any]:
+    text = resources.files("anatcl_infer").joinpath("weights/manifest.json").read_text(encoding="utf-8")
+    return json.loads(text)
+
+
+def load_manifest() -> dict[str, Any]:
+    """The parsed ``weights/manifest.json`` shipped with the package.
+
+    Example:
+        >>> sorted(load_manifest()["models"])
+        ['anatcl-global', 'anatcl-local']
+    """
+    return _packaged_manifest()
+
+
+def list_models() -> list[str]:
+    """Canonical names of the registered models.
+
+    Example:
+        >>> list_models()
+        ['anatcl-global', 'anatcl-local']
+    """
+    return sorted(load_manifest()["models"])
+
+
+def canonical_name(name: str) -> str:
+    """Map a registry name or alias (``global``, ``g3``...) to its canonical name.
+
+    Raises:
+        UnknownModelError: the name is not registered; the message lists the valid names.
+
+    Example:
+        >>> canonical_name("g3")
+        'anatcl-global'
+    """
+    models = load_manifest()["models"]
+    key = name.strip().lower()
+    if key in models:
+        return key
+    for canonical, entry in models.items():
+        if key in (a.lower() for a in entry.get("aliases", ())):
+            return canonical
+    valid = []
+    for canonical, entry in sorted(models.items()):
+        valid.append(canonical)
+        valid.extend(entry.get("aliases", ()))
+    raise UnknownModelError(
+        f"unknown model {name!r}; valid names are {', '.join(valid)}, or pass an hf://org/name address, "
+        "an http(s) URL, a .pth/.safetensors file or a model directory",
+        name=name,
+    )
+
+
+def hub_mirror(name: str, variant: str, fold: int) -> str | None:
+    """The Hub repository ``ANATCL_HUB_REPO`` names for this model and fold, if set.
+
+    The template may use ``{name}``, ``{variant}`` and ``{fold}``; without any field
+    it is used as is (one repository for one fold).
+
+    Example:
+        >>> import os; os.environ["ANATCL_HUB_REPO"] = "myorg/{name}-fold{fold}"
+        >>> hub_mirror("anatcl-global", "global", 0)
+        'myorg/anatcl-global-fold0'
+        >>> del os.environ["ANATCL_HUB_REPO"]
+    """
+    template = os.environ.get(HUB_REPO_ENV, "").strip()
+    if not template:
+        return None
+    template = template.removeprefix("hf://")
+    try:
+        return template.format(name=name, variant=variant, fold=fold)
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ConfigError(
+            f"{HUB_REPO_ENV}={template!r} is not a valid template ({exc}); use fields {{name}}, {{variant}}, {{fold}}, "
+            "e.g. myorg/{name}-fold{fold}"
+        ) from None
+
+
+def resolve(name: str, fold: int = 0) -> ResolvedModel:
+    """Resolve a registry name (or alias) and fold to its download sources.
+
+    Args:
+        name: ``anatcl-global``, ``anatcl-local`` or an alias (``global``, ``g3``, ``local``, ``l3``).
+        fold: cross-validation fold, 0-4.
+
+    Raises:
+        UnknownModelError: unknown name or fold.
+
+    Example:
+        >>> resolve("global", fold=0).sources[0].sha256[:8]
+        '77f6d44d'
+    """
+    canonical = canonical_name(name)
+    entry = load_manifest()["models"][canonical]
+    folds = entry["folds"]
+    if isinstance(fold, bool) or not isinstance(fold, int) or str(fold) not in folds:
+        raise UnknownModelError(
+            f"{canonical} has no fold {fold!r}; valid folds are {', '.join(sorted(folds))} "
+            "(each fold is a separate model: never average embeddings across folds)",
+            name=canonical,
+        )
+    sources = tuple(
+        ModelSource(url=s["url"], release=s.get("release", ""), sha256=s.get("sha256"), size=s.get("size"))
+        for s in folds[str(fold)]["sources"]
+    )
+    variant = entry["variant"]
+    return ResolvedModel(
+        name=canonical,
+        variant=variant,
+        fold=fold,
+        architecture=entry.get("architecture", "resnet18"),
+        sources=sources,
+        hub_repo=hub_mirror(canonical, variant, fold),
+    )
+
+
+def model_card(name: str) -> str:
+    """The markdown model card of a registered model.
+
+    Example:
+        >>> model_card("anatcl-local").startswith("# anatcl-local")
+        True
+    """
+    canonical = canonical_name(name)
+    card = load_manifest()["models"][canonical].get("card", f"cards/{canonical}.md")
+    return resources.files("anatcl_infer").joinpath("weights", card).read_text(encoding="utf-8")
