@@ -55,7 +55,6 @@ def embed(
     """
     setup_logging(quiet=quiet, verbose=verbose)
     import logging
-    import os
 
     from ..discovery import discover_inputs
     from ..embed import distributed_shard, run_embed, shard_records
@@ -77,9 +76,12 @@ def embed(
                 device = f"cuda:{local_rank}"
     try:
         if fold == "all":
-            from ..registry import resolve_folds
+            from ..registry import canonical_name, load_manifest
 
-            folds = resolve_folds(model)
+            try:
+                folds = sorted(int(k) for k in load_manifest()["models"][canonical_name(model)]["folds"])
+            except AnatCLError:
+                raise fail(f"--fold all needs a registry model name (anatcl-global, anatcl-local), got {model!r}", 2) from None
         else:
             try:
                 folds = [int(fold)]
@@ -114,4 +116,3 @@ def embed(
             err=True,
         )
         raise typer.Exit(1)
-    del os
