@@ -1,0 +1,137 @@
+"""Real anatomy for tests: the MNI152 2009 maps shipped in the nilearn wheel, on the reference grid.
+
+Every helper is cached per process and returns a fresh copy, so tests may modify what they get.
+Resampling uses nilearn's own ``resample_img`` (linear), independent of the package's code.
+
+Example:
+    >>> gm = mni_gm_on_grid()
+    >>> gm.shape, gm.dtype
+    ((121, 145, 121), dtype('float32'))
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+
+import numpy as np
+
+from anatcl_infer.config import REFERENCE_AFFINE, REFERENCE_SHAPE
+
+__all__ = [
+    "REF_AFFINE",
+    "BOX113_AFFINE",
+    "BOX113_SHAPE",
+    "BOX113_OFFSET",
+    "mni_gm_1mm",
+    "mni_t1_1mm",
+    "mni_gm_on_grid",
+    "mni_t1_on_grid",
+    "mni_gm_smoothed_on_grid",
+    "save_nifti",
+]
+
+REF_AFFINE = np.array(REFERENCE_AFFINE, dtype=np.float64)
+#: The CAT12.8 / deepmriprep 1.5 mm box (REFERENCE §3) and its voxel offset in the reference grid.
+BOX113_SHAPE = (113, 137, 113)
+BOX113_AFFINE = np.array([[-1.5, 0, 0, 84], [0, 1.5, 0, -120], [0, 0, 1.5, -72], [0, 0, 0, 1]], dtype=np.float64)
+BOX113_OFFSET = (4, 4, 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _load_1mm(kind: str):
+    from nilearn import datasets
+
+    loader = {"gm": datasets.load_mni152_gm_template, "t1": datasets.load_mni152_template}[kind]
+    img = loader(resolution=1)
+    data = np.asarray(img.get_fdata(dtype=np.float32))
+    return data, np.asarray(img.affine, dtype=np.float64)
+
+
+def mni_gm_1mm() -> tuple[np.ndarray, np.ndarray]:
+    """MNI152 2009 grey-matter probability map at 1 mm (197x233x189, RAS) and its affine."""
+    data, affine = _load_1mm("gm")
+    return data.copy(), affine.copy()
+
+
+def mni_t1_1mm() -> tuple[np.ndarray, np.ndarray]:
+    """MNI152 2009 skull-stripped T1 template at 1 mm and its affine."""
+    data, affine = _load_1mm("t1")
+    return data.copy(), affine.copy()
+
+
+@functools.lru_cache(maxsize=None)
+def _on_grid(kind: str) -> np.ndarray:
+    import nibabel as nib
+    from nilearn.image import resample_img
+
+    data, affine = _load_1mm(kind)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = resample_img(
+            nib.Nifti1Image(data, affine),
+            target_affine=REF_AFFINE,
+            target_shape=REFERENCE_SHAPE,
+            interpolation="linear",
+            force_resample=True,
+            copy_header=True,
+        )
+    arr = np.asarray(out.get_fdata(dtype=np.float32))
+    arr[arr < 1e-6] = 0.0
+    arr.setflags(write=False)
+    return arr
+
+
+def mni_gm_on_grid() -> np.ndarray:
+    """MNI152 GM map on the reference grid (121x145x121, float32): a stand-in for a CAT12 mwp1 map."""
+    return np.array(_on_grid("gm"))
+
+
+def mni_t1_on_grid() -> np.ndarray:
+    """MNI152 T1 template on the reference grid (121x145x121, float32, values 0..1)."""
+    return np.array(_on_grid("t1"))
+
+
+@functools.lru_cache(maxsize=None)
+def _smoothed(fwhm_mm: float) -> np.ndarray:
+    from scipy import ndimage
+
+    sigma_vox = fwhm_mm / (2.0 * np.sqrt(2.0 * np.log(2.0))) / 1.5
+    arr = ndimage.gaussian_filter(_on_grid("gm"), sigma=sigma_vox, mode="constant").astype(np.float32)
+    arr.setflags(write=False)
+    return arr
+
+
+def mni_gm_smoothed_on_grid(fwhm_mm: float = 6.0) -> np.ndarray:
+    """The GM map on the grid smoothed with a Gaussian of ``fwhm_mm`` (default 6 mm: like s6mwp1)."""
+    return np.array(_smoothed(float(fwhm_mm)))
+
+
+def save_nifti(
+    path: str | os.PathLike[str],
+    data: np.ndarray,
+    affine: np.ndarray | None = None,
+    *,
+    dtype: np.dtype | type | str = np.float32,
+    version: int = 1,
+    slope: float | None = None,
+    inter: float = 0.0,
+) -> str:
+    """Write ``data`` as NIfTI-1 (or -2) at ``path`` (``.nii`` or ``.nii.gz``); returns the path.
+
+    ``dtype`` is the on-disk data type; for integer types nibabel chooses a scale factor
+    unless ``slope`` is given.
+    """
+    import nibabel as nib
+
+    affine = REF_AFFINE if affine is None else np.asarray(affine, dtype=np.float64)
+    klass = nib.Nifti1Image if version == 1 else nib.Nifti2Image
+    img = klass(np.asarray(data), affine)
+    img.set_data_dtype(np.dtype(dtype))
+    img.header.set_qform(affine, code=1)
+    img.header.set_sform(affine, code=4)
+    if slope is not None:
+        img.header.set_slope_inter(slope, inter)
+    nib.save(img, os.fspath(path))
+    return os.fspath(path)
