@@ -23,6 +23,7 @@ __all__ = [
     "InputError",
     "InputKindError",
     "HeadError",
+    "MissingDependencyError",
 ]
 
 
@@ -127,3 +128,17 @@ class InputKindError(InputError):
 
 class HeadError(AnatCLError, ValueError):
     """A prediction head cannot be fitted or does not fit these features."""
+
+
+class MissingDependencyError(AnatCLError, ImportError):
+    """An optional dependency (an extra such as ``[qc]`` or ``[prep]``) or its data is missing.
+
+    Attributes:
+        package: the missing package (or file).
+        extra: the ``anatcl-infer`` extra that installs it, when there is one.
+    """
+
+    def __init__(self, message: str, *, package: str | None = None, extra: str | None = None) -> None:
+        super().__init__(message)
+        self.package = package
+        self.extra = extra
