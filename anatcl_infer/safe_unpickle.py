@@ -21,6 +21,7 @@ package. This module reads the torch zip container itself and unpickles
 
 from __future__ import annotations
 
+import _compat_pickle
 import argparse
 import collections
 import io
@@ -65,9 +66,8 @@ _DTYPE_NAMES = {
 }
 
 #: top-level modules whose globals are checked against the allowlist (anything else is a placeholder)
-_GUARDED_ROOTS = frozenset(sys.stdlib_module_names) | {"torch", "numpy", "__builtin__", "copy_reg"}
+_GUARDED_ROOTS = frozenset(sys.stdlib_module_names) | {"torch", "numpy"}
 
-_PY2_MODULES = {"__builtin__": "builtins", "copy_reg": "copyreg"}
 
 
 class Placeholder:
@@ -297,7 +297,12 @@ class _SafeUnpickler(pickle.Unpickler):
         self.placeholders: set[str] = set()
 
     def find_class(self, module: str, name: str) -> Any:
-        module = _PY2_MODULES.get(module, module)
+        # Python-2 names (protocol <= 2 pickles: ``__builtin__``, ``commands.Popen``...) mean what
+        # a standard unpickler would map them to, so they meet the same allowlist.
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        elif module in _compat_pickle.IMPORT_MAPPING:
+            module = _compat_pickle.IMPORT_MAPPING[module]
         allowed = _ALLOWED.get((module, name))
         if allowed is not None:
             return allowed
