@@ -121,17 +121,32 @@ def save_nifti(
     """Write ``data`` as NIfTI-1 (or -2) at ``path`` (``.nii`` or ``.nii.gz``); returns the path.
 
     ``dtype`` is the on-disk data type; for integer types nibabel chooses a scale factor
-    unless ``slope`` is given.
+    itself, unless ``slope`` is given: then ``data`` is stored as raw ``dtype`` values and
+    the header says ``value = raw * slope + inter``.
     """
+    import gzip
+    import io
+
     import nibabel as nib
 
     affine = REF_AFFINE if affine is None else np.asarray(affine, dtype=np.float64)
     klass = nib.Nifti1Image if version == 1 else nib.Nifti2Image
-    img = klass(np.asarray(data), affine)
+    raw = np.asarray(data).astype(np.dtype(dtype)) if slope is not None else np.asarray(data)
+    img = klass(raw, affine)
     img.set_data_dtype(np.dtype(dtype))
     img.header.set_qform(affine, code=1)
     img.header.set_sform(affine, code=4)
-    if slope is not None:
-        img.header.set_slope_inter(slope, inter)
-    nib.save(img, os.fspath(path))
-    return os.fspath(path)
+    path = os.fspath(path)
+    if slope is None:
+        nib.save(img, path)
+        return path
+    buffer = bytearray(img.to_bytes())
+    header = klass.header_class.from_fileobj(io.BytesIO(bytes(buffer)))
+    header["scl_slope"] = slope
+    header["scl_inter"] = inter
+    block = header.binaryblock
+    buffer[: len(block)] = block
+    payload = bytes(buffer)
+    with open(path, "wb") as fh:
+        fh.write(gzip.compress(payload) if path.endswith(".gz") else payload)
+    return path
