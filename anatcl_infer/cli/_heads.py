@@ -1,6 +1,102 @@
-"""`anatcl` sub-commands: heads."""
+"""`anatcl fit-head` and `anatcl predict`: linear heads on features tables."""
 
 from __future__ import annotations
 
-from .app import app  # noqa: F401
+from pathlib import Path
+from typing import Optional
 
+import typer
+
+from .app import app, fail, setup_logging
+
+_FIT_EPILOG = (
+    "Examples:\n\n"
+    "  anatcl fit-head feats.parquet participants.tsv --target age --units years --out age-head/\n\n"
+    "  anatcl fit-head feats.parquet labels.csv --target diagnosis --out dx-head/\n\n"
+    "Labels are joined on `path` when both files have it, else on `subject` (BIDS participant_id works). "
+    "A features file embedded with --fold all gives one head per fold."
+)
+
+_PREDICT_EPILOG = (
+    "Examples:\n\n"
+    "  anatcl predict feats.parquet --head age-head/ --labels participants.tsv --out brain_age.parquet\n\n"
+    "For brain-age heads the gap columns (brain_age_gap, brain_age_gap_corrected) appear whenever the "
+    "chronological age is known, from --labels or an `age` column."
+)
+
+
+@app.command("fit-head", epilog=_FIT_EPILOG)
+def fit_head_cmd(
+    features: Path = typer.Argument(..., help="Features table from `anatcl embed` (.parquet or .csv).", show_default=False),
+    labels: Path = typer.Argument(..., help="Labels table (.csv, .tsv, .parquet) with `path` or `subject` and the target.", show_default=False),
+    target: str = typer.Option(..., "--target", "-t", help="Label column to predict."),
+    out: Path = typer.Option(..., "--out", "-o", help="Head directory to write (head.json + head.safetensors)."),
+    kind: str = typer.Option("auto", "--kind", help="auto, regression (Ridge) or classification (logistic)."),
+    units: Optional[str] = typer.Option(None, "--units", help="Units of the target, recorded in the head (e.g. years)."),
+    brain_age: Optional[bool] = typer.Option(None, "--brain-age/--no-brain-age", help="Add brain-age gap columns at prediction (default: when the target is `age`)."),
+    cv: int = typer.Option(5, "--cv", min=2, help="Cross-validation folds."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the CV splits."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing head directory."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Warnings and errors only."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
+) -> None:
+    """Fit a linear head (Ridge or logistic regression, CV-tuned) on frozen features and save it."""
+    setup_logging(quiet=quiet, verbose=verbose)
+    from ..errors import AnatCLError
+    from ..features import read_features, read_labels
+    from ..heads import HEAD_CONFIG_NAME, fit_head
+
+    if (out / HEAD_CONFIG_NAME).exists() and not overwrite:
+        raise fail(f"{out} already holds a head; pass --overwrite to replace it")
+    try:
+        df, meta = read_features(features)
+        lab = read_labels(labels)
+        head = fit_head(df, lab, target, metadata=meta, kind=kind, units=units, brain_age=brain_age, cv=cv, seed=seed)
+        head.save(out)
+    except AnatCLError as exc:
+        raise fail(str(exc)) from None
+    cfg = head.config
+    typer.echo(f"{cfg['kind']} head for {target!r}: n={cfg['n_train']} inputs, folds {[f['fold'] for f in cfg['folds']]}")
+    for entry in cfg["folds"]:
+        metrics = ", ".join(f"{k} {v:.3f}" for k, v in entry["cv_metrics"].items())
+        typer.echo(f"  fold {entry['fold']}: {cv}-fold CV {metrics}")
+    if "ensemble" in cfg:
+        metrics = ", ".join(f"{k} {v:.3f}" for k, v in cfg["ensemble"]["cv_metrics"].items())
+        typer.echo(f"  fold ensemble: {metrics}")
+    typer.echo(f"saved to {out}")
+
+
+@app.command("predict", epilog=_PREDICT_EPILOG)
+def predict_cmd(
+    features: Path = typer.Argument(..., help="Features table from `anatcl embed`.", show_default=False),
+    head: Path = typer.Option(..., "--head", help="Head directory from `anatcl fit-head`."),
+    out: Path = typer.Option(..., "--out", "-o", help="Predictions table (.parquet or .csv), written atomically."),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="Labels with chronological age (for brain-age gaps)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Warnings and errors only."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
+) -> None:
+    """Apply a head to features: one row per input with `<target>_pred` (and brain-age gaps)."""
+    setup_logging(quiet=quiet, verbose=verbose)
+    import os
+
+    from ..errors import AnatCLError
+    from ..features import read_features, read_labels, write_parquet_atomic
+    from ..heads import Head
+
+    try:
+        h = Head.load(head)
+        df, meta = read_features(features)
+        lab = read_labels(labels) if labels is not None else None
+        pred = h.predict(df, lab, metadata=meta)
+    except AnatCLError as exc:
+        raise fail(str(exc)) from None
+    provenance = {"head": {k: h.config.get(k) for k in ("target", "kind", "units", "model", "package_version")},
+                  "head_dir": str(head), "features": str(features), "features_metadata": meta}
+    if str(out).endswith(".csv"):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+        pred.to_csv(tmp, index=False)
+        os.replace(tmp, out)
+    else:
+        write_parquet_atomic(pred, out, provenance)
+    typer.echo(f"wrote {len(pred)} predictions ({h.pred_column}) to {out}")
