@@ -197,6 +197,19 @@ def download_url(url: str, dest: str | os.PathLike[str], *, sha256: str | None =
     return actual
 
 
+def _hub_cache_dir() -> str | None:
+    """The Hub cache as the environment says now (``HF_HUB_CACHE``, else ``HF_HOME/hub``).
+
+    huggingface_hub reads these once at import; reading them per call lets a process
+    (or a test) change them later.
+    """
+    explicit = os.environ.get("HF_HUB_CACHE", "").strip()
+    if explicit:
+        return explicit
+    home = os.environ.get("HF_HOME", "").strip()
+    return str(Path(home) / "hub") if home else None
+
+
 def hf_download(repo_id: str, filenames: tuple[str, ...], *, revision: str | None = None, token: str | bool | None = None) -> dict[str, Path]:
     """Fetch files of a Hub repository into the Hub's own cache.
 
@@ -230,6 +243,7 @@ def hf_download(repo_id: str, filenames: tuple[str, ...], *, revision: str | Non
 
     offline = is_offline()
     endpoint = os.environ.get("HF_ENDPOINT", "").strip() or None
+    hub_cache = _hub_cache_dir()
     where = f"hf://{repo_id}" + (f"@{revision}" if revision else "")
     paths: dict[str, Path] = {}
     for filename in filenames:
@@ -239,6 +253,7 @@ def hf_download(repo_id: str, filenames: tuple[str, ...], *, revision: str | Non
                 filename,
                 revision=revision,
                 endpoint=endpoint,
+                cache_dir=hub_cache,
                 local_files_only=offline,
                 token=token,
                 library_name="anatcl-infer",

@@ -1,0 +1,343 @@
+"""load_model from every source: local files, directories, URLs, the registry and the Hub."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import time
+
+import pytest
+import torch
+
+import anatcl_infer
+from anatcl_infer import registry
+from anatcl_infer.config import ModelConfig
+from anatcl_infer.download import cache_dir
+from anatcl_infer.errors import (
+    CheckpointError,
+    ConfigError,
+    DownloadError,
+    IntegrityError,
+    OfflineError,
+    StateDictMismatchError,
+    UnknownModelError,
+)
+from anatcl_infer.loading import load_model, registry_model_dir
+from author_checkpoints import random_state_dict, write_author_checkpoint
+from reference_forward import reference_features, reference_projection
+from servers import FileServer, HubServer
+
+SMALL = (1, 1, 40, 48, 40)
+
+
+@pytest.fixture(autouse=True)
+def _online(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_ENDPOINT", raising=False)
+
+
+@pytest.fixture(scope="module")
+def state():
+    return random_state_dict(seed=3)
+
+
+@pytest.fixture(scope="module")
+def ckpt_dir(tmp_path_factory, state):
+    root = tmp_path_factory.mktemp("ckpts")
+    write_author_checkpoint(root / "fold0.pth", state)
+    write_author_checkpoint(root / "dp_fold0.pth", state, module_prefix=True)
+    return root
+
+
+@pytest.fixture(scope="module")
+def pth_bytes(ckpt_dir):
+    return (ckpt_dir / "fold0.pth").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def x():
+    torch.manual_seed(0)
+    return torch.rand(SMALL) * 0.8
+
+
+@pytest.fixture(scope="module")
+def expected(state, x):
+    feats = reference_features(state, x)
+    return feats, reference_projection(state, feats)
+
+
+def _outputs(model, x):
+    with torch.no_grad():
+        return model(x), model(x, head=True)
+
+
+def _assert_matches_reference(model, x, expected):
+    feats, proj = _outputs(model, x)
+    ref_feats, ref_proj = expected
+    assert feats.shape == (1, 512) and proj.shape == (1, 128)
+    torch.testing.assert_close(feats.double(), ref_feats, rtol=1e-5, atol=1e-5 * float(ref_feats.abs().max()))
+    torch.testing.assert_close(proj.double(), ref_proj, rtol=1e-5, atol=1e-6)
+
+
+def test_authors_pth_matches_independent_forward(ckpt_dir, x, expected):
+    model = load_model(ckpt_dir / "fold0.pth", device="cpu")
+    assert not model.training and model.device == torch.device("cpu")
+    _assert_matches_reference(model, x, expected)
+    cfg = model.config
+    assert cfg.fold == 0 and cfg.architecture == "resnet18"
+    assert cfg.source_sha256 == hashlib.sha256((ckpt_dir / "fold0.pth").read_bytes()).hexdigest()
+    assert cfg.preprocess.model_input_shape == (121, 128, 121)
+
+
+def test_module_prefixed_checkpoint_gives_identical_outputs(ckpt_dir, x):
+    a = _outputs(load_model(ckpt_dir / "fold0.pth", device="cpu"), x)
+    b = _outputs(load_model(ckpt_dir / "dp_fold0.pth", device="cpu"), x)
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+
+
+def test_lazy_public_entry_point():
+    assert anatcl_infer.load_model is load_model
+    assert anatcl_infer.list_models() == ["anatcl-global", "anatcl-local"]
+
+
+@pytest.mark.parametrize(
+    ("edit", "field", "needle"),
+    [
+        ("drop", "missing", "encoder.layer3.1.bn2.running_var"),
+        ("extra", "unexpected", "encoder.fc.weight"),
+        ("reshape", "mismatched", "head.2.weight"),
+    ],
+)
+def test_mismatched_keys_are_listed(tmp_path, state, edit, field, needle):
+    sd = dict(state)
+    if edit == "drop":
+        del sd[needle]
+    elif edit == "extra":
+        sd[needle] = torch.zeros(3)
+    else:
+        sd[needle] = torch.zeros(64, 512)
+    path = tmp_path / "bad.pth"
+    torch.save({"model": sd, "epoch": 1}, path)
+    with pytest.raises(StateDictMismatchError) as info:
+        load_model(path, device="cpu")
+    assert any(needle in k for k in getattr(info.value, field))
+    assert needle in str(info.value) and str(path) in str(info.value)
+
+
+def test_author_file_with_a_missing_key(tmp_path, state):
+    path = write_author_checkpoint(tmp_path / "fold0.pth", state, drop_key="encoder.conv1.weight")
+    with pytest.raises(StateDictMismatchError, match="encoder.conv1.weight") as info:
+        load_model(path, device="cpu")
+    assert info.value.missing == ["encoder.conv1.weight"]
+
+
+def test_no_state_dict_in_checkpoint(tmp_path):
+    path = tmp_path / "x.pth"
+    torch.save({"epoch": 3, "notes": "hi"}, path)
+    with pytest.raises(CheckpointError, match="no state dict found.*'epoch'"):
+        load_model(path, device="cpu")
+
+
+def test_sha256_of_local_file_is_checked(ckpt_dir):
+    with pytest.raises(IntegrityError) as info:
+        load_model(ckpt_dir / "fold0.pth", sha256="0" * 64, device="cpu")
+    assert info.value.expected == "0" * 64
+    assert (ckpt_dir / "fold0.pth").exists()  # the user's own file is never deleted
+
+
+def test_converted_directory_is_bit_identical(ckpt_dir, tmp_path, x):
+    original = load_model(ckpt_dir / "fold0.pth", device="cpu")
+    original.save_pretrained(tmp_path / "model")
+    reloaded = load_model(tmp_path / "model", device="cpu")
+    assert reloaded.config == original.config
+    assert all(torch.equal(u, v) for u, v in zip(_outputs(original, x), _outputs(reloaded, x)))
+    sha = hashlib.sha256((tmp_path / "model" / "model.safetensors").read_bytes()).hexdigest()
+    load_model(tmp_path / "model", sha256=sha, device="cpu")
+    with pytest.raises(IntegrityError):
+        load_model(tmp_path / "model", sha256="f" * 64, device="cpu")
+
+
+def test_bare_safetensors_gets_default_config_with_warning(ckpt_dir, tmp_path, x, caplog):
+    original = load_model(ckpt_dir / "fold0.pth", device="cpu")
+    original.save_pretrained(tmp_path / "m")
+    bare = tmp_path / "weights.safetensors"
+    (tmp_path / "m" / "model.safetensors").rename(bare)
+    with caplog.at_level(logging.WARNING, logger="anatcl_infer"):
+        model = load_model(bare, device="cpu")
+    assert "no config.json" in caplog.text
+    assert model.config.preprocess == ModelConfig().preprocess
+    assert all(torch.equal(u, v) for u, v in zip(_outputs(original, x), _outputs(model, x)))
+    # a config.json beside it is read instead
+    ModelConfig(variant="local", fold=3, name="anatcl-local").save(tmp_path)
+    assert load_model(bare, device="cpu").config.fold == 3
+
+
+def test_missing_path_and_unknown_name(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_model(tmp_path / "nope.pth")
+    with pytest.raises(UnknownModelError) as info:
+        load_model("anatcl-medium")
+    for name in ("anatcl-global", "anatcl-local", "g3", "l3"):
+        assert name in str(info.value)
+    with pytest.raises(UnknownModelError, match="valid folds are 0, 1, 2, 3, 4"):
+        load_model("anatcl-global", fold=7)
+    with pytest.raises(CheckpointError, match="without config.json"):
+        load_model(tmp_path)
+    with pytest.raises(ConfigError, match="revision"):
+        load_model("anatcl-global", revision="v1")
+
+
+# ----------------------------------------------------------------------------- registry over HTTP
+
+
+@pytest.fixture
+def file_server(pth_bytes):
+    with FileServer({"/v1/g3/fold0.pth": pth_bytes}) as srv:
+        yield srv
+
+
+def _route_registry(monkeypatch, srv, *, primary_sha=None, fallback_sha=None):
+    manifest = copy.deepcopy(registry.load_manifest())
+    sources = manifest["models"]["anatcl-global"]["folds"]["0"]["sources"]
+    sources[0].update(url=srv.url("/v2/global/fold0/weights.pth"), sha256=primary_sha)
+    sources[1].update(url=srv.url("/v1/g3/fold0.pth"), sha256=fallback_sha)
+    monkeypatch.setattr(registry, "load_manifest", lambda: manifest)
+    return sources
+
+
+def test_registry_falls_back_converts_once_and_removes_pth(monkeypatch, file_server, pth_bytes, x, expected, caplog):
+    sources = _route_registry(monkeypatch, file_server, fallback_sha=hashlib.sha256(pth_bytes).hexdigest())
+    with caplog.at_level(logging.WARNING, logger="anatcl_infer"):
+        model = load_model("global", fold=0, device="cpu")  # alias
+    assert "404" in caplog.text  # the dead primary URL was reported
+    _assert_matches_reference(model, x, expected)
+    cfg = model.config
+    assert (cfg.name, cfg.variant, cfg.fold) == ("anatcl-global", "global", 0)
+    assert cfg.source == sources[1]["url"] and cfg.source_sha256 == hashlib.sha256(pth_bytes).hexdigest()
+    target = registry_model_dir("anatcl-global", 0)
+    assert sorted(p.name for p in target.iterdir()) == ["config.json", "model.safetensors"]
+    assert json.loads((target / "config.json").read_text())["source"] == sources[1]["url"]
+    assert not list((cache_dir() / "downloads").iterdir())  # the .pth is gone
+    gets = file_server.gets("/v1/g3/fold0.pth")
+    again = load_model("anatcl-global", device="cpu")
+    assert file_server.gets("/v1/g3/fold0.pth") == gets == 1  # converted once, read from the cache
+    assert all(torch.equal(u, v) for u, v in zip(_outputs(model, x), _outputs(again, x)))
+
+
+def test_registry_sha_mismatch_keeps_nothing(monkeypatch, file_server):
+    _route_registry(monkeypatch, file_server, fallback_sha="0" * 64)
+    with pytest.raises(IntegrityError, match="deleted"):
+        load_model("anatcl-global", device="cpu")
+    assert not registry_model_dir("anatcl-global", 0).exists()
+    assert not any((cache_dir() / "downloads").iterdir())
+
+
+def test_registry_all_sources_dead(monkeypatch, file_server):
+    _route_registry(monkeypatch, file_server)
+    file_server.files.clear()
+    with pytest.raises(DownloadError) as info:
+        load_model("anatcl-global", device="cpu")
+    assert str(info.value).count("HTTP 404") == 2 and "anatcl convert" in str(info.value)
+
+
+def test_offline_fails_at_once_without_network(monkeypatch, file_server):
+    _route_registry(monkeypatch, file_server)
+    monkeypatch.setenv("ANATCL_OFFLINE", "1")
+    start = time.monotonic()
+    with pytest.raises(OfflineError) as info:
+        load_model("anatcl-global", device="cpu")
+    assert time.monotonic() - start < 5  # generous bound: a network attempt would not be "at once"
+    assert "anatcl download anatcl-global --fold 0" in str(info.value)
+    assert file_server.requests == []
+    assert isinstance(info.value, FileNotFoundError)
+
+
+def test_offline_reads_what_is_cached(monkeypatch, file_server, x, expected):
+    _route_registry(monkeypatch, file_server)
+    load_model("anatcl-global", device="cpu")
+    n = len(file_server.requests)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _assert_matches_reference(load_model("anatcl-global", device="cpu"), x, expected)
+    assert len(file_server.requests) == n
+
+
+def test_url_source_with_sha(file_server, pth_bytes, x, expected):
+    url = file_server.url("/v1/g3/fold0.pth")
+    with pytest.raises(IntegrityError):
+        load_model(url, sha256="1" * 64, device="cpu")
+    model = load_model(url, sha256=hashlib.sha256(pth_bytes).hexdigest(), device="cpu")
+    _assert_matches_reference(model, x, expected)
+    assert (model.config.name, model.config.fold) == ("anatcl-global", 0)  # guessed from the URL
+    load_model(url, device="cpu")
+    assert file_server.gets("/v1/g3/fold0.pth") == 2  # one failed + one good download, then cached
+    with pytest.raises(IntegrityError, match="converted from"):
+        load_model(url, sha256="2" * 64, device="cpu")
+
+
+# ----------------------------------------------------------------------------- Hugging Face Hub
+
+
+@pytest.fixture(scope="module")
+def converted_files(ckpt_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("converted") / "anatcl-global-fold0"
+    load_model(ckpt_dir / "fold0.pth", device="cpu").save_pretrained(out)
+    return {name: (out / name).read_bytes() for name in ("config.json", "model.safetensors")}
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    with HubServer() as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.endpoint)
+        yield server
+
+
+def test_hub_address_with_revision(hub, converted_files, x, expected):
+    commit = hub.add_repo("lab/anatcl-global-fold0", converted_files)
+    hub.add_repo("lab/anatcl-global-fold0", {"config.json": converted_files["config.json"]}, revision="broken")
+    model = load_model("hf://lab/anatcl-global-fold0", device="cpu")
+    _assert_matches_reference(model, x, expected)
+    assert model.config.fold == 0
+    assert load_model(f"hf://lab/anatcl-global-fold0@{commit}", device="cpu").config == model.config
+    with pytest.raises(DownloadError, match="has no model.safetensors"):
+        load_model("hf://lab/anatcl-global-fold0@broken", device="cpu")
+    with pytest.raises(DownloadError, match="revision not found"):
+        load_model("hf://lab/anatcl-global-fold0", revision="nope", device="cpu")
+    with pytest.raises(DownloadError, match="repository not found"):
+        load_model("hf://lab/missing", device="cpu")
+    with pytest.raises(ConfigError):
+        load_model("hf://just-a-name", device="cpu")
+
+
+def test_hub_offline_uses_hub_cache_only(hub, converted_files, monkeypatch):
+    commit = hub.add_repo("lab/m", converted_files)
+    with pytest.raises(OfflineError):
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        load_model(f"hf://lab/m@{commit}", device="cpu")
+    assert hub.requests == []
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    load_model(f"hf://lab/m@{commit}", device="cpu")
+    n = len(hub.requests)
+    monkeypatch.setenv("ANATCL_OFFLINE", "1")
+    load_model(f"hf://lab/m@{commit}", device="cpu")
+    assert len(hub.requests) == n
+
+
+def test_registry_hub_mirror_first(hub, converted_files, monkeypatch, file_server, x, expected):
+    _route_registry(monkeypatch, file_server)
+    hub.add_repo("mirror/anatcl-global-fold0", converted_files)
+    monkeypatch.setenv("ANATCL_HUB_REPO", "mirror/{name}-fold{fold}")
+    _assert_matches_reference(load_model("anatcl-global", fold=0, device="cpu"), x, expected)
+    assert file_server.requests == [] and hub.file_gets() == 2
+    assert not registry_model_dir("anatcl-global", 0).exists()  # Hub files stay in the Hub cache
+
+
+def test_registry_hub_mirror_missing_falls_back(hub, monkeypatch, file_server, x, expected, caplog):
+    _route_registry(monkeypatch, file_server)
+    monkeypatch.setenv("ANATCL_HUB_REPO", "mirror/{name}-fold{fold}")
+    with caplog.at_level(logging.WARNING, logger="anatcl_infer"):
+        model = load_model("anatcl-global", fold=0, device="cpu")
+    assert "Hub mirror mirror/anatcl-global-fold0 failed" in caplog.text
+    _assert_matches_reference(model, x, expected)
+    assert file_server.gets("/v1/g3/fold0.pth") == 1
