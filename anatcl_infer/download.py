@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import hashlib
+import http.client
 import logging
 import os
 import sys
@@ -167,7 +168,7 @@ def download_url(url: str, dest: str | os.PathLike[str], *, sha256: str | None =
                 while True:
                     try:
                         chunk = response.read(_CHUNK)
-                    except OSError as exc:
+                    except (OSError, http.client.HTTPException) as exc:
                         raise DownloadError(f"the download of {url} broke off after {received} bytes ({exc}); try again", url=url) from None
                     if not chunk:
                         break
