@@ -72,14 +72,14 @@ def _box_fraction(box: np.ndarray, reference: Sequence[Sequence[float]]) -> floa
 
 def _centre_of_mass_world(data: np.ndarray, affine: np.ndarray) -> np.ndarray | None:
     """Intensity-weighted centre (world mm) of the positive part of ``data``."""
-    weights = np.clip(data, 0, None, dtype=np.float64) if data.dtype != np.float64 else np.clip(data, 0, None)
-    total = weights.sum()
+    weights = np.clip(data, 0, None)
+    total = float(weights.sum(dtype=np.float64))
     if total <= 0:
         return None
     idx = np.empty(3)
     for axis in range(3):
         other = tuple(a for a in range(3) if a != axis)
-        profile = weights.sum(axis=other)
+        profile = weights.sum(axis=other, dtype=np.float64)
         idx[axis] = float(profile @ np.arange(profile.size)) / total
     return affine[:3, :3] @ idx + affine[:3, 3]
 
