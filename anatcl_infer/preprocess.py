@@ -89,9 +89,21 @@ def _uncrop(arr: np.ndarray, config: PreprocessConfig) -> np.ndarray:
     return grid
 
 
+def _load_npy(path: str) -> np.ndarray:
+    """A ``.npy`` array (OpenBHB stores its maps so), read without pickle."""
+    try:
+        return np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise InputError("file not found; check the path", path=path, stage="read") from None
+    except (OSError, ValueError, EOFError) as exc:
+        raise InputError(f"cannot be read as a .npy array ({exc})", path=path, stage="read") from None
+
+
 def _resolve(item: Any, config: PreprocessConfig, source: str) -> tuple[np.ndarray, np.ndarray | None, bool]:
     """``(data, affine, already_cropped)`` for any supported input."""
     if isinstance(item, (str, os.PathLike)):
+        if os.fspath(item).lower().endswith(".npy"):
+            return _resolve(_load_npy(source), config, source)
         data, affine = load_volume(item)
         return data, affine, False
     if isinstance(item, tuple):
@@ -145,9 +157,10 @@ def prepare(
 
     Args:
         item: a path to a NIfTI file; a nibabel image; an ``(array, affine)`` tuple; or a
-            numpy array without affine, which must have ``config.grid_shape`` (taken as on
-            the grid) or ``config.model_input_shape`` (taken as already cropped). Leading
-            singleton axes (``(1, 121, 145, 121)`` as in OpenBHB) are dropped.
+            numpy array without affine (or a ``.npy`` file of one), which must have
+            ``config.grid_shape`` (taken as on the grid) or ``config.model_input_shape``
+            (taken as already cropped). Leading singleton axes (``(1, 121, 145, 121)`` as
+            in OpenBHB) are dropped.
         config: the preprocessing spec (default: the published models').
         strict: raise :class:`~anatcl_infer.errors.InputKindError` when the input does not
             look like what the model was trained on, instead of warning.
