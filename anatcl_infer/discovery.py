@@ -106,7 +106,13 @@ def _record(path: str) -> InputRecord:
 def _walk_nifti(root: Path) -> list[str]:
     """Every visible ``.nii``/``.nii.gz`` file under ``root``, recursively (hidden folders skipped)."""
     found = []
+    seen: set[str] = set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a symbolic link back up the tree
+            dirnames[:] = []
+            continue
+        seen.add(real)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         found.extend(os.path.join(dirpath, f) for f in filenames if is_nifti_name(f))
     return found

@@ -48,6 +48,12 @@ def test_directory_is_searched_recursively_and_sorted(tmp_path):
     assert _paths(records) == sorted([paths[0], paths[1], paths[2]])
 
 
+def test_symlink_loop_does_not_hang(tmp_path):
+    (path,) = _touch(tmp_path, "a/mwp1sub-01.nii")
+    os.symlink(tmp_path, tmp_path / "a" / "loop")
+    assert _paths(discover_inputs(tmp_path)) == [path]
+
+
 def test_cat12_output_folder_keeps_the_unsmoothed_gm_maps(tmp_path):
     _touch(
         tmp_path,
