@@ -1,0 +1,255 @@
+"""Heads: fitting on features with known truth, bias correction, fold ensembles, save/load, mismatch errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from anatcl_infer.errors import HeadError
+from anatcl_infer.features import feature_names
+from anatcl_infer.heads import ALPHAS, Head, fit_bias_correction, fit_head, join_labels
+
+SHA0, SHA1 = "a" * 64, "b" * 64
+
+
+def _table(X: np.ndarray, *, fold: int | None = 0, model: str = "m", prefix: str = "/d/s") -> pd.DataFrame:
+    df = pd.DataFrame(X.astype(np.float32), columns=feature_names(X.shape[1]))
+    df.insert(0, "path", [f"{prefix}{i:03d}.nii.gz" for i in range(len(X))])
+    df.insert(1, "subject", [f"{i:03d}" for i in range(len(X))])
+    df.insert(2, "model", model)
+    df.insert(3, "fold", pd.array([fold] * len(X), dtype="Int64"))
+    return df
+
+
+def _meta(folds=(0,), shas=(SHA0,)) -> dict:
+    sha = list(shas) if len(folds) > 1 else shas[0]
+    return {"model": {"name": "m", "source": "src", "source_sha256": sha, "architecture": "resnet18",
+                      "variant": "global", "folds": list(folds)}, "preprocess": {}}
+
+
+def _attenuated(n: int = 400, dim: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """feat_000 = age + noise with var(noise) = var(age): the best linear predictor has slope 0.5."""
+    rng = np.random.default_rng(seed)
+    age = rng.uniform(20, 80, n)
+    X = rng.normal(size=(n, dim))
+    X[:, 0] = age + rng.normal(0, np.sqrt(np.var(age)), n)
+    return X, age
+
+
+def _labels(age: np.ndarray) -> pd.DataFrame:
+    return pd.DataFrame({"subject": [f"sub-{i:03d}" for i in range(len(age))], "age": age})
+
+
+def test_bias_correction_recovers_a_known_line():
+    rng = np.random.default_rng(1)
+    age = rng.uniform(20, 80, 500)
+    pred = 0.7 * age + 12 + rng.normal(0, 1, 500)
+    bias = fit_bias_correction(age, pred)
+    assert bias["slope"] == pytest.approx(0.7, abs=0.02)
+    assert bias["intercept"] == pytest.approx(12, abs=1.0)
+
+
+def test_age_head_bias_is_fitted_on_out_of_fold_predictions_with_known_shrinkage():
+    X, age = _attenuated()
+    head = fit_head(_table(X), _labels(age), "age", metadata=_meta(), units="years")
+    info = head.config["folds"][0]
+    bias = info["bias_correction"]
+    # Regression dilution: slope var(age)/(var(age)+var(noise)) = 0.5, intercept (1-0.5)*mean(age).
+    assert bias["slope"] == pytest.approx(0.5, abs=0.08)
+    assert bias["intercept"] == pytest.approx(0.5 * age.mean(), abs=5.0)
+
+    # Recompute the out-of-fold predictions independently: the stored line is theirs.
+    from sklearn.linear_model import Ridge
+    from sklearn.model_selection import KFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    pipe = make_pipeline(StandardScaler(), Ridge(alpha=info["alpha"]))
+    oof = cross_val_predict(pipe, X.astype(np.float32), age, cv=KFold(5, shuffle=True, random_state=0))
+    slope, intercept = np.polyfit(age, oof, 1)
+    assert bias["slope"] == pytest.approx(slope, rel=1e-6)
+    assert bias["intercept"] == pytest.approx(intercept, rel=1e-6)
+    assert info["cv_metrics"]["mae"] == pytest.approx(np.mean(np.abs(oof - age)), rel=1e-6)
+    # In-sample predictions show a smaller bias (steeper line): not what is stored.
+    in_slope = np.polyfit(age, pipe.fit(X.astype(np.float32), age).predict(X.astype(np.float32)), 1)[0]
+    assert in_slope > bias["slope"] + 0.01
+
+    # Corrected gaps on new subjects from the same population are free of the age trend.
+    Xn, age_n = _attenuated(n=600, seed=7)
+    pred = head.predict(_table(Xn, prefix="/new/s"), _labels(age_n))
+    raw_r = np.corrcoef(age_n, pred["brain_age_gap"])[0, 1]
+    cor_r = np.corrcoef(age_n, pred["brain_age_gap_corrected"])[0, 1]
+    assert raw_r < -0.4
+    assert abs(cor_r) < abs(raw_r) / 2
+    np.testing.assert_allclose(pred["age_pred_corrected"], (pred["age_pred"] - bias["intercept"]) / bias["slope"])
+    np.testing.assert_allclose(pred["brain_age_gap"], pred["age_pred"] - age_n)
+
+
+def test_alpha_is_chosen_from_the_grid_and_prediction_matches_sklearn():
+    X, age = _attenuated(n=120, dim=32, seed=3)
+    head = fit_head(_table(X), _labels(age), "age")
+    alpha = head.config["folds"][0]["alpha"]
+    assert alpha in ALPHAS
+    from sklearn.linear_model import Ridge
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    ref = make_pipeline(StandardScaler(), Ridge(alpha=alpha)).fit(X.astype(np.float32), age)
+    pred = head.predict(_table(X))
+    np.testing.assert_allclose(pred["age_pred"], ref.predict(X.astype(np.float32)), rtol=1e-5, atol=1e-4)
+
+
+def test_fold_heads_and_ensemble_is_mean_of_fold_predictions(tmp_path):
+    X, age = _attenuated(n=150, seed=2)
+    rng = np.random.default_rng(5)
+    X1 = X @ np.linalg.qr(rng.normal(size=(16, 16)))[0]  # fold 1 lives in a rotated space
+    df = pd.concat([_table(X, fold=0), _table(X1, fold=1)], ignore_index=True)
+    head = fit_head(df, _labels(age), "age", metadata=_meta((0, 1), (SHA0, SHA1)))
+    assert sorted(head.folds) == [0, 1]
+    assert [f["model_sha256"] for f in head.config["folds"]] == [SHA0, SHA1]
+    assert "bias_correction" in head.config["ensemble"]
+    head.save(tmp_path / "h")
+    loaded = Head.load(tmp_path / "h")
+    pred = loaded.predict(df, _labels(age), metadata=_meta((0, 1), (SHA0, SHA1)))
+    assert len(pred) == 150 and list(pred["path"]) == list(df["path"][:150])
+    np.testing.assert_allclose(pred["age_pred"], (pred["age_pred_fold0"] + pred["age_pred_fold1"]) / 2)
+    ens = head.config["ensemble"]["bias_correction"]
+    np.testing.assert_allclose(pred["brain_age_gap_corrected"], (pred["age_pred"] - ens["intercept"]) / ens["slope"] - age)
+    # Each fold's head applied to its own space: fold 1 predicts like fold 0 on rotated features.
+    assert np.corrcoef(pred["age_pred_fold0"], pred["age_pred_fold1"])[0, 1] > 0.9
+    # Rows aligned with the input table, the same values on both fold rows of an input.
+    frame = loaded.predict_frame(df)
+    assert list(frame.index) == list(df.index)
+    np.testing.assert_allclose(frame["age_pred"].to_numpy()[:150], frame["age_pred"].to_numpy()[150:])
+    assert "brain_age_gap" not in frame  # no chronological age given
+
+
+def test_save_load_roundtrip_and_head_json(tmp_path):
+    X, age = _attenuated(n=80, seed=4)
+    df = _table(X)
+    head = fit_head(df, _labels(age), "age", metadata=_meta(), units="years")
+    head.save(tmp_path / "h")
+    cfg = json.loads((tmp_path / "h" / "head.json").read_text())
+    assert cfg["target"] == "age" and cfg["kind"] == "regression" and cfg["units"] == "years"
+    assert cfg["brain_age"] is True and cfg["n_train"] == 80 and cfg["join_key"] == "subject"
+    assert cfg["folds"][0]["model_sha256"] == SHA0 and cfg["folds"][0]["model_name"] == "m"
+    assert set(cfg["folds"][0]["cv_metrics"]) >= {"mae", "r2"}
+    assert set(cfg["folds"][0]["bias_correction"]) == {"slope", "intercept"}
+    from safetensors.numpy import load_file
+
+    tensors = load_file(str(tmp_path / "h" / "head.safetensors"))
+    assert set(tensors) == {"fold0.coef", "fold0.intercept", "fold0.scaler_mean", "fold0.scaler_scale"}
+    assert tensors["fold0.coef"].shape == (1, 16)
+    loaded = Head.load(tmp_path / "h")
+    pd.testing.assert_frame_equal(loaded.predict(df, metadata=_meta()), head.predict(df, metadata=_meta()))
+
+
+def test_gap_columns_from_an_age_column_in_the_features():
+    X, age = _attenuated(n=60, seed=6)
+    head = fit_head(_table(X), _labels(age), "age")
+    df = _table(X)
+    assert "brain_age_gap" not in head.predict(df)
+    df["age"] = age
+    pred = head.predict(df)
+    np.testing.assert_allclose(pred["brain_age_gap"], pred["age_pred"] - age)
+
+
+def test_head_refuses_features_of_another_model_or_fold(tmp_path):
+    X, age = _attenuated(n=60)
+    head = fit_head(_table(X), _labels(age), "age", metadata=_meta())
+    with pytest.raises(HeadError, match="model"):
+        head.predict(_table(X, model="other-model"))
+    with pytest.raises(HeadError, match="sha256"):
+        head.predict(_table(X), metadata=_meta(shas=(SHA1,)))
+    with pytest.raises(HeadError, match="fold 3"):
+        head.predict(_table(X, fold=3))
+    with pytest.raises(HeadError, match="16-d"):
+        head.predict(_table(X[:, :8]))
+    head.predict(_table(X), metadata=_meta())  # the right ones pass
+
+
+def test_join_on_path_when_both_have_it():
+    X, age = _attenuated(n=40)
+    df = _table(X)
+    labels = pd.DataFrame({"path": df["path"][::-1].to_numpy(), "age": age[::-1]})
+    joined, key = join_labels(df, labels, columns=["age"])
+    assert key == "path"
+    np.testing.assert_allclose(joined["age"], age)
+
+
+def test_fit_errors_say_what_is_wrong():
+    X, age = _attenuated(n=60)
+    df = _table(X)
+    with pytest.raises(HeadError, match="no join key"):
+        fit_head(df, pd.DataFrame({"id": range(60), "age": age}), "age")
+    with pytest.raises(HeadError, match="no feature row matches"):
+        fit_head(df, pd.DataFrame({"subject": [f"x{i}" for i in range(60)], "age": age}), "age")
+    with pytest.raises(HeadError, match="'score' is not in the labels"):
+        fit_head(df, _labels(age), "score")
+    with pytest.raises(HeadError, match="too few"):
+        fit_head(df.iloc[:6], _labels(age), "age")
+    with pytest.raises(HeadError, match="single class"):
+        fit_head(df, _labels(age).assign(dx="AD"), "dx")
+    with pytest.raises(HeadError, match="not unique"):
+        fit_head(df, pd.concat([_labels(age), _labels(age)]), "age")
+
+
+def test_binary_classification_head_matches_logistic_regression():
+    rng = np.random.default_rng(0)
+    n = 120
+    y = np.where(rng.random(n) < 0.4, "AD", "CN")
+    X = rng.normal(size=(n, 16)) + (y == "AD")[:, None] * 0.8
+    labels = pd.DataFrame({"subject": [f"{i:03d}" for i in range(n)], "dx": y})
+    head = fit_head(_table(X), labels, "dx")
+    assert head.kind == "classification" and head.classes == ["AD", "CN"]
+    metrics = head.config["folds"][0]["cv_metrics"]
+    assert metrics["balanced_accuracy"] > 0.75 and metrics["roc_auc"] > 0.85
+    assert "bias_correction" not in head.config["folds"][0]
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    C = head.config["folds"][0]["C"]
+    ref = make_pipeline(StandardScaler(), LogisticRegression(C=C, class_weight="balanced", max_iter=5000))
+    ref.fit(X.astype(np.float32), y)
+    pred = head.predict(_table(X))
+    np.testing.assert_allclose(pred["dx_proba_CN"], ref.predict_proba(X.astype(np.float32))[:, 1], atol=1e-4)
+    assert list(pred["dx_pred"]) == list(ref.predict(X.astype(np.float32)))
+
+
+def test_multiclass_head_probabilities_sum_to_one():
+    rng = np.random.default_rng(1)
+    n = 90
+    site = np.repeat(["A", "B", "C"], 30)
+    X = rng.normal(size=(n, 8)) + (site == "B")[:, None] * 1.5 - (site == "C")[:, None] * 1.5
+    labels = pd.DataFrame({"subject": [f"{i:03d}" for i in range(n)], "site": site})
+    head = fit_head(_table(X), labels, "site")
+    pred = head.predict(_table(X))
+    probs = pred[["site_proba_A", "site_proba_B", "site_proba_C"]].to_numpy()
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-9)
+    assert (pred["site_pred"] == site).mean() > 0.8
+    assert "roc_auc_ovr" in head.config["folds"][0]["cv_metrics"]
+
+
+def test_repeated_subjects_stay_in_one_cv_fold():
+    X, age = _attenuated(n=60)
+    df = _table(np.concatenate([X, X + 0.01]))
+    df["subject"] = [f"{i % 60:03d}" for i in range(120)]
+    head = fit_head(df, _labels(age), "age")
+    assert head.config["cv"]["grouped_by_subject"] is True
+    assert head.config["folds"][0]["n_subjects"] == 60 and head.config["folds"][0]["n_train"] == 120
+
+
+def test_load_rejects_a_broken_head(tmp_path):
+    with pytest.raises(HeadError, match="not a head directory"):
+        Head.load(tmp_path)
+    X, age = _attenuated(n=60)
+    fit_head(_table(X), _labels(age), "age").save(tmp_path / "h")
+    cfg = json.loads((tmp_path / "h" / "head.json").read_text())
+    cfg["folds"][0]["fold"] = 2
+    (tmp_path / "h" / "head.json").write_text(json.dumps(cfg))
+    with pytest.raises(HeadError, match="lacks tensor"):
+        Head.load(tmp_path / "h")
