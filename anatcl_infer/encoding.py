@@ -150,6 +150,19 @@ def _autocast(device: torch.device, amp: bool | str) -> Any:
     return torch.autocast(device_type="cuda", dtype=dtype)
 
 
+def _forward(model: Any, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Run the model on a batch.
+
+    On CPU each volume runs alone: oneDNN picks kernels by batch size, so a batched
+    call would make a row's last bits depend on how inputs were grouped (shards,
+    resumes, failures). Measured on 2 cores, batch 1 costs the same per volume as
+    batch 4 (benchmarks/NOTES.md). On GPU the batch runs as one call.
+    """
+    if device.type == "cpu" and x.shape[0] > 1:
+        return torch.cat([model(x[i:i + 1]) for i in range(x.shape[0])])
+    return model(x)
+
+
 def _as_items(inputs: Any) -> list[Any]:
     """Normalise one input or many into a list of items."""
     if isinstance(inputs, (str, os.PathLike)):
@@ -219,7 +232,7 @@ def iter_encoded(
                 if batch is not None:
                     x = batch.to(dev, non_blocking=True)
                     with _autocast(dev, amp):
-                        out = model(x)
+                        out = _forward(model, x, dev)
                     feats = out.float().cpu().numpy()
                 bar.update(len(indices) + len(failures))
                 yield EncodedBatch(indices, feats, infos, failures)
