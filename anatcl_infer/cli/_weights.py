@@ -1,6 +1,173 @@
-"""`anatcl` sub-commands: weights."""
+"""`anatcl` sub-commands for weights: models, download, convert, push."""
 
 from __future__ import annotations
 
-from .app import app  # noqa: F401
+import json
+from pathlib import Path
+from typing import Optional
 
+import typer
+
+from .app import app, fail, setup_logging
+
+
+def _folds(value: str) -> list[int]:
+    if value == "all":
+        return [0, 1, 2, 3, 4]
+    try:
+        return [int(value)]
+    except ValueError:
+        raise typer.BadParameter(f"expected a fold 0-4 or 'all', got {value!r}") from None
+
+
+@app.command("models")
+def models(
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """List the registered models, their folds and sources, and what is cached.
+
+    Example:  anatcl models
+    """
+    from ..download import cache_dir, is_offline
+    from ..loading import is_cached, registry_model_dir
+    from ..registry import list_models, resolve
+
+    rows = []
+    for name in list_models():
+        for fold in range(5):
+            resolved = resolve(name, fold)
+            rows.append(
+                {
+                    "name": name,
+                    "variant": resolved.variant,
+                    "fold": fold,
+                    "cached": is_cached(name, fold),
+                    "path": str(registry_model_dir(name, fold)),
+                    "hub_mirror": resolved.hub_repo,
+                    "sources": [
+                        {"url": s.url, "release": s.release, "sha256": s.sha256, "size": s.size} for s in resolved.sources
+                    ],
+                }
+            )
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    typer.echo(f"cache: {cache_dir()}" + ("   (offline)" if is_offline() else ""))
+    for row in rows:
+        primary = row["sources"][0]
+        sha = (primary["sha256"] or "unknown")[:16]
+        state = "cached" if row["cached"] else "-"
+        typer.echo(f"{row['name']:<14} ({row['variant']:<6}) fold {row['fold']}  {state:<6}  sha256 {sha:<16}  {primary['release']}")
+        if row["hub_mirror"]:
+            typer.echo(f"    hub mirror: hf://{row['hub_mirror']}")
+        for source in row["sources"]:
+            typer.echo(f"    {source['release']}: {source['url']}")
+    typer.echo("Folds are separate models: never average embeddings across folds.")
+
+
+@app.command("download")
+def download(
+    name: str = typer.Argument(..., help="anatcl-global, anatcl-local (or an alias), or 'all'."),
+    fold: str = typer.Option("0", "--fold", help="Fold 0-4 or 'all'."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Warnings and errors only."),
+) -> None:
+    """Pre-fetch registry weights into the cache (for offline clusters: copy $ANATCL_CACHE).
+
+    Example:  anatcl download all --fold all
+    """
+    setup_logging(quiet=quiet)
+    from ..errors import AnatCLError
+    from ..loading import fetch_registry_model
+    from ..registry import canonical_name, list_models
+
+    folds = _folds(fold)
+    try:
+        names = list_models() if name == "all" else [canonical_name(name)]
+    except AnatCLError as exc:
+        raise fail(str(exc), 2) from None
+    failed = 0
+    for model_name in names:
+        for k in folds:
+            try:
+                path = fetch_registry_model(model_name, k)
+            except AnatCLError as exc:
+                typer.echo(f"error: {model_name} fold {k}: {exc}", err=True)
+                failed += 1
+                continue
+            typer.echo(f"{model_name} fold {k}: {path}")
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command("convert")
+def convert(
+    src: str = typer.Argument(..., help="Original .pth/.pt, .safetensors, URL, registry name or model directory."),
+    out_dir: Path = typer.Argument(..., help="Directory to write config.json + model.safetensors + README.md into."),
+    fold: Optional[int] = typer.Option(None, "--fold", min=0, max=4, help="Fold to record (and to fetch, for a registry name)."),
+    variant: Optional[str] = typer.Option(None, "--variant", help="Variant to record: global or local (guessed from the file name otherwise)."),
+    source_url: Optional[str] = typer.Option(None, "--source-url", help="URL the file was downloaded from, recorded in config.json."),
+    sha256: Optional[str] = typer.Option(None, "--sha256", help="Expected SHA-256 of SRC."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Warnings and errors only."),
+) -> None:
+    """Convert a checkpoint (read safely, no code run) into the inference layout; loading OUT_DIR gives bit-identical outputs.
+
+    Example:  anatcl convert fold0.pth anatcl-global-fold0 --variant global --fold 0
+    """
+    setup_logging(quiet=quiet)
+    import dataclasses
+
+    from ..errors import AnatCLError
+    from ..loading import load_model
+    from ..publish import write_model_card
+    from ..registry import load_manifest
+
+    if variant is not None and variant not in ("global", "local"):
+        raise fail(f"--variant must be global or local, got {variant!r}", 2)
+    try:
+        model = load_model(src, fold=0 if fold is None else fold, sha256=sha256, device="cpu")
+        cfg = model.config
+        # A file the registry knows by its hash gets the registry's identity and URL.
+        for reg_name, entry in load_manifest()["models"].items():
+            for k, fold_entry in entry["folds"].items():
+                for source in fold_entry["sources"]:
+                    if cfg.source_sha256 and source.get("sha256") == cfg.source_sha256:
+                        cfg = dataclasses.replace(cfg, name=reg_name, variant=entry["variant"], fold=int(k),
+                                                  source=cfg.source if cfg.source.startswith("http") else source["url"])
+        updates: dict[str, object] = {}
+        if variant is not None:
+            updates.update(variant=variant, name=f"anatcl-{variant}")
+        if fold is not None:
+            updates["fold"] = fold
+        if source_url is not None:
+            updates["source"] = source_url
+        model.config = dataclasses.replace(cfg, **updates)
+        model.save_pretrained(out_dir)
+        write_model_card(out_dir, model.config, overwrite=True)
+    except AnatCLError as exc:
+        raise fail(str(exc)) from None
+    c = model.config
+    typer.echo(f"wrote {out_dir} ({c.name}, variant {c.variant}, fold {c.fold}, source sha256 {c.source_sha256 or 'unknown'})")
+
+
+@app.command("push")
+def push(
+    out_dir: Path = typer.Argument(..., help="A directory written by `anatcl convert`."),
+    repo_id: str = typer.Argument(..., help="Hub repository, org/name."),
+    private: bool = typer.Option(False, "--private", help="Create the repository as private."),
+    revision: Optional[str] = typer.Option(None, "--revision", "--branch", help="Branch to commit to (created if missing)."),
+    token: Optional[str] = typer.Option(None, "--token", help="Hub token (default: HF_TOKEN or `hf auth login`)."),
+    message: Optional[str] = typer.Option(None, "--message", "-m", help="Commit message."),
+) -> None:
+    """Publish a converted model directory to the Hugging Face Hub (then load it with hf://org/name).
+
+    Example:  anatcl push anatcl-global-fold0 myorg/anatcl-global-fold0
+    """
+    setup_logging()
+    from ..errors import AnatCLError
+    from ..publish import push_to_hub
+
+    try:
+        url = push_to_hub(out_dir, repo_id, private=private, revision=revision, token=token, commit_message=message)
+    except AnatCLError as exc:
+        raise fail(str(exc)) from None
+    typer.echo(f"pushed {out_dir} to {url}\nload it with: anatcl_infer.load_model('hf://{repo_id}')")
