@@ -287,7 +287,8 @@ def guess_input_kind(
         A :class:`KindGuess`.
 
     Example:
-        >>> guess = guess_input_kind(mwp1_on_grid)  # doctest: +SKIP
+        >>> from anatcl_infer.io import load_volume
+        >>> guess = guess_input_kind(load_volume("examples/data/mwp1sub-mni01_T1w.nii.gz")[0])
         >>> guess.kind
         'gm'
     """

@@ -227,7 +227,7 @@ def normalise_intensity(arr: np.ndarray, mode: str) -> np.ndarray:
         InputError: (``stage="conform"``) unknown ``mode``.
 
     Example:
-        >>> normalise_intensity(np.array([1.0, 2.0, 3.0]), "zscore").round(3).tolist()
+        >>> [round(float(v), 3) for v in normalise_intensity(np.array([1.0, 2.0, 3.0]), "zscore")]
         [-1.225, 0.0, 1.225]
     """
     if mode == "none":

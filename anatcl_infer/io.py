@@ -122,7 +122,7 @@ def read_nifti(path: str | os.PathLike[str]) -> SpatialImage:
             gzip stream, not a NIfTI file, or its image data is cut short.
 
     Example:
-        >>> img = read_nifti("sub-01_mwp1.nii.gz")  # doctest: +SKIP
+        >>> img = read_nifti("examples/data/mwp1sub-mni01_T1w.nii.gz")
         >>> img.shape
         (121, 145, 121)
     """
@@ -178,7 +178,7 @@ def load_volume(source: Any) -> tuple[np.ndarray, np.ndarray]:
             volume (``stage="check"``).
 
     Example:
-        >>> data, affine = load_volume("sub-01_mwp1.nii.gz")  # doctest: +SKIP
+        >>> data, affine = load_volume("examples/data/mwp1sub-mni01_T1w.nii.gz")
         >>> data.dtype, data.shape
         (dtype('float32'), (121, 145, 121))
     """

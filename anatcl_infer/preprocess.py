@@ -175,7 +175,7 @@ def prepare(
             say which and where.
 
     Example:
-        >>> p = prepare("sub-01_mwp1.nii.gz")  # doctest: +SKIP
+        >>> p = prepare("examples/data/mwp1sub-mni01_T1w.nii.gz")
         >>> p.array.shape, p.method
         ((1, 121, 128, 121), 'identity')
     """

@@ -231,3 +231,17 @@ def test_prepare_runs_in_spawned_workers(gm_file, reference):
         arrays = pool.map(_prepare_in_worker, [gm_file, str(EXAMPLES / "mwp1sub-mni01_T1w.nii.gz")])
     np.testing.assert_array_equal(arrays[0], reference)
     np.testing.assert_array_equal(arrays[1], prepare(EXAMPLES / "mwp1sub-mni01_T1w.nii.gz").array)
+
+
+# ---------------------------------------------------------------- documentation examples
+
+
+@pytest.mark.parametrize("module", ["io", "conform", "checks", "preprocess", "discovery"])
+def test_docstring_examples_run(module, monkeypatch):
+    import doctest
+    import importlib
+
+    monkeypatch.chdir(EXAMPLES.parents[1])  # the examples use examples/data/ relative to the repository
+    mod = importlib.import_module(f"anatcl_infer.{module}")
+    result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0 and result.attempted > 0
