@@ -28,9 +28,9 @@ if TYPE_CHECKING:
 __all__ = [
     "FEATURE_PREFIX",
     "METADATA_KEY",
-    "feature_names",
     "feature_columns",
     "feature_matrix",
+    "feature_names",
     "read_features",
     "read_labels",
     "write_parquet_atomic",
@@ -133,11 +133,12 @@ def read_features(path: str | os.PathLike[str]) -> tuple[pd.DataFrame, dict[str,
     if p.endswith((".csv", ".tsv")):
         df = pd.read_csv(p, sep="\t" if p.endswith(".tsv") else ",")
     else:
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         try:
             table = pq.read_table(p)
-        except Exception as exc:  # pyarrow raises several unrelated types
+        except (OSError, ValueError, pa.ArrowException) as exc:
             raise InputError(f"cannot read {p!r} as Parquet ({exc}); is it a features file from `anatcl embed`?", path=p, stage="read") from None
         raw = (table.schema.metadata or {}).get(METADATA_KEY)
         if raw:

@@ -37,21 +37,21 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ._version import __version__
-from .errors import ConfigError, HeadError, InputError
+from .errors import ConfigError, HeadError
 from .features import feature_columns, feature_matrix
 
 if TYPE_CHECKING:
     import pandas as pd
 
 __all__ = [
-    "Head",
-    "FoldHead",
-    "fit_head",
-    "join_labels",
-    "fit_bias_correction",
+    "ALPHAS",
     "HEAD_CONFIG_NAME",
     "HEAD_WEIGHTS_NAME",
-    "ALPHAS",
+    "FoldHead",
+    "Head",
+    "fit_bias_correction",
+    "fit_head",
+    "join_labels",
 ]
 
 logger = logging.getLogger(__name__)
@@ -196,7 +196,12 @@ def _classification_metrics(y: np.ndarray, proba: np.ndarray, classes: list[Any]
 
 
 def _splitter(kind: str, n_splits: int, seed: int, grouped: bool) -> Any:
-    from sklearn.model_selection import GroupKFold, KFold, StratifiedGroupKFold, StratifiedKFold
+    from sklearn.model_selection import (
+        GroupKFold,
+        KFold,
+        StratifiedGroupKFold,
+        StratifiedKFold,
+    )
 
     if kind == "regression":
         if not grouped:
@@ -208,6 +213,17 @@ def _splitter(kind: str, n_splits: int, seed: int, grouped: bool) -> Any:
     if grouped:
         return StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     return StratifiedKFold(n_splits, shuffle=True, random_state=seed)
+
+
+def single_threaded() -> Any:
+    """Context limiting BLAS/OpenMP to one thread: small linear fits are faster without threads.
+
+    On a busy machine, multi-threaded BLAS on (n, 512) problems spends most of its time
+    waiting for cores (measured here: 5-10x slower than one thread).
+    """
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=1)
 
 
 def _pipeline(kind: str, strength: float) -> Any:
@@ -465,12 +481,11 @@ class Head:
                     f"{sorted(expected_names)}; embed the inputs with that model, or fit a head on these features"
                 )
         for fold in _fold_values(df):
-            if fold not in self.folds:
-                if "fold" in df.columns or len(self.folds) != 1:
-                    raise HeadError(
-                        f"the features include fold {fold} but the head has heads for folds {list(self.folds)} only; "
-                        f"embed with one of those folds (`anatcl embed --fold ...`) or fit a head on these features"
-                    )
+            if fold not in self.folds and ("fold" in df.columns or len(self.folds) != 1):
+                raise HeadError(
+                    f"the features include fold {fold} but the head has heads for folds {list(self.folds)} only; "
+                    f"embed with one of those folds (`anatcl embed --fold ...`) or fit a head on these features"
+                )
             if metadata:
                 mm = _meta_for_fold(metadata, fold)
                 info = self._fold_head_for(df, fold).info
@@ -642,6 +657,83 @@ def _infer_kind(y: pd.Series) -> str:
     return "regression" if y.dropna().nunique() > 2 else "classification"
 
 
+def _fit_fold(
+    df: pd.DataFrame,
+    y_all: pd.Series,
+    fold: int | None,
+    *,
+    kind: str,
+    classes: list[Any] | None,
+    cv: int,
+    seed: int,
+    alphas: tuple[float, ...],
+    meta: dict[str, Any],
+    brain_age: bool,
+    keys: np.ndarray,
+) -> tuple[FoldHead, tuple[np.ndarray, np.ndarray, np.ndarray], bool]:
+    """Fit one fold's head: alpha/C search, out-of-fold predictions, metrics, bias, final refit."""
+    import pandas as pd
+    from sklearn.model_selection import GridSearchCV, cross_val_predict
+
+    mask = _fold_mask(df, fold)
+    X = feature_matrix(df.loc[mask])
+    y = y_all[mask].to_numpy()
+    n = len(y)
+    groups = None
+    if "subject" in df.columns and df.loc[mask, "subject"].notna().all() and df.loc[mask, "subject"].duplicated().any():
+        groups = _norm_subject(df.loc[mask, "subject"]).to_numpy()
+    n_units = len(np.unique(groups)) if groups is not None else n
+    if kind == "regression":
+        if n_units < 2 * cv:
+            raise HeadError(f"fold {fold}: {n_units} labelled subjects are too few for {cv}-fold CV; need at least {2 * cv}")
+    else:
+        counts = pd.Series(y).astype(str).value_counts()
+        if counts.min() < cv:
+            raise HeadError(
+                f"fold {fold}: class {counts.idxmin()!r} has {counts.min()} sample(s); {cv}-fold CV needs at least "
+                f"{cv} per class (lower --cv or add data)"
+            )
+        y = np.asarray([_to_native(v) for v in y], dtype=object)
+        y = np.asarray([classes.index(v) for v in y])  # type: ignore[union-attr]
+    splitter = _splitter(kind, cv, seed, groups is not None)
+    scoring = "neg_mean_absolute_error" if kind == "regression" else "balanced_accuracy"
+    param = "model__alpha" if kind == "regression" else "model__C"
+    grid = GridSearchCV(_pipeline(kind, 1.0), {param: list(alphas)}, cv=splitter, scoring=scoring)
+    grid.fit(X, y, groups=groups)
+    strength = float(grid.best_params_[param])
+    pipe = _pipeline(kind, strength)
+    if kind == "regression":
+        oof = cross_val_predict(pipe, X, y, cv=splitter, groups=groups)
+        metrics = _regression_metrics(y, oof)
+        oof_values = oof[:, None]
+    else:
+        oof_values = cross_val_predict(pipe, X, y, cv=splitter, groups=groups, method="predict_proba")
+        metrics = _classification_metrics(np.asarray(classes, dtype=object)[y], oof_values, classes)  # type: ignore[arg-type]
+    pipe.fit(X, y)
+    scaler, est = pipe.named_steps["scaler"], pipe.named_steps["model"]
+    coef = np.atleast_2d(np.asarray(est.coef_, dtype=np.float64))
+    intercept = np.atleast_1d(np.asarray(est.intercept_, dtype=np.float64))
+    info: dict[str, Any] = {
+        "fold": fold,
+        **_meta_for_fold(meta, fold),
+        "n_train": int(n),
+        "n_subjects": int(n_units),
+        "alpha" if kind == "regression" else "C": strength,
+        "cv_metrics": metrics,
+    }
+    if not info["model_name"] and "model" in df.columns and df.loc[mask, "model"].notna().any():
+        info["model_name"] = str(df.loc[mask, "model"].dropna().iloc[0])
+    if kind == "regression":
+        bias = fit_bias_correction(y, oof)
+        info["bias_correction"] = bias
+        if brain_age:
+            info["cv_metrics_corrected"] = _regression_metrics(y, _apply_bias(oof, bias))
+    head = FoldHead(fold, coef, intercept, scaler.mean_.astype(np.float64), scaler.scale_.astype(np.float64), info)
+    logger.info("fold %s: n=%d, %s=%g, CV %s", fold, n, param.split("__")[1], strength,
+                ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
+    return head, (keys[mask], y, oof_values), groups is not None
+
+
 def fit_head(
     features: pd.DataFrame,
     labels: pd.DataFrame,
@@ -687,8 +779,6 @@ def fit_head(
         >>> head = fit_head(df, read_labels("participants.tsv"), "age", metadata=meta, units="years")  # doctest: +SKIP
         >>> head.save("age-head")  # doctest: +SKIP
     """
-    import pandas as pd
-    from sklearn.model_selection import GridSearchCV, cross_val_predict
 
     if kind not in ("auto", "regression", "classification"):
         raise ConfigError(f"kind must be 'auto', 'regression' or 'classification', got {kind!r}")
@@ -730,65 +820,13 @@ def fit_head(
     grouped_any = False
     fold_heads: list[FoldHead] = []
     oof_by_fold: dict[int | None, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-    for fold in folds:
-        mask = _fold_mask(df, fold)
-        X = feature_matrix(df.loc[mask])
-        y = y_all[mask].to_numpy()
-        n = len(y)
-        groups = None
-        if "subject" in df.columns and df.loc[mask, "subject"].notna().all() and df.loc[mask, "subject"].duplicated().any():
-            groups = _norm_subject(df.loc[mask, "subject"]).to_numpy()
-        n_units = len(np.unique(groups)) if groups is not None else n
-        grouped_any = grouped_any or groups is not None
-        if kind == "regression":
-            if n_units < 2 * cv:
-                raise HeadError(f"fold {fold}: {n_units} labelled subjects are too few for {cv}-fold CV; need at least {2 * cv}")
-        else:
-            counts = pd.Series(y).astype(str).value_counts()
-            if counts.min() < cv:
-                raise HeadError(
-                    f"fold {fold}: class {counts.idxmin()!r} has {counts.min()} sample(s); {cv}-fold CV needs at least "
-                    f"{cv} per class (lower --cv or add data)"
-                )
-            y = np.asarray([_to_native(v) for v in y], dtype=object)
-            y = np.asarray([classes.index(v) for v in y])  # type: ignore[union-attr]
-        splitter = _splitter(kind, cv, seed, groups is not None)
-        scoring = "neg_mean_absolute_error" if kind == "regression" else "balanced_accuracy"
-        param = "model__alpha" if kind == "regression" else "model__C"
-        grid = GridSearchCV(_pipeline(kind, 1.0), {param: list(alphas)}, cv=splitter, scoring=scoring)
-        grid.fit(X, y, groups=groups)
-        strength = float(grid.best_params_[param])
-        pipe = _pipeline(kind, strength)
-        if kind == "regression":
-            oof = cross_val_predict(pipe, X, y, cv=splitter, groups=groups)
-            metrics = _regression_metrics(y, oof)
-            oof_values = oof[:, None]
-        else:
-            oof_values = cross_val_predict(pipe, X, y, cv=splitter, groups=groups, method="predict_proba")
-            metrics = _classification_metrics(np.asarray(classes, dtype=object)[y], oof_values, classes)  # type: ignore[arg-type]
-        pipe.fit(X, y)
-        scaler, est = pipe.named_steps["scaler"], pipe.named_steps["model"]
-        coef = np.atleast_2d(np.asarray(est.coef_, dtype=np.float64))
-        intercept = np.atleast_1d(np.asarray(est.intercept_, dtype=np.float64))
-        info: dict[str, Any] = {
-            "fold": fold,
-            **_meta_for_fold(meta, fold),
-            "n_train": int(n),
-            "n_subjects": int(n_units),
-            "alpha" if kind == "regression" else "C": strength,
-            "cv_metrics": metrics,
-        }
-        if not info["model_name"] and "model" in df.columns and df.loc[mask, "model"].notna().any():
-            info["model_name"] = str(df.loc[mask, "model"].dropna().iloc[0])
-        if kind == "regression":
-            bias = fit_bias_correction(y, oof)
-            info["bias_correction"] = bias
-            if brain_age:
-                info["cv_metrics_corrected"] = _regression_metrics(y, _apply_bias(oof, bias))
-        fold_heads.append(FoldHead(fold, coef, intercept, scaler.mean_.astype(np.float64), scaler.scale_.astype(np.float64), info))
-        oof_by_fold[fold] = (keys[mask], y, oof_values)
-        logger.info("fold %s: n=%d, %s=%g, CV %s", fold, n, param.split("__")[1], strength,
-                    ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
+    with single_threaded():
+        for fold in folds:
+            fit = _fit_fold(df, y_all, fold, kind=kind, classes=classes, cv=cv, seed=seed, alphas=alphas,
+                            meta=meta, brain_age=brain_age, keys=keys)
+            grouped_any = grouped_any or fit[2]
+            fold_heads.append(fit[0])
+            oof_by_fold[fold] = fit[1]
 
     config: dict[str, Any] = {
         "format": HEAD_FORMAT,
@@ -801,7 +839,7 @@ def fit_head(
         "brain_age": bool(brain_age),
         "feature_dim": len(feat_cols),
         "join_key": key,
-        "n_train": int(len(dict.fromkeys(keys))),
+        "n_train": len(dict.fromkeys(keys)),
         "cv": {"n_splits": cv, "seed": seed, "grid": list(alphas), "grouped_by_subject": grouped_any},
         "bias_correction_method": (
             "pred = slope*age + intercept fitted on out-of-fold predictions; "

@@ -69,12 +69,11 @@ class ProbeResult:
 
 def _as_matrix(X: Any) -> np.ndarray:
     if hasattr(X, "columns"):
-        from .features import feature_matrix
+        from .features import FEATURE_PREFIX, feature_matrix
 
-        try:
+        if any(str(c).startswith(FEATURE_PREFIX) for c in X.columns):
             return feature_matrix(X).astype(np.float64)
-        except Exception:  # a plain numeric DataFrame without feat_ columns
-            return np.asarray(X, dtype=np.float64)
+        return np.asarray(X, dtype=np.float64)  # a plain numeric DataFrame
     arr = np.asarray(X, dtype=np.float64)
     if arr.ndim != 2:
         raise ConfigError(f"X must be 2-D (n_samples, n_features), got shape {arr.shape}")
@@ -122,10 +121,23 @@ def linear_probe(
         True
     """
     from sklearn.linear_model import LogisticRegression, Ridge
-    from sklearn.metrics import balanced_accuracy_score, mean_absolute_error, r2_score, roc_auc_score
-    from sklearn.model_selection import GridSearchCV, GroupKFold, KFold, StratifiedGroupKFold, StratifiedKFold
+    from sklearn.metrics import (
+        balanced_accuracy_score,
+        mean_absolute_error,
+        r2_score,
+        roc_auc_score,
+    )
+    from sklearn.model_selection import (
+        GridSearchCV,
+        GroupKFold,
+        KFold,
+        StratifiedGroupKFold,
+        StratifiedKFold,
+    )
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
+
+    from .heads import single_threaded
 
     Xm = _as_matrix(X)
     y_arr = np.asarray(y.to_numpy() if hasattr(y, "to_numpy") else y)
@@ -162,34 +174,35 @@ def linear_probe(
     def add(name: str, value: float) -> None:
         metrics.setdefault(name, []).append(float(value))
 
-    for train, test in outer.split(Xm, y_arr if task == "classification" else None, g):
-        inner_splits = cv
-        if task == "classification":
-            inner_splits = max(2, min(cv, int(np.unique(y_arr[train].astype(str), return_counts=True)[1].min())))
-        else:
-            inner_splits = max(2, min(cv, len(train) // 2))
-        grid = GridSearchCV(pipe, {param: list(_GRID)}, cv=inner_splits,
-                            scoring="neg_mean_absolute_error" if task == "regression" else "balanced_accuracy")
-        grid.fit(Xm[train], y_arr[train])
-        params.append(float(grid.best_params_[param]))
-        if task == "regression":
-            p = grid.predict(Xm[test])
-            preds[test] = p
-            add("mae", mean_absolute_error(y_arr[test], p))
-            add("r2", r2_score(y_arr[test], p) if len(test) > 1 else np.nan)
-        else:
-            p = grid.predict(Xm[test])
-            preds[test] = p
-            add("balanced_accuracy", balanced_accuracy_score(y_arr[test], p))
-            proba = grid.predict_proba(Xm[test])
-            model_classes = list(grid.classes_)
-            try:
-                if len(model_classes) == 2:
-                    add("roc_auc", roc_auc_score((y_arr[test] == model_classes[1]).astype(int), proba[:, 1]))
-                else:
-                    add("roc_auc", roc_auc_score(y_arr[test], proba, multi_class="ovr", labels=model_classes))
-            except ValueError:
-                add("roc_auc", np.nan)
+    with single_threaded():
+        for train, test in outer.split(Xm, y_arr if task == "classification" else None, g):
+            inner_splits = cv
+            if task == "classification":
+                inner_splits = max(2, min(cv, int(np.unique(y_arr[train].astype(str), return_counts=True)[1].min())))
+            else:
+                inner_splits = max(2, min(cv, len(train) // 2))
+            grid = GridSearchCV(pipe, {param: list(_GRID)}, cv=inner_splits,
+                                scoring="neg_mean_absolute_error" if task == "regression" else "balanced_accuracy")
+            grid.fit(Xm[train], y_arr[train])
+            params.append(float(grid.best_params_[param]))
+            if task == "regression":
+                p = grid.predict(Xm[test])
+                preds[test] = p
+                add("mae", mean_absolute_error(y_arr[test], p))
+                add("r2", r2_score(y_arr[test], p) if len(test) > 1 else np.nan)
+            else:
+                p = grid.predict(Xm[test])
+                preds[test] = p
+                add("balanced_accuracy", balanced_accuracy_score(y_arr[test], p))
+                proba = grid.predict_proba(Xm[test])
+                model_classes = list(grid.classes_)
+                try:
+                    if len(model_classes) == 2:
+                        add("roc_auc", roc_auc_score((y_arr[test] == model_classes[1]).astype(int), proba[:, 1]))
+                    else:
+                        add("roc_auc", roc_auc_score(y_arr[test], proba, multi_class="ovr", labels=model_classes))
+                except ValueError:
+                    add("roc_auc", np.nan)
     result = ProbeResult(task=task, metrics=metrics, n=n, cv=cv, predictions=preds, params=params)
     logger.info("%s", result)
     return result
