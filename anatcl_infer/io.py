@@ -1,7 +1,7 @@
 """Reading NIfTI volumes fast and safely.
 
-``.nii.gz`` files are decompressed in one go (``isal.igzip`` when installed, the
-standard library otherwise) and parsed from memory with
+``.nii.gz`` files are decompressed in one go (``isal`` when installed, the
+standard library's ``zlib`` otherwise) and parsed from memory with
 ``Nifti1Image.from_bytes`` / ``Nifti2Image.from_bytes``: about twice as fast as
 nibabel's streaming reader, and independent of ``indexed_gzip`` (which nibabel
 picks up automatically and which is slower for whole-volume reads). Any other
@@ -13,7 +13,6 @@ Every failure is an :class:`~anatcl_infer.errors.InputError` with
 
 from __future__ import annotations
 
-import gzip
 import logging
 import os
 import struct
@@ -39,12 +38,26 @@ _GZIP_MAGIC = b"\x1f\x8b"
 
 
 def _decompress(raw: bytes) -> bytes:
-    """Whole-buffer gzip decompression, isal first, then the standard library."""
+    """Whole-buffer gzip decompression (every member), isal first, then zlib.
+
+    Raises:
+        EOFError: the stream ends before its last member is complete (a truncated file).
+    """
     try:
-        from isal import igzip
+        from isal import isal_zlib as backend
     except ImportError:  # pragma: no cover - isal is a dependency on CPython
-        return gzip.decompress(raw)
-    return igzip.decompress(raw)
+        backend = zlib  # type: ignore[assignment]
+    parts = []
+    data = raw
+    while True:
+        inflater = backend.decompressobj(31)  # 16 + 15: gzip header and trailer
+        parts.append(inflater.decompress(data))
+        if not inflater.eof:
+            raise EOFError("the compressed stream ends before its end marker")
+        data = inflater.unused_data
+        if not data.startswith(_GZIP_MAGIC):  # no further member (trailing zero padding is ignored)
+            break
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def _nifti_version(buffer: bytes) -> int | None:
@@ -170,7 +183,8 @@ def load_volume(source: Any) -> tuple[np.ndarray, np.ndarray]:
         source: a path to an image file, or a nibabel image already in memory.
 
     Returns:
-        ``(data, affine)``: a C-ordered float32 array with 3 dimensions, and the
+        ``(data, affine)``: a float32 array with 3 dimensions (in the file's memory order,
+        usually Fortran order; conforming and cropping return C-ordered copies), and the
         4x4 float64 voxel-to-world affine.
 
     Raises:
@@ -214,7 +228,7 @@ def load_volume(source: Any) -> tuple[np.ndarray, np.ndarray]:
     affine = np.asarray(img.affine, dtype=np.float64)
     if affine.shape != (4, 4):
         raise InputError("has no usable voxel-to-world affine; fix its header (sform/qform)", path=name, stage="read")
-    return np.ascontiguousarray(data, dtype=np.float32), affine
+    return np.asarray(data, dtype=np.float32), affine
 
 
 def _image_name(img: Any) -> str | None:

