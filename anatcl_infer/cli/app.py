@@ -44,14 +44,3 @@ def fail(message: str, code: int = 1) -> typer.Exit:
     typer.echo(f"error: {message}", err=True)
     return typer.Exit(code)
 
-
-@app.command("version")
-def version() -> None:
-    """Print the versions of anatcl-infer, torch and the Python it runs on."""
-    import platform
-
-    import torch
-
-    from .._version import __version__
-
-    typer.echo(f"anatcl-infer {__version__}  torch {torch.__version__}  python {platform.python_version()}")
