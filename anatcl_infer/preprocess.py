@@ -25,6 +25,10 @@ __all__ = ["Prepared", "prepare", "describe_item"]
 
 logger = logging.getLogger(__name__)
 
+# Share of the positive signal that may fall outside the crop before a warning (on the reference
+# grid the whole brain lies inside y 13..132, so a correctly placed map loses nothing).
+_MAX_CROP_LOSS = 0.005
+
 
 @dataclass
 class Prepared:
@@ -76,6 +80,16 @@ def _squeeze_leading(arr: np.ndarray) -> np.ndarray:
     while arr.ndim > 3 and arr.shape[-1] == 1:
         arr = arr[..., 0]
     return arr
+
+
+def _fraction_outside_crop(grid: np.ndarray, crop: tuple[tuple[int, int], ...]) -> float:
+    """Share of the positive signal of ``grid`` outside the ``crop`` box."""
+    positive = np.clip(grid, 0, None)
+    total = float(positive.sum(dtype=np.float64))
+    if total <= 0:
+        return 0.0
+    inside = float(positive[tuple(slice(a, b) for a, b in crop)].sum(dtype=np.float64))
+    return max(0.0, 1.0 - inside / total)
 
 
 def _uncrop(arr: np.ndarray, config: PreprocessConfig) -> np.ndarray:
@@ -197,6 +211,12 @@ def prepare(
                     "lies entirely outside the model's grid after conforming; check that it is in MNI space",
                     path=source,
                     stage="conform",
+                )
+            lost = _fraction_outside_crop(grid, config.crop)
+            if lost > _MAX_CROP_LOSS:
+                warnings.append(
+                    f"{lost:.1%} of the image's signal lies outside the model's field of view {config.crop} and is cut "
+                    "off; the brain is probably not centred as in MNI space — check the image's position"
                 )
         kind = guess_input_kind(grid, config.grid_affine)
         kind_warning = check_kind(kind, config.input_kind, strict=strict, path=source, model_name=model_name)

@@ -165,6 +165,14 @@ def test_t1_warns_and_strict_raises(tmp_path):
     assert prepare(path, PreprocessConfig(input_kind="t1", intensity="robust")).warnings == []
 
 
+def test_brain_shifted_out_of_the_crop_warns():
+    shifted = REF_AFFINE.copy()
+    shifted[1, 3] += 15 * 1.5  # the brain moves 15 voxels towards +y: its front leaves the y 8:136 crop
+    prepared = prepare((mni_gm_on_grid(), shifted))
+    assert prepared.method == "reindex"
+    assert any("outside the model's field of view" in w for w in prepared.warnings)
+
+
 def test_smoothed_map_warns():
     prepared = prepare(mni_gm_smoothed_on_grid(6.0))
     assert prepared.kind.kind == "smoothed-gm"
