@@ -87,7 +87,8 @@ def guess_identity(text: str) -> tuple[str, str, int | None]:
         >>> guess_identity("resnet18-anatcl-l3/fold2.pth")
         ('anatcl-local', 'local', 2)
     """
-    lower = text.lower()
+    # only the last two path components: a directory such as /usr/local/ must not decide the variant
+    lower = "/".join(text.replace("\\", "/").lower().rstrip("/").split("/")[-2:])
     fold_match = re.findall(r"fold[_-]?(\d+)", lower)
     fold = int(fold_match[-1]) if fold_match else None
     if re.search(r"(^|[^a-z])(local|l3)([^a-z0-9]|$)", lower):

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 from .config import CONFIG_NAME, WEIGHTS_NAME, ModelConfig
 from .download import PREFETCH_HINT, cache_dir, download_url, hf_download, is_offline, verify_sha256
 from .errors import CheckpointError, ConfigError, DownloadError, IntegrityError, OfflineError
-from .registry import canonical_name, resolve
+from .registry import canonical_name, find_by_sha256, resolve
 
 if TYPE_CHECKING:
     import torch
@@ -106,7 +106,8 @@ def _download_and_convert(url: str, target: Path, config: ModelConfig, sha256: s
     from .convert import convert_checkpoint
 
     downloads = cache_dir() / "downloads"
-    pth = downloads / f"{hashlib.sha256(url.encode()).hexdigest()[:16]}.pth"
+    # one name per process: a concurrent conversion of the same URL never deletes this file
+    pth = downloads / f"{hashlib.sha256(url.encode()).hexdigest()[:16]}.{os.getpid()}.pth"
     actual = download_url(url, pth, sha256=sha256)
     try:
         config = dataclasses.replace(config, source=url, source_sha256=actual)
@@ -218,8 +219,14 @@ def _load_local(path: Path, sha256: str | None) -> AnatCL:
             )
         return model_from_checkpoint(path, config)  # type: ignore[return-value]
     actual = verify_sha256(path, sha256)
-    name, variant, fold = guess_identity(str(path))
-    config = ModelConfig(name=name, variant=variant, fold=fold, source=str(path.resolve()), source_sha256=actual)
+    known = find_by_sha256(actual)
+    if known is not None:  # a published file: its identity comes from its content
+        resolved, source = known
+        config = ModelConfig(architecture=resolved.architecture, name=resolved.name, variant=resolved.variant,
+                             fold=resolved.fold, source=source.url, source_sha256=actual)
+    else:
+        name, variant, fold = guess_identity(str(path))
+        config = ModelConfig(name=name, variant=variant, fold=fold, source=str(path.resolve()), source_sha256=actual)
     return model_from_checkpoint(path, config)  # type: ignore[return-value]
 
 

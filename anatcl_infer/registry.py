@@ -31,6 +31,7 @@ __all__ = [
     "model_card",
     "load_manifest",
     "hub_mirror",
+    "find_by_sha256",
 ]
 
 #: cross-validation folds of the published runs
@@ -192,6 +193,27 @@ def resolve(name: str, fold: int = 0) -> ResolvedModel:
         sources=sources,
         hub_repo=hub_mirror(canonical, variant, fold),
     )
+
+
+def find_by_sha256(sha256: str) -> tuple[ResolvedModel, ModelSource] | None:
+    """The registered model and source whose original file has this SHA-256, if any.
+
+    Lets a local copy of a published file get its registry identity (name, variant,
+    fold, URL) from its content rather than its file name.
+
+    Example:
+        >>> found = find_by_sha256("77f6d44d0317ffc704ffc751db7eab349a8109e2cd596ab06070f1aec7a55d64")
+        >>> found[0].name, found[0].fold, found[1].release
+        ('anatcl-global', 0, 'v0.0.2')
+    """
+    wanted = sha256.lower()
+    for name, entry in load_manifest()["models"].items():
+        for fold, fold_entry in entry["folds"].items():
+            for source in fold_entry["sources"]:
+                if (source.get("sha256") or "").lower() == wanted:
+                    resolved = resolve(name, int(fold))
+                    return resolved, next(s for s in resolved.sources if s.url == source["url"])
+    return None
 
 
 def model_card(name: str) -> str:

@@ -341,3 +341,20 @@ def test_registry_hub_mirror_missing_falls_back(hub, monkeypatch, file_server, x
     assert "Hub mirror mirror/anatcl-global-fold0 failed" in caplog.text
     _assert_matches_reference(model, x, expected)
     assert file_server.gets("/v1/g3/fold0.pth") == 1
+
+
+def test_local_copy_of_a_published_file_gets_its_registry_identity(monkeypatch, ckpt_dir, pth_bytes):
+    manifest = copy.deepcopy(registry.load_manifest())
+    source = manifest["models"]["anatcl-local"]["folds"]["3"]["sources"][1]
+    source["sha256"] = hashlib.sha256(pth_bytes).hexdigest()
+    monkeypatch.setattr(registry, "load_manifest", lambda: manifest)
+    cfg = load_model(ckpt_dir / "fold0.pth", device="cpu").config  # the name says fold 0, the content fold 3
+    assert (cfg.name, cfg.variant, cfg.fold, cfg.source) == ("anatcl-local", "local", 3, source["url"])
+
+
+def test_guess_identity_uses_only_the_file_and_its_folder():
+    from anatcl_infer.convert import guess_identity
+
+    assert guess_identity("/usr/local/ckpts/resnet18-anatcl-g3/fold3.pth") == ("anatcl-global", "global", 3)
+    assert guess_identity("https://h/x_subsetTrue_local_lambd1.0_fold4_splits5_trial0/weights.pth") == ("anatcl-local", "local", 4)
+    assert guess_identity("/srv/weights.pth") == ("anatcl", "unknown", None)

@@ -119,20 +119,12 @@ def convert(
     from ..errors import AnatCLError
     from ..loading import load_model
     from ..publish import write_model_card
-    from ..registry import load_manifest
 
     if variant is not None and variant not in ("global", "local"):
         raise fail(f"--variant must be global or local, got {variant!r}", 2)
     try:
         model = load_model(src, fold=0 if fold is None else fold, sha256=sha256, device="cpu")
         cfg = model.config
-        # A file the registry knows by its hash gets the registry's identity and URL.
-        for reg_name, entry in load_manifest()["models"].items():
-            for k, fold_entry in entry["folds"].items():
-                for source in fold_entry["sources"]:
-                    if cfg.source_sha256 and source.get("sha256") == cfg.source_sha256:
-                        cfg = dataclasses.replace(cfg, name=reg_name, variant=entry["variant"], fold=int(k),
-                                                  source=cfg.source if cfg.source.startswith("http") else source["url"])
         updates: dict[str, object] = {}
         if variant is not None:
             updates.update(variant=variant, name=f"anatcl-{variant}")
