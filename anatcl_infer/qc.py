@@ -9,7 +9,7 @@ Outlier rule (documented in :func:`outlier_reasons`): an input is flagged when i
 correlation with the mean grey-matter template is low in absolute terms
 (< ``min_corr``) or relative to the cohort (robust z-score below ``-z``), when its
 template-GM coverage is a robust outlier on the low side, when brain signal lies
-outside the crop box, or when its input-kind guess is not what the model expects.
+outside the crop box, when it matches the template better flipped, or when its input-kind guess is not what the model expects.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ QC_COLUMNS: tuple[str, ...] = (
     "qc_brain_coverage",
     "qc_signal_outside_brain",
     "qc_signal_outside_crop",
+    "qc_orientation",
     "qc_min",
     "qc_p1",
     "qc_p50",
@@ -52,6 +53,7 @@ _SIGNAL = 0.1  # a voxel has signal above min + 10% of the (p99 - min) range
 _MAD_SCALE = 1.4826  # MAD -> standard deviation for normal data
 _MAD_FLOOR = 0.01  # a cohort of near-identical correlations must not flag tiny differences
 _MIN_COHORT = 5  # robust z-scores need at least this many finite values
+_FLIP_MARGIN = 0.1  # a flipped template must correlate this much better to call the input flipped
 
 
 def _pearson(a: np.ndarray, b: np.ndarray) -> float:
@@ -61,6 +63,27 @@ def _pearson(a: np.ndarray, b: np.ndarray) -> float:
     b = b - b.mean()
     denom = math.sqrt(float(a @ a) * float(b @ b))
     return float(a @ b) / denom if denom > 0 else float("nan")
+
+
+_AXIS_WORDS = ("L/R", "A/P", "S/I")
+
+
+def _orientation(volume: np.ndarray, gm: np.ndarray, corr: float, affine: np.ndarray) -> str:
+    """``"ok"``, or the axes along which the input matches the template better once flipped.
+
+    Left/right is not tested: the MNI152 2009a template is symmetric.
+    """
+    rot = np.asarray(affine, dtype=np.float64)[:3, :3]
+    world = np.argmax(np.abs(rot), axis=0)  # world axis of each array axis
+    axes = [int(np.where(world == w)[0][0]) for w in (1, 2) if (world == w).any()]
+    best, best_corr = (), corr
+    for subset in ([axes[0]], [axes[1]], axes) if len(axes) == 2 else ([a] for a in axes):
+        flipped = _pearson(volume, np.flip(gm, axis=tuple(subset)))
+        if flipped > best_corr + _FLIP_MARGIN:
+            best, best_corr = tuple(subset), flipped
+    if not best:
+        return "ok"
+    return "flipped " + "+".join(_AXIS_WORDS[int(world[a])] for a in best)
 
 
 def _weights(volume: np.ndarray, floor: float) -> np.ndarray:
@@ -94,6 +117,9 @@ def qc_metrics(
         minimum) outside the template brain mask — skull, neck, misregistration.
         ``qc_signal_outside_crop``: fraction of the conformed grid's signal that the
         crop cuts away (NaN unless ``prepared.grid`` was kept).
+        ``qc_orientation``: ``"ok"``, or e.g. ``"flipped A/P"`` when the template flipped
+        along that axis correlates clearly better (left/right cannot be told: the
+        template is symmetric).
         ``qc_min``, ``qc_max``, ``qc_zero_fraction``: over the whole model input;
         ``qc_p1``, ``qc_p50``, ``qc_p99``: percentiles inside the template brain mask.
         ``qc_kind``, ``qc_kind_confidence``: the input-kind guess.
@@ -143,6 +169,7 @@ def qc_metrics(
         weights = _weights(volume, vmin)
         total = float(weights.sum())
         out["qc_template_corr"] = _pearson(volume, gm)
+        out["qc_orientation"] = _orientation(volume, gm, out["qc_template_corr"], np.asarray(config.grid_affine))
         out["qc_brain_coverage"] = float(signal[core].mean()) if core.any() else nan
         out["qc_signal_outside_brain"] = float(weights[~brain].sum()) / total if total > 0 else nan
     else:
@@ -151,6 +178,7 @@ def qc_metrics(
         out["qc_template_corr"] = nan
         out["qc_brain_coverage"] = nan
         out["qc_signal_outside_brain"] = nan
+        out["qc_orientation"] = "unknown"
     grid = getattr(prepared, "grid", None)
     if grid is not None and tuple(np.shape(grid)) == tuple(config.grid_shape):
         grid_arr = np.nan_to_num(np.asarray(grid), nan=0.0, posinf=0.0, neginf=0.0)
@@ -234,7 +262,8 @@ def outlier_reasons(
        partial brain);
     3. robust z-score of ``qc_brain_coverage`` below ``-z``: missing brain;
     4. ``qc_signal_outside_crop > max_outside_crop``: the crop cuts brain away;
-    5. ``qc_kind`` differs from ``expected_kind`` (skipped when ``None``).
+    5. ``qc_orientation`` is a flip (``"flipped A/P"``...);
+    6. ``qc_kind`` differs from ``expected_kind`` (skipped when ``None``).
 
     Args:
         metrics: rows of :func:`qc_metrics` as a DataFrame, a list of dicts or a dict of columns.
@@ -254,6 +283,7 @@ def outlier_reasons(
     cover = _floats(cols.get("qc_brain_coverage"), n)
     outside = _floats(cols.get("qc_signal_outside_crop"), n)
     kinds = cols.get("qc_kind")
+    orient = cols.get("qc_orientation")
     zc = robust_z(corr)
     zv = robust_z(cover)
     reasons: list[str] = []
@@ -267,6 +297,8 @@ def outlier_reasons(
             r.append(f"brain coverage {cover[i]:.2f} (robust z {zv[i]:.1f})")
         if np.isfinite(outside[i]) and outside[i] > max_outside_crop:
             r.append(f"{outside[i]:.1%} of the signal lies outside the crop box")
+        if orient is not None and str(orient[i]).startswith("flipped"):
+            r.append(f"orientation: {orient[i]}")
         if expected_kind is not None and kinds is not None:
             kind = str(kinds[i])
             if kind not in (expected_kind, "", "unknown", "nan", "None"):
