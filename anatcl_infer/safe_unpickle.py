@@ -454,7 +454,15 @@ def safe_load(path: str | os.PathLike[str]) -> Any:
             raise CheckpointError(f"{where}: cannot read the checkpoint ({type(exc).__name__}: {exc}); the file may be damaged, download it again", path=where) from None
     if unpickler.placeholders:
         logger.info("%s: dropped training-time objects of %s", where, ", ".join(sorted(unpickler.placeholders)))
-    return _drop_placeholders(obj)
+    result = _drop_placeholders(obj)
+    if result is _DROP:
+        raise CheckpointError(
+            f"{where} holds a whole pickled {obj.qualified_name} object rather than a dict with a state dict; "
+            "its class is not available (and is never imported). Where that code is available, re-save it with "
+            "`torch.save({'model': model.state_dict()}, 'fixed.pth')`.",
+            path=where,
+        )
+    return result
 
 
 def _not_zip_error(path: Path) -> CheckpointError:

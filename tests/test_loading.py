@@ -147,6 +147,7 @@ def test_sha256_of_local_file_is_checked(ckpt_dir):
     assert (ckpt_dir / "fold0.pth").exists()  # the user's own file is never deleted
 
 
+@pytest.mark.slow
 def test_converted_directory_is_bit_identical(ckpt_dir, tmp_path, x):
     original = load_model(ckpt_dir / "fold0.pth", device="cpu")
     original.save_pretrained(tmp_path / "model")
@@ -207,6 +208,7 @@ def _route_registry(monkeypatch, srv, *, primary_sha=None, fallback_sha=None):
     return sources
 
 
+@pytest.mark.slow
 def test_registry_falls_back_converts_once_and_removes_pth(monkeypatch, file_server, pth_bytes, x, expected, caplog):
     sources = _route_registry(monkeypatch, file_server, fallback_sha=hashlib.sha256(pth_bytes).hexdigest())
     with caplog.at_level(logging.WARNING, logger="anatcl_infer"):
@@ -263,6 +265,7 @@ def test_offline_reads_what_is_cached(monkeypatch, file_server, x, expected):
     assert len(file_server.requests) == n
 
 
+@pytest.mark.slow
 def test_url_source_with_sha(file_server, pth_bytes, x, expected):
     url = file_server.url("/v1/g3/fold0.pth")
     with pytest.raises(IntegrityError):

@@ -224,3 +224,13 @@ def test_python2_module_names_are_mapped_before_the_allowlist(tmp_path):
     with pytest.raises(UnsafeCheckpointError, match="subprocess.Popen"):
         safe_load(path)
     assert not marker.exists()
+
+
+def test_whole_pickled_model_of_unknown_class_is_explained(tmp_path):
+    from author_checkpoints import fake_training_module
+
+    path = tmp_path / "whole.pth"
+    with fake_training_module() as AgeEstimator:
+        torch.save(AgeEstimator(), path)
+    with pytest.raises(CheckpointError, match="whole pickled models.estimators.AgeEstimator.*state_dict"):
+        safe_load(path)
