@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from .config import CONFIG_NAME, WEIGHTS_NAME, ModelConfig
 from .download import PREFETCH_HINT, cache_dir, download_url, hf_download, is_offline, verify_sha256
-from .errors import CheckpointError, ConfigError, DownloadError, IntegrityError, OfflineError
+from .errors import CheckpointError, ConfigError, DownloadError, IntegrityError, OfflineError, UnsafeCheckpointError
 from .registry import canonical_name, find_by_sha256, resolve
 
 if TYPE_CHECKING:
@@ -163,9 +163,10 @@ def fetch_registry_model(name: str, fold: int = 0, *, sha256: str | None = None,
     for source in resolved.sources:
         try:
             return _download_and_convert(source.url, target, config, sha256 or source.sha256)
-        except OfflineError:
+        except (OfflineError, UnsafeCheckpointError):
             raise
-        except DownloadError as exc:
+        except (DownloadError, CheckpointError) as exc:
+            # a dead link, or a server answering with something else (an HTML sign-in page...)
             logger.warning("%s %s fold %d: %s", source.release or "source", resolved.name, fold, exc)
             failures.append(f"{source.url}: {exc}")
     raise DownloadError(

@@ -211,9 +211,11 @@ def _route_registry(monkeypatch, srv, *, primary_sha=None, fallback_sha=None):
 @pytest.mark.slow
 def test_registry_falls_back_converts_once_and_removes_pth(monkeypatch, file_server, pth_bytes, x, expected, caplog):
     sources = _route_registry(monkeypatch, file_server, fallback_sha=hashlib.sha256(pth_bytes).hexdigest())
+    # the primary answers 200 with a web page instead of the file, as a moved GitLab link does
+    file_server.files["/v2/global/fold0/weights.pth"] = b"<!DOCTYPE html><html>Sign in</html>"
     with caplog.at_level(logging.WARNING, logger="anatcl_infer"):
         model = load_model("global", fold=0, device="cpu")  # alias
-    assert "404" in caplog.text  # the dead primary URL was reported
+    assert "not a torch checkpoint" in caplog.text  # the bad primary was reported
     _assert_matches_reference(model, x, expected)
     cfg = model.config
     assert (cfg.name, cfg.variant, cfg.fold) == ("anatcl-global", "global", 0)
