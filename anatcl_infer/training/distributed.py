@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -71,13 +72,57 @@ def init_distributed(device: torch.device) -> DistInfo:
     return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank)
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather along dim 0; backward sums the gradient over ranks and keeps this rank's rows.
+
+    (torch's ``torch.distributed.nn.functional.all_gather`` emulates its backward with an
+    all-to-all under gloo that mishandles non-contiguous gradients, which the view-major
+    reshape of the loss produces; an all-reduce of one contiguous tensor is simple and exact.)
+    """
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:
+        world, rank = dist.get_world_size(), dist.get_rank()
+        tensor = tensor.contiguous()
+        parts = [torch.empty_like(tensor) for _ in range(world)]
+        dist.all_gather(parts, tensor)
+        ctx.rows = tensor.shape[0]
+        ctx.rank = rank
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks; the gradient of every input is the sum of the ranks' output gradients."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:
+        out = tensor.contiguous().clone()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad
+
+
 def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``tensor`` from every rank along dim 0, keeping gradients (rank order)."""
+    """Concatenate ``tensor`` (same shape on every rank) along dim 0, keeping gradients.
+
+    Every rank computes the same loss on the gathered batch; the backward sums the
+    gradients of all ranks' copies, so with DDP's averaging each parameter receives
+    exactly the single-process gradient.
+    """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return tensor
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(tensor.contiguous()), dim=0)
+    return _GatherWithGrad.apply(tensor)
 
 
 def gather(tensor: torch.Tensor) -> torch.Tensor:
@@ -104,17 +149,17 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         """Normalise with global batch statistics in training, running statistics in eval."""
         if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(input)
-        from torch.distributed.nn.functional import all_reduce
-
         channels = input.shape[1]
         dims = [0, *range(2, input.dim())]
         x = input.float()
+        # two passes (mean, then centred squares) for the precision of a local BatchNorm
         count = torch.tensor([x.numel() / channels], dtype=torch.float32, device=x.device)
-        stats = torch.cat([x.sum(dims), (x * x).sum(dims), count])
-        stats = all_reduce(stats)
-        n = stats[-1]
-        mean = stats[:channels] / n
-        var = (stats[channels : 2 * channels] / n - mean * mean).clamp_min(0.0)
+        totals = _AllReduceSum.apply(torch.cat([x.sum(dims), count]))
+        n = totals[-1]
+        mean = totals[:channels] / n
+        shape = [1, channels] + [1] * (input.dim() - 2)
+        centred = x - mean.reshape(shape)
+        var = _AllReduceSum.apply((centred * centred).sum(dims)) / n
         with torch.no_grad():
             if self.track_running_stats and self.running_mean is not None and self.running_var is not None:
                 self.num_batches_tracked.add_(1)  # type: ignore[union-attr]
@@ -122,8 +167,7 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
                 unbiased = var * (n / (n - 1).clamp_min(1.0))
                 self.running_mean.mul_(1 - momentum).add_(mean.detach(), alpha=momentum)
                 self.running_var.mul_(1 - momentum).add_(unbiased.detach(), alpha=momentum)
-        shape = [1, channels] + [1] * (input.dim() - 2)
-        out = (x - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + self.eps)
+        out = centred * torch.rsqrt(var.reshape(shape) + self.eps)
         if self.affine:
             out = out * self.weight.reshape(shape) + self.bias.reshape(shape)
         return out.to(input.dtype)

@@ -335,9 +335,8 @@ def train(
 
     net: nn.Module = model
     if dist_info.enabled:
-        net = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=not config.sync_batchnorm
-        )
+        # BatchNorm buffers stay identical across ranks when synchronised; otherwise rank 0's are broadcast.
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     sampler = DistributedSampler(
         train_data, num_replicas=dist_info.world_size, rank=dist_info.rank, shuffle=True, seed=config.seed, drop_last=True
@@ -403,6 +402,7 @@ def train(
             scaler.update()
             sums += torch.tensor([parts.total.item(), parts.age.item(), parts.anat.item()], dtype=torch.float64)
             steps += 1
+            logger.debug("epoch %d step %d  loss %.6f  subjects %s", epoch + 1, steps, parts.total.item(), batch["index"].tolist())
         scheduler.step()
         record: dict[str, Any] = {
             "epoch": epoch + 1,
