@@ -110,11 +110,16 @@ def _make_placeholder(module: str, name: str) -> type[Placeholder]:
 
 
 class _StorageType:
-    """What a ``torch.FloatStorage``-style global resolves to: just its dtype."""
+    """What a ``torch.FloatStorage``-style global resolves to: just its dtype (read-only)."""
+
+    __slots__ = ("name", "dtype")
 
     def __init__(self, name: str, dtype: torch.dtype) -> None:
-        self.name = name
-        self.dtype = dtype
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "dtype", dtype)
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        raise pickle.UnpicklingError("the checkpoint tries to modify a storage type")
 
 
 class _Storage:
@@ -175,7 +180,7 @@ _REBUILDERS = (_rebuild_tensor_v1, _rebuild_tensor_v2, _rebuild_tensor_v3, _rebu
 
 def _rebuild_from_type_v2(func: Any, new_type: Any, args: Any, state: Any) -> Any:
     """``torch._tensor._rebuild_from_type_v2`` restricted to our own rebuild functions."""
-    if func not in _REBUILDERS:
+    if not isinstance(func, _Frozen) or func._fn not in _REBUILDERS:
         raise pickle.UnpicklingError("_rebuild_from_type_v2 may only call a tensor rebuild function")
     return func(*args)
 
@@ -213,7 +218,7 @@ def _reconstructor(cls: Any, base: Any, state: Any = None) -> Any:
     """``copyreg._reconstructor`` (protocol 0/1 objects) for allowed classes and placeholders."""
     if isinstance(cls, type) and issubclass(cls, Placeholder):
         return cls()
-    if cls in (argparse.Namespace, collections.OrderedDict) and base is object:
+    if cls in (_Namespace, collections.OrderedDict) and base is object:
         return cls()
     raise pickle.UnpicklingError(f"copyreg._reconstructor is not allowed for {cls!r}")
 
@@ -225,20 +230,48 @@ def _newobj(cls: Any, *args: Any) -> Any:
     raise pickle.UnpicklingError(f"copyreg.__newobj__ is not allowed for {cls!r}")
 
 
+class _Frozen:
+    """An allowlisted function handed to the unpickler; BUILD cannot set attributes on it.
+
+    Plain functions accept ``setattr`` (``__defaults__``...), which a pickle's BUILD
+    opcode could use to alter them for later loads; this wrapper has no ``__dict__``.
+    """
+
+    __slots__ = ("_fn",)
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        object.__setattr__(self, "_fn", fn)
+
+    def __call__(self, *args: Any) -> Any:
+        return self._fn(*args)
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        raise pickle.UnpicklingError("the checkpoint tries to modify a loader function")
+
+    def __repr__(self) -> str:
+        return f"<allowed {self._fn.__name__}>"
+
+
+class _Namespace(argparse.Namespace):
+    """Private stand-in for ``argparse.Namespace``: BUILD on the class never alters argparse's."""
+
+
 #: what ``torch.Tensor``/``torch.nn.Parameter`` resolve to: a marker, never called
 class _TensorTypeMarker:
     """Stands for ``torch.Tensor``/``torch.nn.Parameter`` as the ``new_type`` of a rebuild."""
 
+    __slots__ = ()
+
 
 _TENSOR_TYPE = _TensorTypeMarker()
 
-_NEWOBJ_CLASSES = (argparse.Namespace, collections.OrderedDict, collections.defaultdict, dict, list, set, tuple)
+_NEWOBJ_CLASSES = (_Namespace, collections.OrderedDict, collections.defaultdict, dict, list, set, tuple)
 
 #: (module, name) -> object handed to the unpickler
 _ALLOWED: dict[tuple[str, str], Any] = {
     ("collections", "OrderedDict"): collections.OrderedDict,
     ("collections", "defaultdict"): collections.defaultdict,
-    ("argparse", "Namespace"): argparse.Namespace,
+    ("argparse", "Namespace"): _Namespace,
     ("builtins", "set"): set,
     ("builtins", "frozenset"): frozenset,
     ("builtins", "slice"): slice,
@@ -253,25 +286,25 @@ _ALLOWED: dict[tuple[str, str], Any] = {
     ("builtins", "str"): str,
     ("builtins", "bytes"): bytes,
     ("builtins", "object"): object,
-    ("_codecs", "encode"): _codecs_encode,
-    ("copyreg", "_reconstructor"): _reconstructor,
-    ("copyreg", "__newobj__"): _newobj,
-    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor_v1,
-    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
-    ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
-    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
-    ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
+    ("_codecs", "encode"): _Frozen(_codecs_encode),
+    ("copyreg", "_reconstructor"): _Frozen(_reconstructor),
+    ("copyreg", "__newobj__"): _Frozen(_newobj),
+    ("torch._utils", "_rebuild_tensor"): _Frozen(_rebuild_tensor_v1),
+    ("torch._utils", "_rebuild_tensor_v2"): _Frozen(_rebuild_tensor_v2),
+    ("torch._utils", "_rebuild_tensor_v3"): _Frozen(_rebuild_tensor_v3),
+    ("torch._utils", "_rebuild_parameter"): _Frozen(_rebuild_parameter),
+    ("torch._utils", "_rebuild_parameter_with_state"): _Frozen(_rebuild_parameter),
+    ("torch._tensor", "_rebuild_from_type_v2"): _Frozen(_rebuild_from_type_v2),
     ("torch", "Tensor"): _TENSOR_TYPE,
     ("torch.nn.parameter", "Parameter"): _TENSOR_TYPE,
-    ("torch", "device"): _torch_device,
-    ("torch", "Size"): _torch_size,
+    ("torch", "device"): _Frozen(_torch_device),
+    ("torch", "Size"): _Frozen(_torch_size),
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): np.dtype,
-    ("numpy.core.multiarray", "_reconstruct"): _np_reconstruct,
-    ("numpy._core.multiarray", "_reconstruct"): _np_reconstruct,
-    ("numpy.core.multiarray", "scalar"): _np_scalar,
-    ("numpy._core.multiarray", "scalar"): _np_scalar,
+    ("numpy.core.multiarray", "_reconstruct"): _Frozen(_np_reconstruct),
+    ("numpy._core.multiarray", "_reconstruct"): _Frozen(_np_reconstruct),
+    ("numpy.core.multiarray", "scalar"): _Frozen(_np_scalar),
+    ("numpy._core.multiarray", "scalar"): _Frozen(_np_scalar),
 }
 for _name, _dtype in _STORAGE_DTYPES.items():
     _ALLOWED[("torch", _name)] = _StorageType(_name, _dtype)

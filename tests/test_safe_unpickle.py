@@ -234,3 +234,24 @@ def test_whole_pickled_model_of_unknown_class_is_explained(tmp_path):
         torch.save(AgeEstimator(), path)
     with pytest.raises(CheckpointError, match="whole pickled models.estimators.AgeEstimator.*state_dict"):
         safe_load(path)
+
+
+def _zip_with_pickle(path, pkl: bytes):
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("archive/data.pkl", pkl)
+        zf.writestr("archive/byteorder", "little")
+    return path
+
+
+def test_build_cannot_modify_allowed_classes_or_loader_functions(tmp_path):
+    # GLOBAL argparse.Namespace; BUILD (None, {'injected': 1}) -> setattr on whatever the global resolved to
+    pkl = b"\x80\x02cargparse\nNamespace\nN}X\x08\x00\x00\x00injectedK\x01s\x86b."
+    safe_load(_zip_with_pickle(tmp_path / "a.pth", pkl))
+    assert not hasattr(argparse.Namespace, "injected")
+    # the same against a loader function: refused, nothing changed for the next load
+    pkl = b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\nN}X\x0c\x00\x00\x00__defaults__)s\x86b."
+    with pytest.raises(CheckpointError):
+        safe_load(_zip_with_pickle(tmp_path / "b.pth", pkl))
+    path = tmp_path / "ok.pt"
+    torch.save({"w": torch.arange(3.0)}, path)
+    assert torch.equal(safe_load(path)["w"], torch.arange(3.0))
