@@ -657,6 +657,40 @@ def _infer_kind(y: pd.Series) -> str:
     return "regression" if y.dropna().nunique() > 2 else "classification"
 
 
+def _cv_committee(
+    X: np.ndarray, y: np.ndarray, alpha: float, splitter: Any, groups: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Fit one Ridge per CV split; return out-of-fold predictions and their average as one linear model.
+
+    The stored regression head is the mean of these k models, not a refit on all
+    the data: a refit on more subjects shrinks predictions less than the CV models
+    did, so a bias correction fitted on their out-of-fold predictions would
+    over-correct it (gap correlated *positively* with age on new subjects). The
+    average of the CV models is exactly the predictor whose bias was measured.
+
+    Returns:
+        ``(oof, scaler_mean, scaler_scale, coef (1, D), intercept (1,))`` with the
+        averaged model expressed on the whole training set's standardisation.
+    """
+    from sklearn.preprocessing import StandardScaler
+
+    oof = np.zeros(len(y), dtype=np.float64)
+    weights, biases = [], []
+    for train, test in splitter.split(X, y, groups):
+        pipe = _pipeline("regression", alpha).fit(X[train], y[train])
+        oof[test] = pipe.predict(X[test])
+        sc, est = pipe.named_steps["scaler"], pipe.named_steps["model"]
+        w = np.asarray(est.coef_, dtype=np.float64).ravel() / sc.scale_
+        weights.append(w)
+        biases.append(float(est.intercept_) - float(w @ sc.mean_))
+    w_avg, b_avg = np.mean(weights, axis=0), float(np.mean(biases))
+    full = StandardScaler().fit(X)
+    mean, scale = full.mean_.astype(np.float64), full.scale_.astype(np.float64)
+    coef = (w_avg * scale)[None, :]
+    intercept = np.array([b_avg + float(w_avg @ mean)])
+    return oof, mean, scale, coef, intercept
+
+
 def _fit_fold(
     df: pd.DataFrame,
     y_all: pd.Series,
@@ -701,18 +735,19 @@ def _fit_fold(
     grid = GridSearchCV(_pipeline(kind, 1.0), {param: list(alphas)}, cv=splitter, scoring=scoring)
     grid.fit(X, y, groups=groups)
     strength = float(grid.best_params_[param])
-    pipe = _pipeline(kind, strength)
     if kind == "regression":
-        oof = cross_val_predict(pipe, X, y, cv=splitter, groups=groups)
+        oof, scaler_mean, scaler_scale, coef, intercept = _cv_committee(X, y, strength, splitter, groups)
         metrics = _regression_metrics(y, oof)
         oof_values = oof[:, None]
     else:
+        pipe = _pipeline(kind, strength)
         oof_values = cross_val_predict(pipe, X, y, cv=splitter, groups=groups, method="predict_proba")
         metrics = _classification_metrics(np.asarray(classes, dtype=object)[y], oof_values, classes)  # type: ignore[arg-type]
-    pipe.fit(X, y)
-    scaler, est = pipe.named_steps["scaler"], pipe.named_steps["model"]
-    coef = np.atleast_2d(np.asarray(est.coef_, dtype=np.float64))
-    intercept = np.atleast_1d(np.asarray(est.intercept_, dtype=np.float64))
+        pipe.fit(X, y)
+        scaler, est = pipe.named_steps["scaler"], pipe.named_steps["model"]
+        scaler_mean, scaler_scale = scaler.mean_.astype(np.float64), scaler.scale_.astype(np.float64)
+        coef = np.atleast_2d(np.asarray(est.coef_, dtype=np.float64))
+        intercept = np.atleast_1d(np.asarray(est.intercept_, dtype=np.float64))
     info: dict[str, Any] = {
         "fold": fold,
         **_meta_for_fold(meta, fold),
@@ -728,7 +763,7 @@ def _fit_fold(
         info["bias_correction"] = bias
         if brain_age:
             info["cv_metrics_corrected"] = _regression_metrics(y, _apply_bias(oof, bias))
-    head = FoldHead(fold, coef, intercept, scaler.mean_.astype(np.float64), scaler.scale_.astype(np.float64), info)
+    head = FoldHead(fold, coef, intercept, scaler_mean, scaler_scale, info)
     logger.info("fold %s: n=%d, %s=%g, CV %s", fold, n, param.split("__")[1], strength,
                 ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
     return head, (keys[mask], y, oof_values), groups is not None
@@ -754,6 +789,9 @@ def fit_head(
     others get standardisation + balanced logistic regression (C chosen likewise).
     The alpha search uses the whole training set; the reported metrics and the
     brain-age bias correction use out-of-fold predictions with the chosen alpha.
+    A regression head is the average of the ``cv`` cross-validation models (the
+    ones whose out-of-fold predictions fitted the bias correction), so the stored
+    correction matches the stored predictor; a classifier is refitted on all data.
     Repeated subjects (several sessions) are kept in the same CV fold.
 
     Args:
@@ -841,6 +879,10 @@ def fit_head(
         "join_key": key,
         "n_train": len(dict.fromkeys(keys)),
         "cv": {"n_splits": cv, "seed": seed, "grid": list(alphas), "grouped_by_subject": grouped_any},
+        "predictor": (
+            f"mean of the {cv} cross-validation Ridge models (those that made the out-of-fold predictions)"
+            if kind == "regression" else "logistic regression refitted on all training data"
+        ),
         "bias_correction_method": (
             "pred = slope*age + intercept fitted on out-of-fold predictions; "
             "pred_corrected = (pred - intercept)/slope; gap_corrected = pred_corrected - age"

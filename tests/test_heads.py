@@ -88,18 +88,52 @@ def test_age_head_bias_is_fitted_on_out_of_fold_predictions_with_known_shrinkage
     np.testing.assert_allclose(pred["brain_age_gap"], pred["age_pred"] - age_n)
 
 
-def test_alpha_is_chosen_from_the_grid_and_prediction_matches_sklearn():
+def test_regression_head_is_the_mean_of_the_cv_models():
     X, age = _attenuated(n=120, dim=32, seed=3)
+    X = X.astype(np.float32)
     head = fit_head(_table(X), _labels(age), "age")
     alpha = head.config["folds"][0]["alpha"]
     assert alpha in ALPHAS
     from sklearn.linear_model import Ridge
+    from sklearn.model_selection import KFold
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    ref = make_pipeline(StandardScaler(), Ridge(alpha=alpha)).fit(X.astype(np.float32), age)
-    pred = head.predict(_table(X))
-    np.testing.assert_allclose(pred["age_pred"], ref.predict(X.astype(np.float32)), rtol=1e-5, atol=1e-4)
+    Xn, _ = _attenuated(n=50, dim=32, seed=9)
+    Xn = Xn.astype(np.float32)
+    preds = [make_pipeline(StandardScaler(), Ridge(alpha=alpha)).fit(X[tr], age[tr]).predict(Xn)
+             for tr, _ in KFold(5, shuffle=True, random_state=0).split(X)]
+    np.testing.assert_allclose(head.predict(_table(Xn))["age_pred"], np.mean(preds, axis=0), rtol=1e-5, atol=1e-4)
+
+
+def test_bias_correction_does_not_over_correct_new_subjects():
+    """Small training sets shrink CV models more than a refit: the stored head must match its correction."""
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=512)
+
+    def cohort(n):
+        age = rng.uniform(20, 85, n)
+        return np.outer(age - 50, w) / 30 + rng.normal(size=(n, 512)) * 3, age
+
+    from sklearn.linear_model import Ridge
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    r_head, r_refit = [], []
+    for _ in range(6):
+        X, age = cohort(56)
+        head = fit_head(_table(X), _labels(age), "age")
+        Xn, age_n = cohort(800)
+        pred = head.predict(_table(Xn, prefix="/new/s"), _labels(age_n))
+        r_head.append(np.corrcoef(age_n, pred["brain_age_gap_corrected"])[0, 1])
+        # what a refit on all training subjects with the same correction would give
+        info = head.config["folds"][0]
+        refit = make_pipeline(StandardScaler(), Ridge(alpha=info["alpha"])).fit(X.astype(np.float32), age)
+        b = info["bias_correction"]
+        gap = (refit.predict(Xn.astype(np.float32)) - b["intercept"]) / b["slope"] - age_n
+        r_refit.append(np.corrcoef(age_n, gap)[0, 1])
+    assert abs(np.mean(r_head)) < 0.15, r_head
+    assert np.mean(r_refit) > np.mean(r_head) + 0.1, (r_refit, r_head)
 
 
 def test_fold_heads_and_ensemble_is_mean_of_fold_predictions(tmp_path):
