@@ -6,7 +6,6 @@ import copy
 import hashlib
 import json
 import logging
-import time
 
 import pytest
 import torch
@@ -249,10 +248,8 @@ def test_registry_all_sources_dead(monkeypatch, file_server):
 def test_offline_fails_at_once_without_network(monkeypatch, file_server):
     _route_registry(monkeypatch, file_server)
     monkeypatch.setenv("ANATCL_OFFLINE", "1")
-    start = time.monotonic()
     with pytest.raises(OfflineError) as info:
         load_model("anatcl-global", device="cpu")
-    assert time.monotonic() - start < 5  # generous bound: a network attempt would not be "at once"
     assert "anatcl download anatcl-global --fold 0" in str(info.value)
     assert file_server.requests == []
     assert isinstance(info.value, FileNotFoundError)
