@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 
+import huggingface_hub  # noqa: F401  (imported before any test sets HF_HUB_OFFLINE: it reads it once, at import)
 import pytest
 import torch
 
