@@ -2,7 +2,8 @@
 
 Each "subject" is the MNI152 grey-matter map shipped with the package, with
 age-dependent grey-matter loss (global, stronger in the medial temporal lobes and
-the precuneus), an optional disease pattern (extra hippocampal loss), and smooth
+the precuneus), an optional disease pattern (extra hippocampal loss), an individual
+grey-matter "reserve" (±5%, unrelated to age) and smooth
 subject-specific noise. Maps are written on a coarse 4 mm MNI grid covering the
 CAT12 box (46x55x46) so that an untrained demonstration model embeds them fast.
 
@@ -77,7 +78,8 @@ def synthetic_gm(age: float, *, patient: bool = False, rng: np.random.Generator 
         loss = loss + 0.25 * hippo + 0.08 * _bump(world, (0, -56, 30), 30)
     noise = ndimage.gaussian_filter(rng.standard_normal(COARSE_SHAPE), 2.0)
     noise *= 0.06 / (noise.std() + 1e-8)
-    return (gm * np.clip(1.0 - loss, 0.2, 1.0) * (1.0 + noise)).clip(0, 1).astype(np.float32)
+    reserve = 1.0 + rng.normal(0.0, 0.05)  # individual grey-matter volume, unrelated to age
+    return (gm * np.clip(1.0 - loss, 0.2, 1.0) * reserve * (1.0 + noise)).clip(0, 1).astype(np.float32)
 
 
 def write_map(path: str | Path, data: np.ndarray) -> Path:
