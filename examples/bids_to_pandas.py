@@ -41,7 +41,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from anatcl_infer import load_model
     from anatcl_infer.discovery import discover_inputs
     from anatcl_infer.embed import run_embed
-    from anatcl_infer.features import feature_columns, feature_matrix, read_features, read_labels
+    from anatcl_infer.features import (
+        feature_columns,
+        feature_matrix,
+        read_features,
+        read_labels,
+    )
 
     work = Path(tempfile.mkdtemp(prefix="anatcl-bids-"))
     if args.bids is None:
