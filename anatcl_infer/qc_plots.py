@@ -67,7 +67,9 @@ def write_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
     """Write ``data`` to a temporary file beside ``path``, then rename it over ``path``.
 
     Example:
-        >>> write_atomic(tmp_path / "a.txt", b"hi")  # doctest: +SKIP
+        >>> import tempfile, pathlib
+        >>> write_atomic(pathlib.Path(tempfile.mkdtemp()) / "a.txt", b"hi").read_bytes()
+        b'hi'
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -236,7 +238,10 @@ def render_slices(
         MissingDependencyError: matplotlib is not installed.
 
     Example:
-        >>> png = render_slices(prepare("sub-01_mwp1.nii.gz", keep_grid=True), "sub-01.png")  # doctest: +SKIP
+        >>> from anatcl_infer.preprocess import prepare
+        >>> png = render_slices(prepare("examples/data/mwp1sub-mni01_T1w.nii.gz", keep_grid=True))
+        >>> png[:4]
+        b'\\x89PNG'
     """
     if orientation not in _ORIENTATIONS:
         raise ConfigError(f"orientation must be one of {_ORIENTATIONS}, got {orientation!r}")
@@ -313,7 +318,10 @@ def make_thumbnail(
     """The central axial slice of the model input, ready for :func:`render_contact_sheet`.
 
     Example:
-        >>> thumb = make_thumbnail(prepared, "sub-01")  # doctest: +SKIP
+        >>> from anatcl_infer.preprocess import prepare
+        >>> thumb = make_thumbnail(prepare("examples/data/mwp1sub-mni01_T1w.nii.gz"), "sub-mni01")
+        >>> thumb.image.shape
+        (128, 121)
     """
     config = config or PreprocessConfig()
     template = template if template is not None else load_gm_template()
@@ -357,7 +365,10 @@ def render_contact_sheet(
         ValueError: no thumbnails.
 
     Example:
-        >>> png = render_contact_sheet([make_thumbnail(p, "sub-01")], "sheet.png")  # doctest: +SKIP
+        >>> from anatcl_infer.preprocess import prepare
+        >>> png = render_contact_sheet([make_thumbnail(prepare("examples/data/mwp1sub-mni01_T1w.nii.gz"), "sub-mni01")])
+        >>> png[1:4]
+        b'PNG'
     """
     if not thumbnails:
         raise ValueError("a contact sheet needs at least one thumbnail")

@@ -149,9 +149,11 @@ def qc_one(
         A :class:`QCItem` (``ok=False`` with ``stage`` and ``error`` when it failed).
 
     Example:
-        >>> item = qc_one("sub-01_mwp1.nii.gz", 0, PreprocessConfig())  # doctest: +SKIP
-        >>> item.metrics["qc_template_corr"]  # doctest: +SKIP
-        0.83
+        >>> item = qc_one("examples/data/mwp1sub-mni03_T1w.nii.gz", 0, PreprocessConfig())
+        >>> item.ok, round(item.metrics["qc_template_corr"], 2), item.image_name
+        (True, 0.97, '0000_mwp1sub-mni03_T1w.png')
+        >>> qc_one("examples/data/missing.nii.gz", 1, PreprocessConfig()).stage
+        'read'
     """
     from .preprocess import describe_item, prepare
 
@@ -403,9 +405,10 @@ def build_qc_report(
         MissingDependencyError: matplotlib (the ``[qc]`` extra) is not installed.
 
     Example:
-        >>> report = build_qc_report(["sub-01_mwp1.nii.gz"], "qc")  # doctest: +SKIP
-        >>> report.index.name
-        'index.html'
+        >>> import tempfile
+        >>> report = build_qc_report(["examples/data/mwp1sub-mni01_T1w.nii.gz"], tempfile.mkdtemp())
+        >>> report.index.name, len(report.failed), len(report.flagged)
+        ('index.html', 0, 0)
     """
     from .qc_plots import _matplotlib
 

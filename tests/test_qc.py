@@ -299,3 +299,15 @@ def test_missing_matplotlib_says_how_to_install(cohort, monkeypatch):
     with pytest.raises(MissingDependencyError, match=r'pip install "anatcl-infer\[qc\]"') as info:
         render_slices(cohort["gm"], None, config=CFG)
     assert info.value.extra == "qc" and isinstance(info.value, ImportError)
+
+
+@pytest.mark.parametrize("module", ["template", "qc", "qc_plots", "qc_report"])
+def test_docstring_examples_run(module, monkeypatch):
+    import doctest
+    import importlib
+    from pathlib import Path
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # examples use examples/data/ relative to the repository
+    mod = importlib.import_module(f"anatcl_infer.{module}")
+    result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0 and result.attempted > 0
