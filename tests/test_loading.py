@@ -7,7 +7,7 @@ import hashlib
 import json
 import logging
 
-import huggingface_hub  # noqa: F401  (imported before any test sets HF_HUB_OFFLINE: it reads it once, at import)
+import huggingface_hub.constants  # noqa: F401  (before any test sets HF_HUB_OFFLINE: it is read once, when this loads)
 import pytest
 import torch
 
