@@ -242,7 +242,13 @@ def hf_download(repo_id: str, filenames: tuple[str, ...], *, revision: str | Non
         RevisionNotFoundError,
     )
 
+    from huggingface_hub import constants as hf_constants
+
     offline = is_offline()
+    if not offline and hf_constants.HF_HUB_OFFLINE:
+        # huggingface_hub read HF_HUB_OFFLINE=1 when it was first imported and keeps it for the process
+        logger.warning("huggingface_hub was imported with HF_HUB_OFFLINE=1 and stays offline in this process")
+        offline = True
     endpoint = os.environ.get("HF_ENDPOINT", "").strip() or None
     hub_cache = _hub_cache_dir()
     where = f"hf://{repo_id}" + (f"@{revision}" if revision else "")
