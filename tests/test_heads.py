@@ -287,3 +287,30 @@ def test_load_rejects_a_broken_head(tmp_path):
     (tmp_path / "h" / "head.json").write_text(json.dumps(cfg))
     with pytest.raises(HeadError, match="lacks tensor"):
         Head.load(tmp_path / "h")
+
+
+def test_feature_table_helpers():
+    from anatcl_infer.errors import InputError
+    from anatcl_infer.features import feature_columns, feature_matrix
+
+    assert feature_names(2) == ["feat_000", "feat_001"]
+    assert feature_names(2048)[-1] == "feat_2047" and feature_names(2048)[0] == "feat_0000"
+    df = pd.DataFrame({"path": ["a"], "feat_001": [2.0], "feat_000": [1.0], "qc_x": [0.5]})
+    assert feature_columns(df) == ["feat_000", "feat_001"]
+    np.testing.assert_array_equal(feature_matrix(df), [[1.0, 2.0]])
+    with pytest.raises(InputError, match="not contiguous"):
+        feature_columns(df.drop(columns="feat_000"))
+    with pytest.raises(InputError, match="no feature columns"):
+        feature_columns(df[["path"]])
+    with pytest.raises(InputError, match="non-finite"):
+        feature_matrix(df.assign(feat_001=np.nan))
+
+
+def test_modules_import_cheaply():
+    import subprocess
+    import sys
+
+    code = ("import sys, anatcl_infer.heads, anatcl_infer.probe, anatcl_infer.features; "
+            "print(sorted(m for m in ('pandas', 'sklearn', 'torch', 'pyarrow', 'typer') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
