@@ -60,3 +60,10 @@ def make_subjects(root: Path, n: int = 16, *, seed: int = 0, sites: int = 2, val
     manifest = root / "manifest.csv"
     manifest.write_text("\n".join(rows) + "\n")
     return manifest
+
+#: same grid, a 32^3 crop of the central brain: a cheaper input for trainer tests
+SMALL = PreprocessConfig(
+    grid_shape=TINY.grid_shape,
+    grid_affine=TINY.grid_affine,
+    crop=((6, 38), (12, 44), (4, 36)),
+)
