@@ -71,6 +71,11 @@ def _as_matrix(X: Any) -> np.ndarray:
     if hasattr(X, "columns"):
         from .features import FEATURE_PREFIX, feature_matrix
 
+        if "fold" in X.columns and X["fold"].nunique() > 1:
+            raise ConfigError(
+                f"the features hold folds {sorted(X['fold'].dropna().unique().tolist())}; folds live in different "
+                "embedding spaces: probe one fold at a time (df[df.fold == 0])"
+            )
         if any(str(c).startswith(FEATURE_PREFIX) for c in X.columns):
             return feature_matrix(X).astype(np.float64)
         return np.asarray(X, dtype=np.float64)  # a plain numeric DataFrame

@@ -67,6 +67,9 @@ def test_auto_task_inference():
 
 
 def test_probe_errors():
+    two_folds = pd.DataFrame(np.zeros((4, 2)), columns=feature_names(2)).assign(fold=[0, 0, 1, 1])
+    with pytest.raises(ConfigError, match="one fold at a time"):
+        linear_probe(two_folds, np.arange(4.0))
     X = np.zeros((8, 3))
     with pytest.raises(HeadError, match="too few"):
         linear_probe(X, np.arange(8.0))
