@@ -39,18 +39,24 @@ import numpy as np
 
 from ._version import __version__
 from .config import REFERENCE_AFFINE, REFERENCE_SHAPE
-from .errors import ConfigError, DownloadError, InputError, MissingDependencyError, OfflineError
+from .errors import (
+    ConfigError,
+    DownloadError,
+    InputError,
+    MissingDependencyError,
+    OfflineError,
+)
 
 __all__ = [
-    "prep_status",
-    "skull_strip",
-    "register_to_mni",
-    "t1_to_mni",
-    "t1_to_gm",
-    "missing_deepmriprep_models",
+    "REGISTRATION_TEMPLATE",
     "fetch_deepmriprep_models",
     "install_deepmriprep_models",
-    "REGISTRATION_TEMPLATE",
+    "missing_deepmriprep_models",
+    "prep_status",
+    "register_to_mni",
+    "skull_strip",
+    "t1_to_gm",
+    "t1_to_mni",
 ]
 
 logger = logging.getLogger(__name__)

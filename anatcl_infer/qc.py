@@ -24,7 +24,7 @@ import numpy as np
 from .config import PreprocessConfig
 from .template import GMTemplate, load_gm_template, to_model_space
 
-__all__ = ["qc_metrics", "flag_outliers", "outlier_reasons", "robust_z", "QC_COLUMNS"]
+__all__ = ["QC_COLUMNS", "flag_outliers", "outlier_reasons", "qc_metrics", "robust_z"]
 
 logger = logging.getLogger(__name__)
 

@@ -28,12 +28,12 @@ from .errors import ConfigError, MissingDependencyError
 from .template import GMTemplate, load_gm_template, to_model_space
 
 __all__ = [
+    "SLICES_SIZE_PX",
     "Thumbnail",
-    "render_slices",
     "make_thumbnail",
     "render_contact_sheet",
+    "render_slices",
     "write_atomic",
-    "SLICES_SIZE_PX",
 ]
 
 logger = logging.getLogger(__name__)

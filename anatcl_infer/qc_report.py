@@ -36,9 +36,15 @@ from ._version import __version__
 from .config import PreprocessConfig
 from .errors import AnatCLError
 from .qc import QC_COLUMNS, outlier_reasons, qc_metrics
-from .qc_plots import Thumbnail, make_thumbnail, render_contact_sheet, render_slices, write_atomic
+from .qc_plots import (
+    Thumbnail,
+    make_thumbnail,
+    render_contact_sheet,
+    render_slices,
+    write_atomic,
+)
 
-__all__ = ["QCItem", "QCReport", "qc_one", "build_qc_report", "write_html", "write_metrics_csv"]
+__all__ = ["QCItem", "QCReport", "build_qc_report", "qc_one", "write_html", "write_metrics_csv"]
 
 logger = logging.getLogger(__name__)
 
@@ -306,21 +312,28 @@ def write_html(
         '<meta name="viewport" content="width=device-width,initial-scale=1">',
         f"<title>{esc(title)}</title><style>{_CSS}</style></head><body>",
         f"<h1>{esc(title)}</h1>",
-        '<p class="summary">'
-        f"<span>{len(items)} inputs</span><span>{len(items) - n_fail} prepared</span>"
-        f'<span class="{"warn" if n_flag else ""}">{n_flag} flagged</span>'
-        f'<span class="{"bad" if n_fail else ""}">{n_fail} failed</span></p>',
-        f'<p class="note">Preprocessing spec{(" of " + esc(model)) if model else ""}: input kind '
-        f"<b>{esc(config.input_kind)}</b>, grid {esc(str(tuple(config.grid_shape)))}, crop "
-        f"{esc(str(tuple(tuple(c) for c in config.crop)))}, model input {esc(str(tuple(config.model_input_shape)))}, "
-        f"intensity {esc(config.intensity)}. Pictures show the conformed grid in neurological orientation "
-        "(subject's left on the left), the dashed yellow box is exactly what the model receives and the cyan "
-        "line is the outline of the reference brain (MNI152). Flags: template correlation below 0.5 or a robust "
-        "z-score below -3.5 within this cohort, low grey-matter coverage (robust z &lt; -3.5), brain signal outside "
-        f"the crop box, or an input kind other than the model expects. anatcl-infer {esc(__version__)}, {stamp}.</p>",
-        "<h2>Summary</h2><table><thead><tr><th>#</th><th>input</th><th>status</th><th>kind</th>"
-        "<th>template r</th><th>GM coverage</th><th>outside brain</th><th>outside crop</th><th>range</th>"
-        "<th>zeros</th><th>conform</th><th>warnings</th><th>flag / error</th></tr></thead><tbody>",
+        (
+            '<p class="summary">'
+            f"<span>{len(items)} inputs</span><span>{len(items) - n_fail} prepared</span>"
+            f'<span class="{"warn" if n_flag else ""}">{n_flag} flagged</span>'
+            f'<span class="{"bad" if n_fail else ""}">{n_fail} failed</span></p>'
+        ),
+        (
+            f'<p class="note">Preprocessing spec{(" of " + esc(model)) if model else ""}: input kind '
+            f"<b>{esc(config.input_kind)}</b>, grid {esc(str(tuple(config.grid_shape)))}, crop "
+            f"{esc(str(tuple(tuple(c) for c in config.crop)))}, model input {esc(str(tuple(config.model_input_shape)))}, "
+            f"intensity {esc(config.intensity)}. Pictures show the conformed grid in neurological orientation "
+            "(subject's left on the left), the dashed yellow box is exactly what the model receives and the cyan "
+            "line is the outline of the reference brain (MNI152). Flags: template correlation below 0.5 or a robust "
+            "z-score below -3.5 within this cohort, low grey-matter coverage (robust z &lt; -3.5), brain signal outside "
+            "the crop box, a better match with the template flipped front/back or up/down, or an input kind other "
+            f"than the model expects. anatcl-infer {esc(__version__)}, {stamp}.</p>"
+        ),
+        (
+            "<h2>Summary</h2><table><thead><tr><th>#</th><th>input</th><th>status</th><th>kind</th>"
+            "<th>template r</th><th>GM coverage</th><th>outside brain</th><th>outside crop</th><th>orientation</th>"
+            "<th>range</th><th>zeros</th><th>conform</th><th>warnings</th><th>flag / error</th></tr></thead><tbody>"
+        ),
     ]
     anchors = {id(it): f"item{i}" for i, it in enumerate(items)}
     numbers = {id(it): i for i, it in enumerate(items)}
@@ -335,6 +348,7 @@ def write_html(
                 _fmt(m.get("qc_brain_coverage"))[:6],
                 _fmt(m.get("qc_signal_outside_brain"))[:6],
                 _fmt(m.get("qc_signal_outside_crop"))[:6],
+                esc(str(m.get("qc_orientation", ""))),
                 f"{_fmt(m.get('qc_min'))[:7]} .. {_fmt(m.get('qc_max'))[:7]}",
                 _fmt(m.get("qc_zero_fraction"))[:6],
                 esc(str(m.get("qc_method"))),
@@ -343,7 +357,7 @@ def write_html(
             ]
             status = "flagged" if it.flagged else "ok"
         else:
-            cells = [""] * 9 + [f"{esc(it.stage)}: {esc(it.error)}"]
+            cells = [""] * 10 + [f"{esc(it.stage)}: {esc(it.error)}"]
             status = "failed"
         parts.append(
             f'<tr class="{cls}"><td>{num}</td><td><a href="#{anchors[id(it)]}">{esc(os.path.basename(it.path) or it.path)}'

@@ -20,7 +20,7 @@ import numpy as np
 from .config import REFERENCE_AFFINE, REFERENCE_SHAPE, PreprocessConfig
 from .errors import ConfigError
 
-__all__ = ["GMTemplate", "load_gm_template", "to_model_space", "TEMPLATE_FILE"]
+__all__ = ["TEMPLATE_FILE", "GMTemplate", "load_gm_template", "to_model_space"]
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,6 @@ import struct
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 from anatomy import mni_gm_on_grid, mni_t1_on_grid, save_nifti
 from typer.testing import CliRunner
@@ -127,7 +126,7 @@ def test_workers_give_the_same_report(scans, tmp_path):
 
 
 def test_contact_sheets_are_paged(scans, tmp_path, monkeypatch):
-    import anatcl_infer.qc_report as qc_report
+    from anatcl_infer import qc_report
 
     monkeypatch.setattr(qc_report, "SHEET_PAGE", 2)
     paths = [scans / f"sub-0{i}_mwp1.nii.gz" for i in (1, 3, 4)]

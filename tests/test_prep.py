@@ -7,7 +7,16 @@ import sys
 
 import numpy as np
 import pytest
-from anatomy import BOX113_AFFINE, BOX113_OFFSET, BOX113_SHAPE, REF_AFFINE, mni_gm_on_grid, mni_t1_1mm, mni_t1_on_grid, save_nifti
+from anatomy import (
+    BOX113_AFFINE,
+    BOX113_OFFSET,
+    BOX113_SHAPE,
+    REF_AFFINE,
+    mni_gm_on_grid,
+    mni_t1_1mm,
+    mni_t1_on_grid,
+    save_nifti,
+)
 
 from anatcl_infer import prep
 from anatcl_infer.config import REFERENCE_SHAPE
@@ -58,8 +67,8 @@ def _corr(a: np.ndarray, b: np.ndarray) -> float:
 def test_affine_registration_brings_a_moved_t1_back_onto_mni(scanner_t1, tmp_path):
     import nibabel as nib
 
-    from anatcl_infer.conform import conform_to_grid
     from anatcl_infer.config import REFERENCE_AFFINE
+    from anatcl_infer.conform import conform_to_grid
 
     path, data, aff = scanner_t1
     out, info = prep.register_to_mni(path, tmp_path / "reg.nii.gz", threads=1)
@@ -69,7 +78,8 @@ def test_affine_registration_brings_a_moved_t1_back_onto_mni(scanner_t1, tmp_pat
     reference = mni_t1_on_grid()
     registered = _corr(np.asarray(img.get_fdata()), reference)
     unregistered = _corr(conform_to_grid(data, aff, REFERENCE_SHAPE, REFERENCE_AFFINE)[0], reference)
-    assert unregistered < 0.9 < 0.98 < registered
+    assert unregistered < 0.9
+    assert registered > 0.98
     # the 10-degree rotation about z is recovered (first row of the 3x3 matrix: cos, -sin... up to direction)
     matrix = np.asarray(info["transform_parameters"][:9]).reshape(3, 3)
     assert abs(abs(matrix[0, 1]) - np.sin(np.deg2rad(10))) < 0.02
@@ -145,7 +155,7 @@ def test_t1_to_gm_puts_deepmriprep_output_exactly_on_the_reference_grid(scanner_
     gm = mni_gm_on_grid()
     ox, oy, oz = BOX113_OFFSET
     box = np.ascontiguousarray(gm[ox : ox + BOX113_SHAPE[0], oy : oy + BOX113_SHAPE[1], oz : oz + BOX113_SHAPE[2]])
-    monkeypatch.setattr(prep, "missing_deepmriprep_models", lambda: [])
+    monkeypatch.setattr(prep, "missing_deepmriprep_models", list)
     monkeypatch.setattr(prep, "_run_deepmriprep", _fake_deepmriprep(box, BOX113_AFFINE))
     out = prep.t1_to_gm(scanner_t1[0], tmp_path)
     assert out == tmp_path / "mwp1sub-01_T1w.nii.gz"
@@ -170,7 +180,7 @@ def test_t1_to_gm_puts_deepmriprep_output_exactly_on_the_reference_grid(scanner_
 
 @needs_deepmriprep
 def test_t1_to_gm_refuses_output_off_the_box(scanner_t1, tmp_path, monkeypatch):
-    monkeypatch.setattr(prep, "missing_deepmriprep_models", lambda: [])
+    monkeypatch.setattr(prep, "missing_deepmriprep_models", list)
     shifted = BOX113_AFFINE.copy()
     shifted[:3, 3] += 0.75  # half a voxel off: would need interpolation
     box = np.ones(BOX113_SHAPE, dtype=np.float32)

@@ -14,7 +14,13 @@ from anatomy import REF_AFFINE, mni_gm_on_grid, mni_gm_smoothed_on_grid, mni_t1_
 from anatcl_infer.config import REFERENCE_AFFINE, REFERENCE_SHAPE, PreprocessConfig
 from anatcl_infer.errors import MissingDependencyError
 from anatcl_infer.preprocess import prepare
-from anatcl_infer.qc import QC_COLUMNS, flag_outliers, outlier_reasons, qc_metrics, robust_z
+from anatcl_infer.qc import (
+    QC_COLUMNS,
+    flag_outliers,
+    outlier_reasons,
+    qc_metrics,
+    robust_z,
+)
 from anatcl_infer.template import TEMPLATE_FILE, load_gm_template, to_model_space
 
 CFG = PreprocessConfig()
@@ -255,7 +261,7 @@ def test_orientation_puts_the_left_hemisphere_on_the_labelled_side():
     from anatcl_infer.qc_plots import _to_ras, _views
 
     vol = np.zeros(REFERENCE_SHAPE, dtype=np.float32)
-    i_left = int(round((90 - (-60)) / 1.5))  # world x = -60 mm (left) is array index 100 on the LAS grid
+    i_left = round((90 - (-60)) / 1.5)  # world x = -60 mm (left) is array index 100 on the LAS grid
     vol[i_left, 60:80, 50:70] = 1.0
     ras = _to_ras(vol, np.asarray(REFERENCE_AFFINE))
     assert ras[20, 60:80, 50:70].all()  # RAS index of x = -60 mm is (-60 + 90) / 1.5
