@@ -437,7 +437,7 @@ def build_qc_report(
     items += _run(tasks, max(1, int(workers)), progress)
     for it in items:
         if not it.ok:
-            logger.error("%s: failed at %s: %s", it.path, it.stage, it.error)
+            logger.warning("%s: failed at %s: %s", it.path, it.stage, it.error)
 
     ok = [it for it in items if it.ok]
     reasons = outlier_reasons([it.metrics for it in ok], expected_kind=config.input_kind) if ok else []

@@ -79,8 +79,6 @@ def qc(
         typer.echo(
             f"wrote {report.index} ({n} inputs, {len(report.flagged)} flagged, {len(report.failed)} failed)", err=True
         )
-    if report.failed:
-        for it in report.failed:
-            typer.echo(f"error: {it.path} [{it.stage}]: {it.error}", err=True)
+    if report.failed:  # each failure was logged (path, stage, message) as it happened
         typer.echo(f"error: {len(report.failed)} of {n} inputs failed; see {report.metrics_csv}", err=True)
         raise typer.Exit(1)
