@@ -14,7 +14,10 @@ Brain age: the linear age-bias correction is fitted on the cross-validated
 out-of-fold predictions of the training set (in-sample predictions understate the
 bias): ``pred = a * age + b`` by least squares, then ``pred_corrected = (pred - b) / a``
 and ``brain_age_gap_corrected = pred_corrected - age``. ``a`` and ``b`` are stored in
-``head.json`` per fold and for the ensemble.
+``head.json`` per fold and for the ensemble. So that the stored line describes the
+stored predictor, a regression head is the average of its cross-validation models
+(the ones that made the out-of-fold predictions), not a refit on all the data,
+which shrinks less and would be over-corrected.
 
 A head directory holds ``head.safetensors`` (per fold: ``fold{k}.coef``,
 ``fold{k}.intercept``, ``fold{k}.scaler_mean``, ``fold{k}.scaler_scale``; no pickle)
