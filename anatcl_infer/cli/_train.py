@@ -30,7 +30,7 @@ _TRAIN_EPILOG = (
 def train_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="Run directory: checkpoints/, log.jsonl, train_config.json and export/."),
     manifest: Optional[Path] = typer.Option(None, "--manifest", help="Training manifest CSV/TSV (see below)."),
-    openbhb: Optional[Path] = typer.Option(None, "--openbhb", help="OpenBHB folder (participants.tsv + sub-*_preproc-cat12vbm_desc-gm_T1w.npy + *desikan*roi*.npy)."),
+    openbhb: Optional[Path] = typer.Option(None, "--openbhb", help="OpenBHB folder: participants.tsv plus, anywhere below, each subject's cat12vbm grey-matter .npy and Desikan ROI .npy."),
     epochs: int = typer.Option(100, "--epochs", min=1, help="Total epochs (the published count is unknown; the predecessor used 300)."),
     batch_size: int = typer.Option(32, "--batch-size", "-b", min=2, help="Global batch (subjects per step over all processes)."),
     lr: float = typer.Option(1e-4, "--lr", help="Adam learning rate."),
