@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from .config import PreprocessConfig
+from .errors import ConfigError
 from .template import GMTemplate, load_gm_template, to_model_space
 
 __all__ = ["QC_COLUMNS", "flag_outliers", "outlier_reasons", "qc_metrics", "robust_z"]
@@ -137,6 +138,9 @@ def qc_metrics(
     Returns:
         A flat dict with the keys of :data:`QC_COLUMNS`.
 
+    Raises:
+        ConfigError: ``prepared.array`` does not have ``config``'s model input shape.
+
     Example:
         >>> from anatcl_infer.preprocess import prepare
         >>> m = qc_metrics(prepare("examples/data/mwp1sub-mni03_T1w.nii.gz", keep_grid=True))
@@ -149,7 +153,10 @@ def qc_metrics(
     if volume.ndim == 4 and volume.shape[0] == 1:
         volume = volume[0]
     if tuple(volume.shape) != tuple(config.model_input_shape):
-        raise ValueError(f"prepared array has shape {volume.shape}, expected {config.model_input_shape} for this config")
+        raise ConfigError(
+            f"prepared array has shape {volume.shape}, not the model input shape {config.model_input_shape} of the "
+            "config given; pass config= the PreprocessConfig that prepared it (e.g. model.config.preprocess)"
+        )
     finite = np.isfinite(volume)
     if not finite.all():
         volume = np.where(finite, volume, 0.0)

@@ -12,7 +12,7 @@ import pytest
 from anatomy import REF_AFFINE, mni_gm_on_grid, mni_gm_smoothed_on_grid, mni_t1_on_grid
 
 from anatcl_infer.config import REFERENCE_AFFINE, REFERENCE_SHAPE, PreprocessConfig
-from anatcl_infer.errors import MissingDependencyError
+from anatcl_infer.errors import ConfigError, MissingDependencyError
 from anatcl_infer.preprocess import prepare
 from anatcl_infer.qc import (
     QC_COLUMNS,
@@ -176,7 +176,7 @@ def test_template_metrics_are_nan_on_another_grid():
 
 
 def test_wrong_shape_for_the_config_is_an_error(cohort):
-    with pytest.raises(ValueError, match="expected"):
+    with pytest.raises(ConfigError, match="pass config="):
         qc_metrics(cohort["gm"], config=PreprocessConfig(pad_to=(128, 128, 128)))
 
 
