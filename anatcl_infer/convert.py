@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import clean_state_dict, load_state_dict_strict, save_pretrained
+from .checkpoint import clean_state_dict, model_with_weights, save_pretrained
 from .config import ModelConfig
 from .errors import CheckpointError
 
@@ -107,12 +107,7 @@ def model_from_checkpoint(path: str | os.PathLike[str], config: ModelConfig) -> 
     Example:
         >>> model = model_from_checkpoint("fold0.pth", ModelConfig(fold=0))  # doctest: +SKIP
     """
-    from .model import AnatCL
-
-    state = read_checkpoint(path)
-    model = AnatCL(config)
-    load_state_dict_strict(model, state, path=str(path))
-    return model.eval()
+    return model_with_weights(config, read_checkpoint(path), path=str(path))
 
 
 def convert_checkpoint(src: str | os.PathLike[str], out_dir: str | os.PathLike[str], config: ModelConfig) -> Path:

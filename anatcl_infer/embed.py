@@ -359,9 +359,11 @@ def run_embed(
 
     extra = None
     if qc:
+        import functools
+
         from .qc import qc_metrics
 
-        extra = qc_metrics
+        extra = functools.partial(qc_metrics, config=models[0].config.preprocess)
     runner = models[0] if len(models) == 1 else _FoldStack(models)
     failures: list[dict[str, Any]] = []
     n_written = 0

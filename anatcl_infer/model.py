@@ -100,6 +100,8 @@ class ResNet3D(nn.Module):
         self.layer4 = self._make_layer(block, 512, layers[3], stride=2)
         self.avgpool = nn.AdaptiveAvgPool3d(1)
         self.num_features = 512 * block.expansion  # type: ignore[attr-defined]
+        if self.conv1.weight.is_meta:  # built to receive checkpoint weights: nothing to initialise
+            return
         for m in self.modules():
             if isinstance(m, nn.Conv3d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")

@@ -1,7 +1,8 @@
-"""Shared fixtures: every cache redirected to a temporary directory, small real anatomy."""
+"""Shared fixtures: every cache redirected to a temporary directory, a clean environment per test."""
 
 from __future__ import annotations
 
+import logging
 import os
 
 import pytest
@@ -9,6 +10,10 @@ import pytest
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.pop("HF_HUB_OFFLINE", None)  # huggingface_hub reads it once, at import: start online
+os.environ.pop("HF_ENDPOINT", None)
+
+import huggingface_hub.constants  # noqa: E402,F401  (import now, with the environment above)
 
 
 @pytest.fixture(autouse=True)
@@ -19,6 +24,15 @@ def _isolated_caches(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(root / "hf"))
     monkeypatch.setenv("HF_HUB_CACHE", str(root / "hf" / "hub"))
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
-    monkeypatch.delenv("ANATCL_OFFLINE", raising=False)
-    monkeypatch.delenv("ANATCL_HUB_REPO", raising=False)
+    for name in ("ANATCL_OFFLINE", "ANATCL_HUB_REPO", "HF_HUB_OFFLINE", "HF_ENDPOINT", "WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
     yield root
+
+
+@pytest.fixture(autouse=True)
+def _restore_package_logger():
+    """The CLI configures the package logger; give every test the default one back."""
+    logger = logging.getLogger("anatcl_infer")
+    state = (list(logger.handlers), logger.level, logger.propagate)
+    yield
+    logger.handlers[:], logger.level, logger.propagate = state[0], state[1], state[2]
