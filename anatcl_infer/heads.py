@@ -76,10 +76,16 @@ def _norm_subject(values: pd.Series) -> pd.Series:
     return out
 
 
+def _norm_path(values: pd.Series) -> pd.Series:
+    """Paths made absolute (relative ones against the working directory), missing kept missing."""
+    return values.astype("string").map(os.path.abspath, na_action="ignore").astype("string")
+
+
 def join_labels(features: pd.DataFrame, labels: pd.DataFrame, *, columns: list[str] | None = None) -> tuple[pd.DataFrame, str]:
     """Attach label columns to feature rows, matching on ``path`` or else ``subject``.
 
-    ``path`` is used when both tables have it, else ``subject`` (BIDS ``sub-``
+    ``path`` is used when both tables have it (relative paths are taken from the
+    working directory) and at least one matches, else ``subject`` (BIDS ``sub-``
     prefixes are ignored). Feature rows without a label get missing values.
 
     Args:
@@ -99,15 +105,19 @@ def join_labels(features: pd.DataFrame, labels: pd.DataFrame, *, columns: list[s
     """
     import pandas as pd
 
+    key = None
+    both_subject = "subject" in features.columns and "subject" in labels.columns
     if "path" in features.columns and "path" in labels.columns:
         key = "path"
-        left = features["path"].astype("string")
-        right = labels["path"].astype("string")
-    elif "subject" in features.columns and "subject" in labels.columns:
+        left, right = _norm_path(features["path"]), _norm_path(labels["path"])
+        if both_subject and not left.isin(set(right.dropna())).any():
+            logger.warning("no `path` of the labels matches the features; joining on `subject` instead")
+            key = None
+    if key is None and both_subject:
         key = "subject"
         left = _norm_subject(features["subject"])
         right = _norm_subject(labels["subject"])
-    else:
+    if key is None:
         raise HeadError(
             "the features and labels share no join key: the labels file needs a `path` column (the input "
             "paths as in the features file) or a `subject` column (or BIDS `participant_id`); "

@@ -314,3 +314,18 @@ def test_modules_import_cheaply():
             "print(sorted(m for m in ('pandas', 'sklearn', 'torch', 'pyarrow', 'typer') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_join_falls_back_to_subject_and_resolves_relative_paths(tmp_path, monkeypatch):
+    X, age = _attenuated(n=20)
+    df = _table(X)
+    other_paths = pd.DataFrame({"path": [f"/elsewhere/{i}.nii" for i in range(20)],
+                                "subject": [f"sub-{i:03d}" for i in range(20)], "age": age})
+    joined, key = join_labels(df, other_paths, columns=["age"])
+    assert key == "subject"
+    np.testing.assert_allclose(joined["age"], age)
+    monkeypatch.chdir(tmp_path)
+    relative = pd.DataFrame({"path": [f"s{i:03d}.nii.gz" for i in range(20)], "age": age})
+    joined, key = join_labels(_table(X, prefix=f"{tmp_path}/s"), relative, columns=["age"])
+    assert key == "path"
+    np.testing.assert_allclose(joined["age"], age)
