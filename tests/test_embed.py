@@ -261,3 +261,16 @@ def test_csv_format_and_metadata_sidecar(model, tmp_path):
     assert len(df) == 2 and "feat_511" in df.columns
     meta = json.loads((tmp_path / "feats.csv.meta.json").read_text())
     assert meta["model"]["source"] == "unit-test"
+
+
+def test_embed_qc_columns_on_real_anatomy(tmp_path):
+    """--qc adds the QC metrics; on the published grid with the example maps they look healthy."""
+    torch.manual_seed(0)
+    model = AnatCL(ModelConfig(name="test-full", source="unit-test", fold=0))
+    records = discover_inputs([str(Path(__file__).parents[1] / "examples" / "data")])[:1]
+    out = tmp_path / "qc.parquet"
+    summary = run_embed(records, [model], out, progress=False, num_workers=0, qc=True)
+    assert summary.ok
+    df = pq.read_table(out).to_pandas()
+    assert df.loc[0, "qc_template_corr"] > 0.9
+    assert df.loc[0, "qc_kind"] == "gm"
