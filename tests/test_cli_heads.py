@@ -136,3 +136,36 @@ def test_read_features_returns_metadata(tmp_path):
     _write_features(tmp_path / "feats.parquet", folds=(0,))
     df, meta = read_features(tmp_path / "feats.parquet")
     assert meta["model"]["name"] == "anatcl-global" and len(df) == N
+
+
+def test_embed_with_head_adds_the_prediction_columns(tmp_path, runner):
+    """`anatcl embed --head` gives the same columns as `anatcl predict` on the embedded features."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "_anatcl_examples_synthetic_cli", Path(__file__).resolve().parents[1] / "examples" / "_synthetic.py")
+    syn = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(syn)
+    model_dir = syn.make_demo_model(tmp_path / "model")
+    syn.make_cohort(tmp_path / "maps", 2, seed=3)
+    # a head fitted on synthetic 512-d features labelled as coming from the demo model
+    rng = np.random.default_rng(0)
+    age = rng.uniform(20, 80, 40)
+    feats = pd.DataFrame(rng.normal(size=(40, 512)).astype(np.float32), columns=feature_names(512))
+    feats.insert(0, "subject", [f"{i}" for i in range(40)])
+    feats.insert(1, "model", "demo-untrained")
+    from anatcl_infer.heads import fit_head
+
+    fit_head(feats, pd.DataFrame({"subject": feats["subject"], "age": age}), "age").save(tmp_path / "head")
+
+    res = runner.invoke(app, ["embed", str(tmp_path / "maps"), "--model", str(model_dir), "--device", "cpu",
+                              "--out", str(tmp_path / "f.parquet"), "--head", str(tmp_path / "head"), "-q"])
+    assert res.exit_code == 0, res.output
+    embedded = pd.read_parquet(tmp_path / "f.parquet")
+    assert {"age_pred", "age_pred_corrected"} <= set(embedded.columns)
+    res = runner.invoke(app, ["predict", str(tmp_path / "f.parquet"), "--head", str(tmp_path / "head"),
+                              "--out", str(tmp_path / "p.parquet")])
+    assert res.exit_code == 0, res.output
+    pred = pd.read_parquet(tmp_path / "p.parquet")
+    np.testing.assert_allclose(embedded["age_pred"], pred["age_pred"], rtol=1e-6)
