@@ -300,6 +300,7 @@ def run_embed(
     amp: bool | str = False,
     qc: bool = False,
     head: str | os.PathLike[str] | None = None,
+    prior_failures: Sequence[dict[str, Any]] = (),
 ) -> EmbedSummary:
     """Embed ``records`` with one model per fold and write one table.
 
@@ -312,6 +313,7 @@ def run_embed(
         overwrite: replace an existing output (otherwise an existing output is an error).
         qc: add the QC metrics of :func:`anatcl_infer.qc.qc_metrics` as columns.
         head: a head directory whose predictions are added as columns.
+        prior_failures: failures of earlier stages (e.g. the raw-T1 route) to report with these.
 
     Returns:
         An :class:`EmbedSummary`; ``summary.failures`` lists the inputs that failed.
@@ -365,7 +367,7 @@ def run_embed(
 
         extra = functools.partial(qc_metrics, config=models[0].config.preprocess)
     runner = models[0] if len(models) == 1 else _FoldStack(models)
-    failures: list[dict[str, Any]] = []
+    failures: list[dict[str, Any]] = list(prior_failures)
     n_written = 0
     try:
         for batch in iter_encoded(
@@ -403,7 +405,8 @@ def run_embed(
     _write_final(final, out, fmt, meta)
     shutil.rmtree(partial_dir, ignore_errors=True)
     _write_errors(errors_path, failures)
-    return EmbedSummary(out, errors_path if failures else None, len(records), n_written, skipped, failures)
+    n_inputs = len(records) + len(prior_failures)
+    return EmbedSummary(out, errors_path if failures else None, n_inputs, n_written, skipped, failures)
 
 
 def _dedupe(table: pa.Table) -> pa.Table:

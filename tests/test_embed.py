@@ -274,3 +274,47 @@ def test_embed_qc_columns_on_real_anatomy(tmp_path):
     df = pq.read_table(out).to_pandas()
     assert df.loc[0, "qc_template_corr"] > 0.9
     assert df.loc[0, "qc_kind"] == "gm"
+
+
+def test_embed_from_t1_runs_the_prep_route_and_reports_its_failures(model_dir, tmp_path, monkeypatch):
+    """--from-t1: each T1 goes through t1_to_gm (deepmriprep stands in here: its weights cannot be
+    downloaded in CI), the maps are embedded, a failing T1 is reported and the rest still embedded."""
+    import json as _json
+
+    import anatcl_infer.prep as prep
+
+    bids = tmp_path / "bids"
+    (bids / "dataset_description.json").parent.mkdir(parents=True)
+    (bids / "dataset_description.json").write_text('{"Name": "t", "BIDSVersion": "1.8.0"}')
+    for sub in ("01", "02", "03"):
+        anat = bids / f"sub-{sub}" / "anat"
+        anat.mkdir(parents=True)
+        nib.save(nib.Nifti1Image(np.ones((8, 8, 8), np.float32), np.eye(4)), anat / f"sub-{sub}_T1w.nii.gz")
+    calls = []
+
+    def fake_t1_to_gm(t1, out_dir, *, device="cpu", allow_download=False):
+        calls.append(str(t1))
+        if "sub-02" in str(t1):
+            raise InputError("deepmriprep failed: segmentation did not converge", path=str(t1), stage="prep")
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        stem = Path(t1).name.replace(".nii.gz", "")
+        gm = out_dir / f"mwp1{stem}.nii.gz"
+        nib.save(nib.Nifti1Image(_gm3(), np.array(GRID3_AFFINE)), gm)
+        (out_dir / f"mwp1{stem}.json").write_text(_json.dumps({"tool": "stand-in"}))
+        return gm
+
+    monkeypatch.setattr(prep, "t1_to_gm", fake_t1_to_gm)
+    out = tmp_path / "feats.parquet"
+    args = ["embed", str(bids), "--from-t1", "--out", str(out), "--model", str(model_dir), "--device", "cpu", "--quiet", "--workers", "0"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1, result.output
+    df = pq.read_table(out).to_pandas()
+    assert df["subject"].tolist() == ["01", "03"]
+    assert all(Path(p).name.startswith("mwp1sub-") for p in df["path"])
+    errors = (tmp_path / "feats.errors.csv").read_text()
+    assert "sub-02_T1w" in errors and "prep" in errors and "did not converge" in errors
+    # a rerun reuses the maps already made and only retries the failed T1
+    calls.clear()
+    result = CliRunner().invoke(app, [*args, "--resume"])
+    assert calls == [str((bids / "sub-02" / "anat" / "sub-02_T1w.nii.gz").resolve())]

@@ -29,6 +29,37 @@ def _parse_shard(value: str) -> tuple[int, int]:
     return i, n
 
 
+def _t1_to_gm_records(records: list, prep_dir: Path, device: str, quiet: bool) -> tuple[list, list[dict]]:
+    """Run the raw-T1 route on each record; return records of the maps and the failures."""
+    import dataclasses
+    import logging
+
+    from ..errors import InputError
+    from ..prep import t1_to_gm
+
+    log = logging.getLogger("anatcl_infer.cli")
+    out_records, failures = [], []
+    for i, rec in enumerate(records, 1):
+        name = Path(rec.path).name
+        for suffix in (".nii.gz", ".nii"):
+            if name.endswith(suffix):
+                name = name[: -len(suffix)]
+        existing = prep_dir / f"mwp1{name}.nii.gz"
+        try:
+            if existing.is_file() and existing.with_name(existing.name.replace(".nii.gz", ".json")).is_file():
+                gm = existing
+            else:
+                if not quiet:
+                    log.info("[%d/%d] deepmriprep: %s", i, len(records), rec.path)
+                gm = t1_to_gm(rec.path, prep_dir, device="cpu" if device == "auto" else device)
+        except InputError as exc:
+            failures.append({"path": rec.path, "fold": None, "stage": "prep", "message": str(exc.args[0])})
+            log.error("%s [prep]: %s", rec.path, exc.args[0])
+            continue
+        out_records.append(dataclasses.replace(rec, path=str(Path(gm).resolve())))
+    return out_records, failures
+
+
 @app.command("embed", epilog=_EPILOG)
 def embed(
     inputs: list[str] = typer.Argument(..., help="NIfTI files, directories (searched recursively), glob patterns, a .txt list of paths, or a BIDS root.", show_default=False),
@@ -46,6 +77,8 @@ def embed(
     head: Optional[Path] = typer.Option(None, "--head", help="A head directory (anatcl fit-head): add its prediction columns."),
     shard: Optional[str] = typer.Option(None, "--shard", help="I/N: embed only block I of N of the sorted inputs (SLURM arrays); --out is then a directory."),
     amp: bool = typer.Option(False, "--amp", help="bf16/fp16 mixed precision on CUDA."),
+    from_t1: bool = typer.Option(False, "--from-t1", help="Inputs are raw T1s: make mwp1 grey-matter maps with deepmriprep first (extra [prep]), then embed them."),
+    prep_dir: Optional[Path] = typer.Option(None, "--prep-dir", help="Where --from-t1 writes its maps (default: <out>.prep/ beside the output); maps already there are reused."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar, warnings and errors only."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
 ) -> None:
@@ -88,7 +121,12 @@ def embed(
             except ValueError:
                 raise fail(f"--fold must be a number or 'all', got {fold!r}", 2) from None
         models = [load_model(model, fold=f, device=None if device == "auto" else device) for f in folds]
-        records = discover_inputs(inputs, input_kind=models[0].config.preprocess.input_kind)
+        prep_failures: list[dict] = []
+        if from_t1:
+            records = discover_inputs(inputs, input_kind="t1")
+            records, prep_failures = _t1_to_gm_records(records, prep_dir or out.with_name(out.name + ".prep"), device, quiet)
+        else:
+            records = discover_inputs(inputs, input_kind=models[0].config.preprocess.input_kind)
         target = out
         if part is not None:
             records = shard_records(records, *part)
@@ -99,6 +137,7 @@ def embed(
             records, models, target, fmt=fmt, batch_size=batch_size,
             device=None if device == "auto" else device, num_workers=workers, resume=resume,
             overwrite=overwrite, strict=strict, progress=not quiet, amp=amp, qc=qc, head=head,
+            prior_failures=prep_failures,
         )
     except AnatCLError as exc:
         raise fail(str(exc), 2) from None
