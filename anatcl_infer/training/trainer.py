@@ -284,6 +284,9 @@ def train(
     """
     config = config if config is not None else TrainConfig()
     _check_data(train_data, config)
+    if val_data is not None and len(val_data) < 4:
+        logger.warning("only %d validation subjects: the linear probe needs at least 4, so it is skipped", len(val_data))
+        val_data = None
     run_dir = Path(run_dir)
     device = resolve_device(config.device)
     dist_info = init_distributed(device)
