@@ -19,9 +19,15 @@ from .errors import __all__ as _error_names
 
 if TYPE_CHECKING:
     from .config import ModelConfig, PreprocessConfig
+    from .discovery import discover_inputs
     from .encoding import extract_features
+    from .features import read_features
+    from .heads import Head, fit_head
     from .loading import load_model
     from .model import AnatCL
+    from .preprocess import prepare
+    from .probe import linear_probe
+    from .registry import list_models
 
 _LAZY = {
     "load_model": ".loading",
@@ -30,6 +36,12 @@ _LAZY = {
     "ModelConfig": ".config",
     "PreprocessConfig": ".config",
     "list_models": ".registry",
+    "prepare": ".preprocess",
+    "discover_inputs": ".discovery",
+    "read_features": ".features",
+    "Head": ".heads",
+    "fit_head": ".heads",
+    "linear_probe": ".probe",
 }
 
 __all__ = ["__version__", *sorted(_LAZY), *_error_names]

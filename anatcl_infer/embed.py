@@ -401,7 +401,7 @@ def run_embed(
         final = _build_table([], fold_ids, models[0].config.name, [], np.zeros((0, models[0].config.feature_dim * len(models)), np.float32), [])
     final = _dedupe(_sort_table(final))
     if head is not None:
-        final = _add_head_columns(final, head)
+        final = _add_head_columns(final, head, meta)
     _write_final(final, out, fmt, meta)
     shutil.rmtree(partial_dir, ignore_errors=True)
     _write_errors(errors_path, failures)
@@ -423,14 +423,14 @@ def _dedupe(table: pa.Table) -> pa.Table:
     return table.take(keep)
 
 
-def _add_head_columns(table: pa.Table, head_dir: str | os.PathLike[str]) -> pa.Table:
+def _add_head_columns(table: pa.Table, head_dir: str | os.PathLike[str], meta: dict[str, Any]) -> pa.Table:
     import pyarrow as pa
 
     from .heads import Head
 
     head = Head.load(head_dir)
     df = table.to_pandas()
-    preds = head.predict_frame(df)
+    preds = head.predict_frame(df, metadata=meta)  # checks model name, sha256 and folds
     for name in preds.columns:
         if name in table.column_names:
             continue
