@@ -127,7 +127,7 @@ def test_two_process_torchrun_matches_one_process(data, tmp_path):
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [
-        torchrun, "--nproc_per_node", "2", "--master_port", "29517", "-m", "anatcl_infer", "train",
+        torchrun, "--standalone", "--nproc_per_node", "2", "-m", "anatcl_infer", "train",
         "--manifest", str(manifest), "--out", str(tmp_path / "ddp"), "--preprocess", str(spec),
         "--device", "cpu", "--epochs", "2", "--batch-size", "4", "--probe-every", "0", "-q",
     ]
