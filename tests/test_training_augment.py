@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from anatcl_infer.errors import ConfigError
-from anatcl_infer.training.augment import AugmentConfig, AugmentParams, Augmenter, apply_params, sample_params
+from anatcl_infer.training.augment import (
+    AugmentConfig,
+    Augmenter,
+    AugmentParams,
+    apply_params,
+    sample_params,
+)
 
 
 def vol(shape=(1, 6, 7, 5)):

@@ -15,7 +15,12 @@ from anatcl_infer.cli import app
 from anatcl_infer.config import ModelConfig
 from anatcl_infer.errors import ConfigError, HeadError
 from anatcl_infer.model import AnatCL
-from anatcl_infer.training.finetune import HEAD_CONFIG, FinetuneConfig, finetune, load_finetuned
+from anatcl_infer.training.finetune import (
+    HEAD_CONFIG,
+    FinetuneConfig,
+    finetune,
+    load_finetuned,
+)
 
 
 @pytest.fixture(autouse=True)

@@ -75,7 +75,12 @@ def train_cmd(
         raise fail(f"--augment must be none or predecessors, got {augment!r}", 2)
     try:
         from ..training.augment import AugmentConfig
-        from ..training.data import VolumeDataset, read_manifest, read_openbhb, split_subjects
+        from ..training.data import (
+            VolumeDataset,
+            read_manifest,
+            read_openbhb,
+            split_subjects,
+        )
         from ..training.trainer import TrainConfig, train
     except ImportError as exc:
         raise fail(f"training needs the [train] extra ({exc}); run `pip install 'anatcl-infer[train]'`") from None

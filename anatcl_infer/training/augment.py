@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 
-__all__ = ["AugmentConfig", "AugmentParams", "sample_params", "apply_params", "Augmenter"]
+__all__ = ["AugmentConfig", "AugmentParams", "Augmenter", "apply_params", "sample_params"]
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ import torch
 
 from ..errors import CheckpointError
 
-__all__ = ["rng_state", "set_rng_state", "save_checkpoint", "load_checkpoint", "resolve_resume", "FORMAT"]
+__all__ = ["FORMAT", "load_checkpoint", "resolve_resume", "rng_state", "save_checkpoint", "set_rng_state"]
 
 logger = logging.getLogger(__name__)
 

@@ -42,16 +42,16 @@ from ..config import PreprocessConfig
 from ..errors import ConfigError, InputError
 
 __all__ = [
-    "Subject",
-    "read_manifest",
-    "read_openbhb",
-    "split_subjects",
-    "roi_to_descriptors",
-    "fit_descriptor_range",
-    "normalize_descriptors",
-    "VolumeDataset",
     "N_REGIONS",
     "VAL_SPLITS",
+    "Subject",
+    "VolumeDataset",
+    "fit_descriptor_range",
+    "normalize_descriptors",
+    "read_manifest",
+    "read_openbhb",
+    "roi_to_descriptors",
+    "split_subjects",
 ]
 
 logger = logging.getLogger(__name__)
@@ -127,7 +127,7 @@ def _clean_id(value: Any) -> str:
     text = str(value).strip()
     if re.fullmatch(r"\d+\.0", text):
         text = text[:-2]
-    return text[4:] if text.startswith("sub-") else text
+    return text.removeprefix("sub-")
 
 
 def _read_table(path: Path) -> Any:

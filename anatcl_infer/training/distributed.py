@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["DistInfo", "init_distributed", "gather_with_grad", "gather", "GlobalBatchNorm", "sync_batchnorm"]
+__all__ = ["DistInfo", "GlobalBatchNorm", "gather", "gather_with_grad", "init_distributed", "sync_batchnorm"]
 
 logger = logging.getLogger(__name__)
 

@@ -41,7 +41,7 @@ from ..errors import ConfigError, HeadError
 from ..model import AnatCL
 from .data import VAL_SPLITS, _load_item, _read_table, _resolve
 
-__all__ = ["FinetuneConfig", "FinetunedModel", "finetune", "load_finetuned", "read_labelled", "HEAD_CONFIG", "HEAD_WEIGHTS"]
+__all__ = ["HEAD_CONFIG", "HEAD_WEIGHTS", "FinetuneConfig", "FinetunedModel", "finetune", "load_finetuned", "read_labelled"]
 
 logger = logging.getLogger(__name__)
 

@@ -25,14 +25,14 @@ import torch
 from ..errors import ConfigError
 
 __all__ = [
-    "kernelized_supcon",
-    "age_kernel",
-    "anatomical_kernel",
-    "label_kernel",
-    "anatcl_loss",
-    "LossParts",
-    "KERNELS",
     "DESCRIPTOR_MODES",
+    "KERNELS",
+    "LossParts",
+    "age_kernel",
+    "anatcl_loss",
+    "anatomical_kernel",
+    "kernelized_supcon",
+    "label_kernel",
 ]
 
 KERNELS = ("rbf", "gaussian", "cauchy")

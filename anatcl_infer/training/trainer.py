@@ -45,12 +45,24 @@ from ..devices import resolve_device
 from ..errors import ConfigError
 from ..model import AnatCL
 from .augment import AugmentConfig, Augmenter
-from .checkpoints import load_checkpoint, resolve_resume, rng_state, save_checkpoint, set_rng_state
+from .checkpoints import (
+    load_checkpoint,
+    resolve_resume,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from .data import VolumeDataset
-from .distributed import DistInfo, gather, gather_with_grad, init_distributed, sync_batchnorm
+from .distributed import (
+    DistInfo,
+    gather,
+    gather_with_grad,
+    init_distributed,
+    sync_batchnorm,
+)
 from .losses import DESCRIPTOR_MODES, KERNELS, anatcl_loss
 
-__all__ = ["TrainConfig", "TrainResult", "train", "embed_dataset"]
+__all__ = ["TrainConfig", "TrainResult", "embed_dataset", "train"]
 
 logger = logging.getLogger(__name__)
 
