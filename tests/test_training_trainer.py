@@ -58,6 +58,8 @@ def test_resume_continues_exactly(data, tmp_path):
     ckpt = load_checkpoint(first.last_checkpoint)  # weights_only=True inside
     assert ckpt["epoch"] == 1 and {"model", "optimizer", "scheduler", "scaler", "rng"} <= set(ckpt)
     assert torch.load(first.last_checkpoint, weights_only=True)["epoch"] == 1
+    with open(tmp_path / "part" / "log.jsonl", "a") as fh:  # an epoch logged, then a crash before its checkpoint
+        fh.write(json.dumps({"epoch": 2, "loss": -1.0}) + "\n")
     resumed = train(ds, tmp_path / "part", cfg, resume=tmp_path / "part")
     a, b = full.model.state_dict(), resumed.model.state_dict()
     assert a.keys() == b.keys()
@@ -65,7 +67,7 @@ def test_resume_continues_exactly(data, tmp_path):
         assert torch.equal(a[key], b[key]), key
     assert [h["loss"] for h in full.history] == [h["loss"] for h in resumed.history]
     log = [json.loads(line) for line in (tmp_path / "part" / "log.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in log] == [1, 2]
+    assert [r["epoch"] for r in log] == [1, 2] and log[1]["loss"] == resumed.history[1]["loss"]
 
 
 def test_export_loads_with_the_inference_loader(data, tmp_path):

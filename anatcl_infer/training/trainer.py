@@ -375,6 +375,9 @@ def train(
             json.dumps({"train": config.to_dict(), "model": model_config.to_dict(), "world_size": dist_info.world_size}, indent=2) + "\n"
         )
     log_path = run_dir / "log.jsonl"
+    if dist_info.is_main and resume is not None:
+        # epochs logged after the checkpoint (a crash between saves) are dropped: they will be redone
+        log_path.write_text("".join(json.dumps(r) + "\n" for r in history))
     mode = config.descriptor_mode
     last_ckpt: Path | None = None
 
