@@ -149,3 +149,14 @@ def test_two_process_torchrun_matches_one_process(data, tmp_path):
     diff = torch.cat([(ref[k] - ddp[k]).abs().flatten() for k in keys])
     moved = torch.cat([(ref[k] - init[k]).abs().flatten() for k in keys])
     assert diff.median() < 0.01 * moved.median()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_amp_training_on_cuda(data, tmp_path):
+    _, ds, _ = data
+    result = train(ds, tmp_path / "run", small(epochs=1, device="cuda", amp=True))
+    assert np.isfinite(result.history[0]["loss"])
+    state = load_checkpoint(result.last_checkpoint)
+    assert state["scaler"]["scale"] > 0  # the grad scaler was used and saved
+    assert load_pretrained_dir(result.export_dir).config.preprocess == SMALL
