@@ -43,6 +43,7 @@ def setup(tmp_path_factory):
     return manifest, pretrained
 
 
+@pytest.mark.slow
 def test_frozen_regression_trains_head_only(setup, tmp_path):
     manifest, pretrained = setup
     model = finetune(pretrained, manifest, "age", tmp_path / "ft", FinetuneConfig(epochs=40, device="cpu"))
@@ -64,6 +65,7 @@ def test_frozen_regression_trains_head_only(setup, tmp_path):
     np.testing.assert_allclose(preds, model(batch).detach().numpy(), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_full_classification(setup, tmp_path):
     manifest, pretrained = setup
     model = finetune(
@@ -106,6 +108,7 @@ def test_cli_help_teaches():
     assert "--freeze-encoder" in out and "load_finetuned" in out
 
 
+@pytest.mark.slow
 def test_cli_train_then_finetune(setup, tmp_path):
     manifest, _ = setup
     spec = tmp_path / "spec.json"

@@ -70,6 +70,7 @@ def test_resume_continues_exactly(data, tmp_path):
     assert [r["epoch"] for r in log] == [1, 2] and log[1]["loss"] == resumed.history[1]["loss"]
 
 
+@pytest.mark.slow
 def test_export_loads_with_the_inference_loader(data, tmp_path):
     _, ds, val = data
     result = train(ds, tmp_path / "run", small(epochs=1, probe_every=1, descriptor="global", grad_clip=1.0), val_data=val)
