@@ -125,6 +125,7 @@ def linear_probe(
         >>> linear_probe(X, y).mean("r2") > 0.9
         True
     """
+    from sklearn.base import clone
     from sklearn.linear_model import LogisticRegression, Ridge
     from sklearn.metrics import (
         balanced_accuracy_score,
@@ -181,15 +182,20 @@ def linear_probe(
 
     with single_threaded():
         for train, test in outer.split(Xm, y_arr if task == "classification" else None, g):
-            inner_splits = cv
             if task == "classification":
-                inner_splits = max(2, min(cv, int(np.unique(y_arr[train].astype(str), return_counts=True)[1].min())))
+                available = int(np.unique(y_arr[train].astype(str), return_counts=True)[1].min())
             else:
-                inner_splits = max(2, min(cv, len(train) // 2))
-            grid = GridSearchCV(pipe, {param: list(_GRID)}, cv=inner_splits,
-                                scoring="neg_mean_absolute_error" if task == "regression" else "balanced_accuracy")
-            grid.fit(Xm[train], y_arr[train])
-            params.append(float(grid.best_params_[param]))
+                available = len(train) // 2
+            inner_splits = min(cv, available)
+            if inner_splits >= 2:
+                grid = GridSearchCV(pipe, {param: list(_GRID)}, cv=inner_splits,
+                                    scoring="neg_mean_absolute_error" if task == "regression" else "balanced_accuracy")
+                grid.fit(Xm[train], y_arr[train])
+                params.append(float(grid.best_params_[param]))
+            else:  # too few samples for an inner search: the default strength
+                logger.debug("fold with %d usable samples per class: no inner search, %s=1", available, param)
+                grid = clone(pipe).set_params(**{param: 1.0}).fit(Xm[train], y_arr[train])
+                params.append(1.0)
             if task == "regression":
                 p = grid.predict(Xm[test])
                 preds[test] = p

@@ -79,3 +79,13 @@ def test_probe_errors():
         linear_probe(X, np.arange(7.0))
     with pytest.raises(ConfigError, match="task"):
         linear_probe(X, np.arange(8.0), task="ranking")
+
+
+def test_classification_with_a_class_as_small_as_the_fold_count_still_runs():
+    """A class with exactly cv members leaves one per training fold: no inner search, no crash."""
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(23, 6))
+    y = np.array(["a"] * 20 + ["b"] * 3)
+    X[y == "b", 0] += 4.0
+    result = linear_probe(X, y, task="classification", cv=3)
+    assert len(result.metrics["balanced_accuracy"]) == 3
