@@ -93,11 +93,51 @@ def _reindex(data: np.ndarray, target_axis: np.ndarray, sign: np.ndarray, offset
     return out
 
 
+def _axis_aligned(back: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """For a target->source voxel map without rotation or shear: per target axis, the source
+    axis, scale and offset; ``None`` when the map mixes axes."""
+    m = back[:3, :3]
+    nonzero = np.abs(m) > _MATRIX_TOL
+    if not (nonzero.sum(axis=0) == 1).all() or not (nonzero.sum(axis=1) == 1).all():
+        return None
+    src_axis = np.argmax(nonzero, axis=0)  # target axis i reads source axis src_axis[i]
+    scale = m[src_axis, np.arange(3)]
+    offset = back[src_axis, 3]
+    return src_axis, scale, offset
+
+
+def _linear_weights(n_out: int, n_in: int, coords: np.ndarray) -> np.ndarray:
+    """(n_out, n_in) matrix of 1-D linear interpolation at ``coords``; zero rows outside [0, n-1]."""
+    w = np.zeros((n_out, n_in), dtype=np.float32)
+    inside = (coords >= -_MATRIX_TOL) & (coords <= n_in - 1 + _MATRIX_TOL)
+    c = np.clip(coords, 0.0, n_in - 1.0)[inside]
+    lo = np.minimum(np.floor(c).astype(np.intp), max(n_in - 2, 0))
+    frac = (c - lo).astype(np.float32)
+    rows = np.nonzero(inside)[0]
+    np.add.at(w, (rows, lo), 1.0 - frac)
+    np.add.at(w, (rows, np.minimum(lo + 1, n_in - 1)), frac)
+    return w
+
+
 def _resample(data: np.ndarray, affine: np.ndarray, shape: tuple[int, int, int], target_affine: np.ndarray) -> np.ndarray:
-    """Trilinear resampling in world coordinates; zero outside the source."""
+    """Trilinear resampling in world coordinates; zero outside the source.
+
+    When the grids differ only by scaling, translation, flips and axis order (the
+    usual case: a 1 mm or 2 mm MNI image), trilinear interpolation is separable: one
+    small 1-D interpolation matrix per axis, contracted with the volume by BLAS
+    (``einsum``). That is 3x faster than ``scipy.ndimage.affine_transform`` on one
+    thread and gives the same values (benchmarks/NOTES.md). Oblique grids go through
+    ``scipy.ndimage``.
+    """
+    back = voxel_map(target_affine, affine)  # target voxel -> source voxel
+    aligned = _axis_aligned(back)
+    if aligned is not None:
+        src_axis, scale, offset = aligned
+        x = np.asarray(data, dtype=np.float32).transpose(tuple(int(a) for a in src_axis))
+        w = [_linear_weights(shape[i], x.shape[i], scale[i] * np.arange(shape[i], dtype=np.float64) + offset[i]) for i in range(3)]
+        return np.einsum("Ii,Jj,Kk,ijk->IJK", w[0], w[1], w[2], x, optimize="greedy")
     from scipy import ndimage
 
-    back = voxel_map(target_affine, affine)  # target voxel -> source voxel
     return ndimage.affine_transform(
         np.asarray(data, dtype=np.float32),
         back[:3, :3],
