@@ -252,8 +252,6 @@ def test_separable_resampling_matches_scipy_on_random_axis_aligned_grids():
     """The fast path (scaling, flips, axis order) gives scipy.ndimage's trilinear values, edges included."""
     from scipy import ndimage
 
-    from anatcl_infer.conform import voxel_map
-
     rng = np.random.default_rng(0)
     for _ in range(20):
         src = rng.random(tuple(rng.integers(5, 30, 3))).astype(np.float32)
