@@ -71,8 +71,13 @@ def _box_fraction(box: np.ndarray, reference: Sequence[Sequence[float]]) -> floa
 
 
 def _centre_of_mass_world(data: np.ndarray, affine: np.ndarray) -> np.ndarray | None:
-    """Intensity-weighted centre (world mm) of the positive part of ``data``."""
-    weights = np.clip(data, 0, None)
+    """Intensity-weighted centre (world mm) of the positive part of ``data``.
+
+    Computed on every second voxel (8x less work; the centre moves by well under a
+    voxel, and it only feeds a 30 mm plausibility warning).
+    """
+    step = 2 if min(data.shape) >= 16 else 1
+    weights = np.clip(data[::step, ::step, ::step], 0, None)
     total = float(weights.sum(dtype=np.float64))
     if total <= 0:
         return None
@@ -80,7 +85,7 @@ def _centre_of_mass_world(data: np.ndarray, affine: np.ndarray) -> np.ndarray | 
     for axis in range(3):
         other = tuple(a for a in range(3) if a != axis)
         profile = weights.sum(axis=other, dtype=np.float64)
-        idx[axis] = float(profile @ np.arange(profile.size)) / total
+        idx[axis] = step * float(profile @ np.arange(profile.size)) / total
     return affine[:3, :3] @ idx + affine[:3, 3]
 
 

@@ -124,6 +124,25 @@ class _PrepareDataset(torch.utils.data.Dataset):
             return index, None, None, Failure(index, _describe(item), "read", f"{type(exc).__name__}: {exc}")
 
 
+_WORKER_LIMITS: list[Any] = []
+
+
+def _worker_init(_worker_id: int) -> None:
+    """Loader processes get one thread for torch and for BLAS.
+
+    Oversubscribed BLAS threads in a loader (the resampling uses matrix products) made
+    `anatcl embed` on 1 mm inputs 2.8x the forward's cost on 2 cores instead of 1.2x
+    (benchmarks/NOTES.md).
+    """
+    torch.set_num_threads(1)
+    try:
+        from threadpoolctl import threadpool_limits
+
+        _WORKER_LIMITS.append(threadpool_limits(limits=1))
+    except ImportError:  # pragma: no cover - threadpoolctl is a dependency
+        pass
+
+
 def _collate(samples: list[tuple[int, np.ndarray | None, dict[str, Any] | None, Failure | None]]) -> tuple[
     list[int], torch.Tensor | None, list[dict[str, Any]], list[Failure]
 ]:
@@ -218,6 +237,7 @@ def iter_encoded(
         shuffle=False,
         num_workers=workers,
         collate_fn=_collate,
+        worker_init_fn=_worker_init,
         pin_memory=dev.type == "cuda",
         persistent_workers=False,
         prefetch_factor=2 if workers > 0 else None,

@@ -133,8 +133,11 @@ def bench_embed(tmp: Path, model_dir: Path, forward_s: float, n: int, repeat: in
         d1, d2 = tmp / f"{kind}-n", tmp / f"{kind}-2n"
         _write_inputs(d1, n, kind)
         _write_inputs(d2, 2 * n, kind)
-        t1 = min(_run_embed(model_dir, d1, tmp / "o1.parquet")[0] for _ in range(repeat))
-        t2 = min(_run_embed(model_dir, d2, tmp / "o2.parquet")[0] for _ in range(repeat))
+        t1s, t2s = [], []
+        for _ in range(repeat):  # interleaved, so drift hits both sizes alike; min = least disturbed
+            t1s.append(_run_embed(model_dir, d1, tmp / "o1.parquet")[0])
+            t2s.append(_run_embed(model_dir, d2, tmp / "o2.parquet")[0])
+        t1, t2 = min(t1s), min(t2s)
         marginal = (t2 - t1) / n
         res[kind] = {"n": n, "t_n_s": t1, "t_2n_s": t2, "marginal_s_per_vol": marginal,
                      "ratio_vs_forward": marginal / forward_s, "target": target}
@@ -264,7 +267,7 @@ def main() -> None:
         tmp = Path(tmp_name)
         model_dir = save_pretrained(_model(), tmp / "model")
         if "embed" in sections:
-            rec["embed"] = bench_embed(tmp, model_dir, forward["model_s"], n, 1 if args.quick else 2)
+            rec["embed"] = bench_embed(tmp, model_dir, forward["model_s"], n, 1 if args.quick else 3)
             print(f"embed: {rec['embed']}", file=sys.stderr)
         if "rss" in sections:
             rec["rss"] = bench_rss(tmp, model_dir, n)
