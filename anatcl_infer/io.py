@@ -14,6 +14,7 @@ Every failure is an :class:`~anatcl_infer.errors.InputError` with
 from __future__ import annotations
 
 import logging
+import io
 import os
 import struct
 import zlib
@@ -93,7 +94,9 @@ def _from_nifti_bytes(buffer: bytes, path: str) -> SpatialImage:
     header = img.header
     shape = tuple(int(s) for s in header.get_data_shape())
     itemsize = header.get_data_dtype().itemsize
-    needed = int(header.get_data_offset()) + int(np.prod(shape, dtype=np.int64)) * itemsize
+    # the image's own header copy has vox_offset reset: read the offset from the file's header
+    offset = int(klass.header_class.from_fileobj(io.BytesIO(buffer)).get_data_offset())
+    needed = offset + int(np.prod(shape, dtype=np.int64)) * itemsize
     if needed > len(buffer):
         raise InputError(
             f"is truncated: the header announces {needed} bytes of image data but the file holds "
@@ -101,6 +104,14 @@ def _from_nifti_bytes(buffer: bytes, path: str) -> SpatialImage:
             path=path,
             stage="read",
         )
+    slope, inter = header.get_slope_inter()
+    unscaled = slope in (None, 1.0) and inter in (None, 0.0)
+    if unscaled and header.get_data_dtype().kind == "f":
+        # Unscaled float data: view the decompressed buffer directly instead of letting
+        # nibabel copy it (saves a 35 MB copy, ~20 ms, for a 1 mm volume).
+        count = int(np.prod(shape, dtype=np.int64))
+        data = np.frombuffer(buffer, dtype=header.get_data_dtype(), count=count, offset=offset)
+        img = klass(data.reshape(shape, order="F"), img.affine, header)
     return img
 
 
