@@ -65,10 +65,10 @@ def default_num_workers(device: torch.device, n_inputs: int) -> int:
         return 0
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if device.type == "cpu":
-        # The forward pass keeps every core busy. On a few cores a loader process only
-        # competes with it (2 cores: 0.53 s/volume with one worker vs 0.45 s without,
-        # benchmarks/NOTES.md); on many cores one loader overlaps reading with compute.
-        return 0 if cpus <= 4 else 1
+        # The forward pass uses every core; one loader process (one BLAS thread) overlaps
+        # reading and conforming with it: on 2 cores 0.35 vs 0.37 s/volume on-grid and
+        # 0.45 vs 0.48 s for 1 mm inputs (benchmarks/NOTES.md).
+        return 1 if cpus >= 2 else 0
     return max(1, min(8, cpus - 1))
 
 

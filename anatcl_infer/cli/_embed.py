@@ -94,7 +94,10 @@ def embed(
     from ..errors import AnatCLError
     from ..loading import load_model
 
+    from ..allocator import retain_freed_memory
+
     log = logging.getLogger("anatcl_infer.cli")
+    retain_freed_memory()  # this process only embeds: reuse activation memory between volumes
     if fmt not in ("parquet", "csv"):
         raise fail(f"--format must be parquet or csv, got {fmt!r}", 2)
     part: tuple[int, int] | None = _parse_shard(shard) if shard else None
