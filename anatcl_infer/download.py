@@ -31,6 +31,7 @@ __all__ = [
     "download_url",
     "hf_download",
     "PREFETCH_HINT",
+    "OFFLINE_HINT",
 ]
 
 logger = logging.getLogger(__name__)
@@ -42,8 +43,9 @@ _TRUE = {"1", "true", "yes", "on"}
 PREFETCH_HINT = (
     "on a machine with network run `anatcl download anatcl-global --fold 0` (or `anatcl download all`) "
     "and copy its cache directory ($ANATCL_CACHE, see `anatcl models`) to this machine, setting "
-    "ANATCL_CACHE to it; or unset ANATCL_OFFLINE/HF_HUB_OFFLINE"
+    "ANATCL_CACHE to it"
 )
+OFFLINE_HINT = PREFETCH_HINT + "; or unset ANATCL_OFFLINE/HF_HUB_OFFLINE to allow downloads"
 
 
 def cache_dir() -> Path:
@@ -145,7 +147,7 @@ def download_url(url: str, dest: str | os.PathLike[str], *, sha256: str | None =
     """
     dest = Path(dest)
     if is_offline():
-        raise OfflineError(f"offline mode is on and {dest.name} is not in the cache ({url}); {PREFETCH_HINT}", url=url)
+        raise OfflineError(f"offline mode is on and {dest.name} is not in the cache ({url}); {OFFLINE_HINT}", url=url)
     dest.parent.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
     fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
@@ -267,7 +269,7 @@ def hf_download(repo_id: str, filenames: tuple[str, ...], *, revision: str | Non
             )
         except LocalEntryNotFoundError:
             if offline:
-                raise OfflineError(f"offline mode is on and {filename} of {where} is not in the Hub cache; {PREFETCH_HINT}", url=where) from None
+                raise OfflineError(f"offline mode is on and {filename} of {where} is not in the Hub cache; {OFFLINE_HINT}", url=where) from None
             raise DownloadError(f"cannot reach the Hub for {filename} of {where}; check the network or HF_ENDPOINT, or pre-fetch: {PREFETCH_HINT}", url=where) from None
         except RepositoryNotFoundError:
             raise DownloadError(f"{where}: repository not found on the Hub (or private: pass a token / run `hf auth login`)", url=where) from None

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .config import CONFIG_NAME, WEIGHTS_NAME, ModelConfig
-from .download import PREFETCH_HINT, cache_dir, download_url, hf_download, is_offline, verify_sha256
+from .download import OFFLINE_HINT, PREFETCH_HINT, cache_dir, download_url, hf_download, is_offline, verify_sha256
 from .errors import CheckpointError, ConfigError, DownloadError, IntegrityError, OfflineError, UnsafeCheckpointError
 from .registry import canonical_name, find_by_sha256, resolve
 
@@ -157,7 +157,7 @@ def fetch_registry_model(name: str, fold: int = 0, *, sha256: str | None = None,
         _check_recorded_sha(target, sha256)
         return target
     if is_offline():
-        raise OfflineError(f"offline mode is on and {resolved.name} fold {fold} is not in the cache ({target}); {PREFETCH_HINT}", url=resolved.sources[0].url)
+        raise OfflineError(f"offline mode is on and {resolved.name} fold {fold} is not in the cache ({target}); {OFFLINE_HINT}", url=resolved.sources[0].url)
     config = ModelConfig(architecture=resolved.architecture, variant=resolved.variant, fold=fold, name=resolved.name)
     failures = []
     for source in resolved.sources:
@@ -167,12 +167,14 @@ def fetch_registry_model(name: str, fold: int = 0, *, sha256: str | None = None,
             raise
         except (DownloadError, CheckpointError) as exc:
             # a dead link, or a server answering with something else (an HTML sign-in page...)
-            logger.warning("%s %s fold %d: %s", source.release or "source", resolved.name, fold, exc)
-            failures.append(f"{source.url}: {exc}")
+            reason = str(exc).replace(f"; check the network, or pre-fetch: {PREFETCH_HINT}", "")
+            logger.warning("%s source of %s fold %d failed: %s", source.release or "a", resolved.name, fold, reason)
+            failures.append(f"{source.release or 'source'}: {reason}")
     raise DownloadError(
         f"could not download {resolved.name} fold {fold} from any source:\n  " + "\n  ".join(failures) + "\n"
-        "If you have the original .pth, load it directly (load_model('fold0.pth')) or run `anatcl convert`; "
-        "if a Hub mirror exists, set ANATCL_HUB_REPO (e.g. myorg/{name}-fold{fold}).",
+        f"Check the network, or pre-fetch: {PREFETCH_HINT}. If you have the original .pth, load it directly "
+        "(load_model('fold0.pth')) or run `anatcl convert`; if a Hub mirror exists, set ANATCL_HUB_REPO "
+        "(e.g. myorg/{name}-fold{fold}).",
         url=resolved.sources[0].url,
     )
 
