@@ -124,6 +124,10 @@ def read_features(path: str | os.PathLike[str]) -> tuple[pd.DataFrame, dict[str,
         >>> df, meta = read_features("feats.parquet")  # doctest: +SKIP
         >>> meta["model"]["source_sha256"]  # doctest: +SKIP
     """
+    from ._optional import require
+
+    require("sklearn", "pandas")
+
     import pandas as pd
 
     p = os.fspath(path)

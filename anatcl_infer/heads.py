@@ -830,6 +830,9 @@ def fit_head(
         >>> head = fit_head(df, read_labels("participants.tsv"), "age", metadata=meta, units="years")  # doctest: +SKIP
         >>> head.save("age-head")  # doctest: +SKIP
     """
+    from ._optional import require
+
+    require("sklearn", "pandas", "sklearn")
 
     if kind not in ("auto", "regression", "classification"):
         raise ConfigError(f"kind must be 'auto', 'regression' or 'classification', got {kind!r}")

@@ -125,6 +125,10 @@ def linear_probe(
         >>> linear_probe(X, y).mean("r2") > 0.9
         True
     """
+    from ._optional import require
+
+    require("sklearn", "sklearn")
+
     from sklearn.base import clone
     from sklearn.linear_model import LogisticRegression, Ridge
     from sklearn.metrics import (

@@ -60,3 +60,19 @@ def test_cli_help_lists_every_command():
 def test_subcommand_help_teaches(command):
     result = subprocess.run([sys.executable, "-m", "anatcl_infer", command, "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "Usage" in result.stdout
+
+
+def test_missing_extra_is_a_clear_error(monkeypatch):
+    """Without scikit-learn and pandas (a bare install), `anatcl fit-head` names the extra to install."""
+    import importlib.util
+
+    from typer.testing import CliRunner
+
+    from anatcl_infer.cli import app
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("sklearn", "pandas") else real(name, *a))
+    result = CliRunner().invoke(app, ["fit-head", "feats.parquet", "labels.csv", "--target", "age", "--out", "h"])
+    assert result.exit_code != 0
+    assert 'pip install "anatcl-infer[sklearn]"' in result.output
+    assert "Traceback" not in result.output

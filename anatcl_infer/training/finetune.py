@@ -230,6 +230,9 @@ def finetune(
     Example:
         >>> m = finetune("runs/r1/export", "labels.csv", "age", "ft-age")  # doctest: +SKIP
     """
+    from .._optional import require
+
+    require("train", "sklearn", "pandas")
     config = config if config is not None else FinetuneConfig()
     random.seed(config.seed)
     np.random.seed(config.seed % 2**32)

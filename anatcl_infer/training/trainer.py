@@ -294,6 +294,9 @@ def train(
         >>> result = train(VolumeDataset(subjects, PreprocessConfig()), "runs/r1", TrainConfig(epochs=50))  # doctest: +SKIP
         >>> anatcl_infer.load_model(result.export_dir)  # doctest: +SKIP
     """
+    from .._optional import require
+
+    require("train", "sklearn", "pandas")
     config = config if config is not None else TrainConfig()
     _check_data(train_data, config)
     if val_data is not None and len(val_data) < 4:
