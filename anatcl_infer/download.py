@@ -41,7 +41,7 @@ _TRUE = {"1", "true", "yes", "on"}
 
 #: how to fill the cache for an offline machine (quoted in every OfflineError)
 PREFETCH_HINT = (
-    "on a machine with network run `anatcl download anatcl-global --fold 0` (or `anatcl download all`) "
+    "on a machine with network run `anatcl download anatcl-global --fold 0` (or `anatcl download all --fold all`) "
     "and copy its cache directory ($ANATCL_CACHE, see `anatcl models`) to this machine, setting "
     "ANATCL_CACHE to it"
 )
