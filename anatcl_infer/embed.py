@@ -25,6 +25,7 @@ import numpy as np
 
 from ._version import __version__
 from .errors import ConfigError
+from .features import feature_names
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -76,13 +77,6 @@ def distributed_shard() -> tuple[int, int, int] | None:
     if world <= 1:
         return None
     return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
-
-
-def feature_names(dim: int) -> list[str]:
-    """``feat_000`` ... column names."""
-    from .features import feature_names as _names
-
-    return _names(dim)
 
 
 class _FoldStack:
