@@ -19,29 +19,29 @@ from .errors import __all__ as _error_names
 
 if TYPE_CHECKING:
     from .config import ModelConfig, PreprocessConfig
-    from .discovery import discover_inputs
-    from .encoding import extract_features
-    from .features import read_features
-    from .heads import Head, fit_head
-    from .loading import load_model
-    from .model import AnatCL
-    from .preprocess import prepare
-    from .probe import linear_probe
-    from .registry import list_models
+    from .inputs.discovery import discover_inputs
+    from .encoding.encoder import extract_features
+    from .downstream.features import read_features
+    from .downstream.heads import Head, fit_head
+    from .weights.loading import load_model
+    from .model.network import AnatCL
+    from .inputs.preprocess import prepare
+    from .downstream.probe import linear_probe
+    from .weights.registry import list_models
 
 _LAZY = {
-    "load_model": ".loading",
-    "extract_features": ".encoding",
-    "AnatCL": ".model",
+    "load_model": ".weights.loading",
+    "extract_features": ".encoding.encoder",
+    "AnatCL": ".model.network",
     "ModelConfig": ".config",
     "PreprocessConfig": ".config",
-    "list_models": ".registry",
-    "prepare": ".preprocess",
-    "discover_inputs": ".discovery",
-    "read_features": ".features",
-    "Head": ".heads",
-    "fit_head": ".heads",
-    "linear_probe": ".probe",
+    "list_models": ".weights.registry",
+    "prepare": ".inputs.preprocess",
+    "discover_inputs": ".inputs.discovery",
+    "read_features": ".downstream.features",
+    "Head": ".downstream.heads",
+    "fit_head": ".downstream.heads",
+    "linear_probe": ".downstream.probe",
 }
 
 __all__ = ["__version__", *sorted(_LAZY), *_error_names]

@@ -36,9 +36,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # tests/anatomy.py: real anatomy from nilearn's MNI152 maps
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from anatcl_infer.checkpoint import save_pretrained  # noqa: E402
+from anatcl_infer.weights.checkpoint import save_pretrained  # noqa: E402
 from anatcl_infer.config import REFERENCE_AFFINE, ModelConfig  # noqa: E402
-from anatcl_infer.model import AnatCL  # noqa: E402
+from anatcl_infer.model.network import AnatCL  # noqa: E402
 
 SHAPE = (1, 1, 121, 128, 121)
 
@@ -262,7 +262,7 @@ def main() -> None:
     }
     # The CLI tunes the allocator (anatcl_infer.allocator); give the reference forward the same
     # advantage so the ratios compare like with like.
-    from anatcl_infer.allocator import retain_freed_memory
+    from anatcl_infer.encoding.allocator import retain_freed_memory
 
     rec["allocator_tuned"] = retain_freed_memory()
     forward = bench_forward(repeat)

@@ -38,8 +38,8 @@ def make_demo_model(directory: str | Path, seed: int = 0) -> Path:
     """Save an untrained AnatCL (random weights, coarse grid) as a model directory."""
     import torch
 
-    from anatcl_infer.checkpoint import save_pretrained
-    from anatcl_infer.model import AnatCL
+    from anatcl_infer.weights.checkpoint import save_pretrained
+    from anatcl_infer.model.network import AnatCL
 
     torch.manual_seed(seed)
     model = AnatCL(ModelConfig(name="demo-untrained", variant="demo", fold=None, source="examples/_synthetic.py",
@@ -50,8 +50,8 @@ def make_demo_model(directory: str | Path, seed: int = 0) -> Path:
 @functools.lru_cache(maxsize=1)
 def _base() -> tuple[np.ndarray, np.ndarray]:
     """(GM template, MNI mm coordinates) on the coarse grid."""
-    from anatcl_infer.conform import conform_to_grid
-    from anatcl_infer.template import load_gm_template
+    from anatcl_infer.inputs.conform import conform_to_grid
+    from anatcl_infer.inputs.template import load_gm_template
 
     tpl = load_gm_template()
     gm, _ = conform_to_grid(np.asarray(tpl.gm), np.asarray(REFERENCE_AFFINE), COARSE_SHAPE, COARSE_AFFINE)

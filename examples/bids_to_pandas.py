@@ -39,9 +39,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
 
     from anatcl_infer import load_model
-    from anatcl_infer.discovery import discover_inputs
-    from anatcl_infer.embed import run_embed
-    from anatcl_infer.features import (
+    from anatcl_infer.inputs.discovery import discover_inputs
+    from anatcl_infer.jobs.embed import run_embed
+    from anatcl_infer.downstream.features import (
         feature_columns,
         feature_matrix,
         read_features,

@@ -9,7 +9,7 @@ With no arguments it runs offline in a few seconds on synthetic grey-matter maps
 (the MNI152 GM template with age-dependent atrophy, on a coarse 4 mm grid) and an
 untrained demonstration model, to show the workflow end to end.
 
-Steps: ``anatcl_infer.embed.run_embed`` writes the features Parquet; ``fit_head``
+Steps: ``anatcl_infer.jobs.embed.run_embed`` writes the features Parquet; ``fit_head``
 fits Ridge (alpha by 5-fold CV over 10^-2..10^2) on the training subjects and the
 linear age-bias correction on their out-of-fold predictions; ``Head.predict`` gives
 ``age_pred``, ``brain_age_gap`` and ``brain_age_gap_corrected`` on the test subjects;
@@ -72,10 +72,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import pandas as pd
 
     from anatcl_infer import load_model
-    from anatcl_infer.discovery import discover_inputs
-    from anatcl_infer.embed import run_embed
-    from anatcl_infer.features import read_features, read_labels
-    from anatcl_infer.heads import fit_head
+    from anatcl_infer.inputs.discovery import discover_inputs
+    from anatcl_infer.jobs.embed import run_embed
+    from anatcl_infer.downstream.features import read_features, read_labels
+    from anatcl_infer.downstream.heads import fit_head
 
     out = Path(args.out or tempfile.mkdtemp(prefix="anatcl-brain-age-"))
     out.mkdir(parents=True, exist_ok=True)

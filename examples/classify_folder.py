@@ -14,7 +14,7 @@ Two equivalent ways are shown:
 1. a scikit-learn pipeline ``AnatCLEncoder -> StandardScaler -> LogisticRegression``
    on the file paths, cross-validated with ``cross_validate`` (the embedding cache
    makes every CV fold reuse the embeddings computed once);
-2. :func:`anatcl_infer.probe.linear_probe` on the embeddings: the paper's protocol
+2. :func:`anatcl_infer.downstream.probe.linear_probe` on the embeddings: the paper's protocol
    in one call.
 """
 
@@ -52,10 +52,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from anatcl_infer.discovery import discover_inputs
-    from anatcl_infer.features import read_labels
-    from anatcl_infer.probe import linear_probe
-    from anatcl_infer.sklearn import AnatCLEncoder
+    from anatcl_infer.inputs.discovery import discover_inputs
+    from anatcl_infer.downstream.features import read_labels
+    from anatcl_infer.downstream.probe import linear_probe
+    from anatcl_infer.downstream.transformer import AnatCLEncoder
 
     work = Path(args.out or tempfile.mkdtemp(prefix="anatcl-classify-"))
     work.mkdir(parents=True, exist_ok=True)

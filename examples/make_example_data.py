@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from anatcl_infer.config import REFERENCE_AFFINE, REFERENCE_SHAPE
-from anatcl_infer.conform import conform_to_grid
+from anatcl_infer.inputs.conform import conform_to_grid
 
 logger = logging.getLogger("make_example_data")
 

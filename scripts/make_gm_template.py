@@ -1,4 +1,4 @@
-"""Build the reference templates shipped in ``anatcl_infer/data/``.
+"""Build the reference templates shipped in ``anatcl_infer/inputs/data/``.
 
 The template is nilearn's MNI152 (ICBM 2009a, symmetric) grey-matter probability
 map, resampled (trilinear) from its 1 mm RAS grid onto the CAT12 1.5 mm reference
@@ -14,7 +14,7 @@ nilearn is a build/test dependency only: the package reads the files with nibabe
 
 Run from the repository root::
 
-    python scripts/make_gm_template.py            # writes both files into anatcl_infer/data/
+    python scripts/make_gm_template.py            # writes both files into anatcl_infer/inputs/data/
     python scripts/make_gm_template.py --check    # rebuild in memory, compare to the shipped files
 """
 
@@ -33,7 +33,7 @@ from anatcl_infer.config import REFERENCE_AFFINE, REFERENCE_SHAPE
 
 logger = logging.getLogger("make_gm_template")
 
-OUT = Path(__file__).resolve().parents[1] / "anatcl_infer" / "data" / "mni152_gm_1p5mm.nii.gz"
+OUT = Path(__file__).resolve().parents[1] / "anatcl_infer" / "inputs" / "data" / "mni152_gm_1p5mm.nii.gz"
 T1_NAME = "mni152_t1_3mm.nii.gz"
 T1_SHAPE = (61, 73, 61)
 T1_AFFINE = np.array([[-3.0, 0, 0, 90], [0, 3.0, 0, -126], [0, 0, 3.0, -72], [0, 0, 0, 1]])

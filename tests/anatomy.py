@@ -72,7 +72,7 @@ def mni_t1_1mm() -> tuple[np.ndarray, np.ndarray]:
 
 @functools.lru_cache(maxsize=None)
 def _on_grid(kind: str) -> np.ndarray:
-    # Trilinear resampling with scipy's map_coordinates, written independently of anatcl_infer.conform.
+    # Trilinear resampling with scipy's map_coordinates, written independently of anatcl_infer.inputs.conform.
     from scipy import ndimage
 
     data, affine = _load_1mm(kind)

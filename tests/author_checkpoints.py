@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from anatcl_infer.model import AnatCL
+from anatcl_infer.model.network import AnatCL
 
 __all__ = ["random_state_dict", "write_author_checkpoint", "fake_training_module"]
 

@@ -1,7 +1,7 @@
 """An independent ResNet-18 forward pass written with ``torch.nn.functional`` only.
 
 It reads a state dict by key (the authors' names, REFERENCE §1) and shares no code
-with ``anatcl_infer.model``, so a wrong stride, padding, block order or key mapping
+with ``anatcl_infer.model.network``, so a wrong stride, padding, block order or key mapping
 in the package shows up as a numeric difference.
 """
 

@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from anatcl_infer.checks import KindGuess, check_kind, check_volume, guess_input_kind
+from anatcl_infer.inputs.checks import KindGuess, check_kind, check_volume, guess_input_kind
 from anatcl_infer.config import REFERENCE_SHAPE
 from anatcl_infer.errors import InputError, InputKindError
-from anatcl_infer.io import load_volume
+from anatcl_infer.inputs.io import load_volume
 
 from anatomy import (
     BOX113_AFFINE,

@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from anatcl_infer.cli import app
-from anatcl_infer.features import METADATA_KEY, feature_names, read_features
+from anatcl_infer.downstream.features import METADATA_KEY, feature_names, read_features
 
 N, D = 60, 32
 
@@ -155,7 +155,7 @@ def test_embed_with_head_adds_the_prediction_columns(tmp_path, runner):
     feats = pd.DataFrame(rng.normal(size=(40, 512)).astype(np.float32), columns=feature_names(512))
     feats.insert(0, "subject", [f"{i}" for i in range(40)])
     feats.insert(1, "model", "demo-untrained")
-    from anatcl_infer.heads import fit_head
+    from anatcl_infer.downstream.heads import fit_head
 
     fit_head(feats, pd.DataFrame({"subject": feats["subject"], "age": age}), "age").save(tmp_path / "head")
 

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from anatcl_infer.cli import app
 from anatcl_infer.config import ModelConfig, PreprocessConfig
-from anatcl_infer.qc_plots import SLICES_SIZE_PX
+from anatcl_infer.qc.plots import SLICES_SIZE_PX
 
 runner = CliRunner()
 
@@ -127,7 +127,7 @@ def test_workers_give_the_same_report(scans, tmp_path):
 
 
 def test_contact_sheets_are_paged(scans, tmp_path, monkeypatch):
-    from anatcl_infer import qc_report
+    from anatcl_infer.qc import report as qc_report
 
     monkeypatch.setattr(qc_report, "SHEET_PAGE", 2)
     paths = [scans / f"sub-0{i}_mwp1.nii.gz" for i in (1, 3, 4)]

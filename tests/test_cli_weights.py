@@ -12,9 +12,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from anatcl_infer import registry
+from anatcl_infer.weights import registry
 from anatcl_infer.cli import app
-from anatcl_infer.loading import load_model, registry_model_dir
+from anatcl_infer.weights.loading import load_model, registry_model_dir
 from author_checkpoints import random_state_dict, write_author_checkpoint
 from servers import FileServer, HubServer
 

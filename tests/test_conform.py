@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from anatcl_infer.config import REFERENCE_SHAPE
-from anatcl_infer.conform import conform_to_grid, crop_and_pad, normalise_intensity, voxel_map
+from anatcl_infer.inputs.conform import conform_to_grid, crop_and_pad, normalise_intensity, voxel_map
 from anatcl_infer.errors import InputError
 
 from anatomy import BOX113_AFFINE, BOX113_OFFSET, BOX113_SHAPE, REF_AFFINE, mni_gm_1mm, mni_gm_on_grid

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from anatcl_infer.discovery import InputRecord, discover_inputs, is_nifti_name, parse_entities
+from anatcl_infer.inputs.discovery import InputRecord, discover_inputs, is_nifti_name, parse_entities
 from anatcl_infer.errors import InputError
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "data"

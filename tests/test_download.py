@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from anatcl_infer import download
-from anatcl_infer.download import cache_dir, download_url, is_offline, sha256_file, verify_sha256
+from anatcl_infer.weights import download
+from anatcl_infer.weights.download import cache_dir, download_url, is_offline, sha256_file, verify_sha256
 from anatcl_infer.errors import AnatCLError, DownloadError, IntegrityError, OfflineError
 from servers import FileServer
 

@@ -19,14 +19,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from anatcl_infer.checkpoint import save_pretrained
+from anatcl_infer.weights.checkpoint import save_pretrained
 from anatcl_infer.cli import app
 from anatcl_infer.config import ModelConfig, PreprocessConfig
-from anatcl_infer.discovery import discover_inputs
-from anatcl_infer.embed import METADATA_KEY, run_embed, shard_records
-from anatcl_infer.encoding import encode, extract_features
+from anatcl_infer.inputs.discovery import discover_inputs
+from anatcl_infer.jobs.embed import METADATA_KEY, run_embed, shard_records
+from anatcl_infer.encoding.encoder import encode, extract_features
 from anatcl_infer.errors import InputError
-from anatcl_infer.model import AnatCL
+from anatcl_infer.model.network import AnatCL
 
 from anatomy import mni_gm_on_grid
 
@@ -49,7 +49,7 @@ def model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def model(model_dir):
-    from anatcl_infer.loading import load_model
+    from anatcl_infer.weights.loading import load_model
 
     return load_model(str(model_dir), device="cpu")
 
@@ -171,7 +171,7 @@ def test_embed_refuses_to_clobber_and_resume_matches_uninterrupted(model, tmp_pa
         _embed(model, [tmp_path / "in"], full, batch_size=2)
 
     # crash after the first batch is written
-    import anatcl_infer.embed as embed_mod
+    import anatcl_infer.jobs.embed as embed_mod
 
     original = embed_mod._Parts.write
     calls = {"n": 0}
@@ -281,7 +281,7 @@ def test_embed_from_t1_runs_the_prep_route_and_reports_its_failures(model_dir, t
     downloaded in CI), the maps are embedded, a failing T1 is reported and the rest still embedded."""
     import json as _json
 
-    import anatcl_infer.prep as prep
+    import anatcl_infer.inputs.raw_t1 as prep
 
     bids = tmp_path / "bids"
     (bids / "dataset_description.json").parent.mkdir(parents=True)

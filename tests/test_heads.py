@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 
 from anatcl_infer.errors import HeadError
-from anatcl_infer.features import feature_names
-from anatcl_infer.heads import ALPHAS, Head, fit_bias_correction, fit_head, join_labels
+from anatcl_infer.downstream.features import feature_names
+from anatcl_infer.downstream.heads import ALPHAS, Head, fit_bias_correction, fit_head, join_labels
 
 SHA0, SHA1 = "a" * 64, "b" * 64
 
@@ -291,7 +291,7 @@ def test_load_rejects_a_broken_head(tmp_path):
 
 def test_feature_table_helpers():
     from anatcl_infer.errors import InputError
-    from anatcl_infer.features import feature_columns, feature_matrix
+    from anatcl_infer.downstream.features import feature_columns, feature_matrix
 
     assert feature_names(2) == ["feat_000", "feat_001"]
     assert feature_names(2048)[-1] == "feat_2047" and feature_names(2048)[0] == "feat_0000"
@@ -310,7 +310,7 @@ def test_modules_import_cheaply():
     import subprocess
     import sys
 
-    code = ("import sys, anatcl_infer.heads, anatcl_infer.probe, anatcl_infer.features; "
+    code = ("import sys, anatcl_infer.downstream.heads, anatcl_infer.downstream.probe, anatcl_infer.downstream.features; "
             "print(sorted(m for m in ('pandas', 'sklearn', 'torch', 'pyarrow', 'typer') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

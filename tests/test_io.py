@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from anatcl_infer.errors import AnatCLError, InputError
-from anatcl_infer.io import load_volume, read_nifti
+from anatcl_infer.inputs.io import load_volume, read_nifti
 
 from anatomy import REF_AFFINE, save_nifti
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import anatcl_infer
-from anatcl_infer import registry
+from anatcl_infer.weights import registry
 from anatcl_infer.config import ModelConfig
-from anatcl_infer.download import cache_dir
+from anatcl_infer.weights.download import cache_dir
 from anatcl_infer.errors import (
     CheckpointError,
     ConfigError,
@@ -24,7 +24,7 @@ from anatcl_infer.errors import (
     StateDictMismatchError,
     UnknownModelError,
 )
-from anatcl_infer.loading import load_model, registry_model_dir
+from anatcl_infer.weights.loading import load_model, registry_model_dir
 from author_checkpoints import random_state_dict, write_author_checkpoint
 from reference_forward import reference_features, reference_projection
 from servers import FileServer, HubServer
@@ -356,7 +356,7 @@ def test_local_copy_of_a_published_file_gets_its_registry_identity(monkeypatch, 
 
 
 def test_guess_identity_uses_only_the_file_and_its_folder():
-    from anatcl_infer.convert import guess_identity
+    from anatcl_infer.weights.convert import guess_identity
 
     assert guess_identity("/usr/local/ckpts/resnet18-anatcl-g3/fold3.pth") == ("anatcl-global", "global", 3)
     assert guess_identity("https://h/x_subsetTrue_local_lambd1.0_fold4_splits5_trial0/weights.pth") == ("anatcl-local", "local", 4)

@@ -18,7 +18,7 @@ from anatomy import (
     save_nifti,
 )
 
-from anatcl_infer import prep
+from anatcl_infer.inputs import raw_t1 as prep
 from anatcl_infer.config import REFERENCE_SHAPE
 from anatcl_infer.errors import InputError, MissingDependencyError, OfflineError
 
@@ -68,7 +68,7 @@ def test_affine_registration_brings_a_moved_t1_back_onto_mni(scanner_t1, tmp_pat
     import nibabel as nib
 
     from anatcl_infer.config import REFERENCE_AFFINE
-    from anatcl_infer.conform import conform_to_grid
+    from anatcl_infer.inputs.conform import conform_to_grid
 
     path, data, aff = scanner_t1
     out, info = prep.register_to_mni(path, tmp_path / "reg.nii.gz", threads=1)
@@ -172,7 +172,7 @@ def test_t1_to_gm_puts_deepmriprep_output_exactly_on_the_reference_grid(scanner_
     assert side["steps"][1]["method"] == "reindex" and side["steps"][1]["source_grid"]["shape"] == list(BOX113_SHAPE)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mwp1sub-01_T1w.json", "mwp1sub-01_T1w.nii.gz"]
     # and the result goes through the model's preprocessing as a grey-matter map, untouched
-    from anatcl_infer.preprocess import prepare
+    from anatcl_infer.inputs.preprocess import prepare
 
     prepared = prepare(out)
     assert prepared.method == "identity" and prepared.kind.kind == "gm"

@@ -13,8 +13,8 @@ import pytest
 
 from anatcl_infer.config import PreprocessConfig, REFERENCE_SHAPE
 from anatcl_infer.errors import InputError, InputKindError
-from anatcl_infer.io import load_volume
-from anatcl_infer.preprocess import Prepared, prepare
+from anatcl_infer.inputs.io import load_volume
+from anatcl_infer.inputs.preprocess import Prepared, prepare
 
 from anatomy import (
     BOX113_AFFINE,
@@ -244,7 +244,7 @@ def test_prepare_runs_in_spawned_workers(gm_file, reference):
 # ---------------------------------------------------------------- documentation examples
 
 
-@pytest.mark.parametrize("module", ["io", "conform", "checks", "preprocess", "discovery"])
+@pytest.mark.parametrize("module", ["inputs.io", "inputs.conform", "inputs.checks", "inputs.preprocess", "inputs.discovery"])
 def test_docstring_examples_run(module, monkeypatch):
     import doctest
     import importlib

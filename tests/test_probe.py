@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 
 from anatcl_infer.errors import ConfigError, HeadError
-from anatcl_infer.features import feature_names
-from anatcl_infer.probe import ProbeResult, linear_probe
+from anatcl_infer.downstream.features import feature_names
+from anatcl_infer.downstream.probe import ProbeResult, linear_probe
 
 
 def test_regression_probe_scores_a_linear_target():

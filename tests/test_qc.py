@@ -13,15 +13,15 @@ from anatomy import REF_AFFINE, mni_gm_on_grid, mni_gm_smoothed_on_grid, mni_t1_
 
 from anatcl_infer.config import REFERENCE_AFFINE, REFERENCE_SHAPE, PreprocessConfig
 from anatcl_infer.errors import ConfigError, MissingDependencyError
-from anatcl_infer.preprocess import prepare
-from anatcl_infer.qc import (
+from anatcl_infer.inputs.preprocess import prepare
+from anatcl_infer.qc.metrics import (
     QC_COLUMNS,
     flag_outliers,
     outlier_reasons,
     qc_metrics,
     robust_z,
 )
-from anatcl_infer.template import TEMPLATE_FILE, load_gm_template, to_model_space
+from anatcl_infer.inputs.template import TEMPLATE_FILE, load_gm_template, to_model_space
 
 CFG = PreprocessConfig()
 
@@ -54,7 +54,7 @@ def metrics(cohort) -> dict[str, dict]:
 
 
 def test_template_is_small_on_the_reference_grid_and_matches_nilearn():
-    with resources.as_file(resources.files("anatcl_infer").joinpath("data", TEMPLATE_FILE)) as path:
+    with resources.as_file(resources.files("anatcl_infer.inputs").joinpath("data", TEMPLATE_FILE)) as path:
         assert path.stat().st_size < 1_000_000
     tpl = load_gm_template()
     assert tpl.gm.shape == REFERENCE_SHAPE
@@ -86,7 +86,7 @@ def test_brain_mask_is_one_brain_inside_the_crop_box():
 
 def test_template_loader_does_not_import_nilearn_or_matplotlib():
     code = (
-        "import sys; from anatcl_infer.template import load_gm_template; import anatcl_infer.qc; "
+        "import sys; from anatcl_infer.inputs.template import load_gm_template; import anatcl_infer.qc.metrics; "
         "load_gm_template(); "
         "bad = [m for m in ('nilearn', 'matplotlib', 'pandas') if m in sys.modules]; "
         "assert not bad, bad"
@@ -246,7 +246,7 @@ def test_robust_z_needs_a_cohort_and_floors_the_mad():
 
 
 def test_slices_png_has_the_expected_size_with_and_without_grid(cohort, tmp_path):
-    from anatcl_infer.qc_plots import SLICES_SIZE_PX, render_slices
+    from anatcl_infer.qc.plots import SLICES_SIZE_PX, render_slices
 
     with_grid = render_slices(cohort["gm"], tmp_path / "a.png", config=CFG, subtitle="x")
     assert (tmp_path / "a.png").read_bytes() == with_grid
@@ -258,7 +258,7 @@ def test_slices_png_has_the_expected_size_with_and_without_grid(cohort, tmp_path
 
 
 def test_orientation_puts_the_left_hemisphere_on_the_labelled_side():
-    from anatcl_infer.qc_plots import _to_ras, _views
+    from anatcl_infer.qc.plots import _to_ras, _views
 
     vol = np.zeros(REFERENCE_SHAPE, dtype=np.float32)
     i_left = round((90 - (-60)) / 1.5)  # world x = -60 mm (left) is array index 100 on the LAS grid
@@ -286,7 +286,7 @@ def test_orientation_puts_the_left_hemisphere_on_the_labelled_side():
 
 
 def test_contact_sheet_and_thumbnails(cohort, tmp_path):
-    from anatcl_infer.qc_plots import make_thumbnail, render_contact_sheet
+    from anatcl_infer.qc.plots import make_thumbnail, render_contact_sheet
 
     thumbs = [make_thumbnail(cohort[k], k, config=CFG) for k in ("gm", "t1", "shifted")]
     assert thumbs[0].image.dtype == np.float16 and thumbs[0].image.shape == (128, 121)
@@ -299,7 +299,7 @@ def test_contact_sheet_and_thumbnails(cohort, tmp_path):
 
 
 def test_missing_matplotlib_says_how_to_install(cohort, monkeypatch):
-    from anatcl_infer.qc_plots import render_slices
+    from anatcl_infer.qc.plots import render_slices
 
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     with pytest.raises(MissingDependencyError, match=r'pip install "anatcl-infer\[qc\]"') as info:
@@ -307,7 +307,7 @@ def test_missing_matplotlib_says_how_to_install(cohort, monkeypatch):
     assert info.value.extra == "qc" and isinstance(info.value, ImportError)
 
 
-@pytest.mark.parametrize("module", ["template", "qc", "qc_plots", "qc_report"])
+@pytest.mark.parametrize("module", ["inputs.template", "qc.metrics", "qc.plots", "qc.report"])
 def test_docstring_examples_run(module, monkeypatch):
     import doctest
     import importlib

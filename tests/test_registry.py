@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from anatcl_infer import registry
+from anatcl_infer.weights import registry
 from anatcl_infer.errors import ConfigError, UnknownModelError
 
 V2 = "https://gitlab.di.unito.it/barbano/anatcl-pretrained/-/raw/main/0_obhn64_resnet18_amp_yaware_adam_tf_none_lr0.0001_step_step10_rate0.9_wd5e-05_bsz32_trainall_False_temp0.1_views2_kernel_rbf_sigma2.0_alpha1.0_anat_desikan_normTrue_subsetTrue_{d}_lambd1.0_fold{k}_splits5_trial0/weights.pth"
@@ -46,7 +46,11 @@ def test_unknown_names_and_folds():
 def test_cards_ship_with_the_package():
     for name in registry.list_models():
         card = registry.model_card(name)
-        assert card.startswith(f"# {name}")
+        _, front, body = card.split("---\n", 2)
+        assert body.lstrip().startswith(f"# {name}")
+        for key in ("library_name: anatcl-infer", "pipeline_tag: feature-extraction", "license: mit",
+                    "datasets:", "tags:"):
+            assert key in front, (name, key)
         for needle in ("OpenBHB", "mwp1", "121×128×121", "never average", "2408.07079", "MIT"):
             assert needle in card, (name, needle)
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from anatcl_infer.errors import AnatCLError, CheckpointError, UnsafeCheckpointError
-from anatcl_infer.safe_unpickle import safe_load
+from anatcl_infer.weights.unpickle import safe_load
 from author_checkpoints import random_state_dict, write_author_checkpoint
 
 

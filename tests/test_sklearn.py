@@ -15,7 +15,7 @@ from sklearn.linear_model import Ridge
 from sklearn.pipeline import make_pipeline
 
 from anatcl_infer.errors import ConfigError, InputError
-from anatcl_infer.sklearn import AnatCLEncoder, file_sha256
+from anatcl_infer.downstream.transformer import AnatCLEncoder, file_sha256
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -60,7 +60,7 @@ def reference(warm):
 
 
 def test_transform_matches_the_encoder_and_fit_does_nothing(demo, reference):
-    from anatcl_infer.checkpoint import load_pretrained_dir
+    from anatcl_infer.weights.checkpoint import load_pretrained_dir
 
     model_dir, paths = demo
     X = load_pretrained_dir(model_dir).encode(paths, device="cpu", progress=False, num_workers=0)
@@ -113,14 +113,14 @@ def test_cache_hit_does_not_call_the_model(demo, reference, warm_cache, monkeypa
     assert len(entries) == 3
     assert {e.stem for e in entries} == {file_sha256(p) for p in paths}
 
-    import anatcl_infer.encoding
-    import anatcl_infer.loading
+    import anatcl_infer.encoding.encoder
+    import anatcl_infer.weights.loading
 
     def boom(*args, **kwargs):
         raise AssertionError("the model was used on a cache hit")
 
-    monkeypatch.setattr(anatcl_infer.encoding, "encode", boom)
-    monkeypatch.setattr(anatcl_infer.loading, "load_model", boom)
+    monkeypatch.setattr(anatcl_infer.encoding.encoder, "encode", boom)
+    monkeypatch.setattr(anatcl_infer.weights.loading, "load_model", boom)
     fresh = AnatCLEncoder(model=str(model_dir), device="cpu", cache=str(cache))
     hit = fresh.transform(paths[::-1])
     assert not hasattr(fresh, "_model")
@@ -131,10 +131,10 @@ def test_cache_key_follows_content_and_model(demo, tmp_path, monkeypatch):
     syn = _synthetic()
     model_dir, paths = demo
     cache = tmp_path / "emb"
-    import anatcl_infer.encoding
+    import anatcl_infer.encoding.encoder
 
     calls = []
-    monkeypatch.setattr(anatcl_infer.encoding, "encode",
+    monkeypatch.setattr(anatcl_infer.encoding.encoder, "encode",
                         lambda model, items, **kw: calls.append(len(items)) or np.ones((len(items), 512), np.float32))
     enc = AnatCLEncoder(model=str(model_dir), device="cpu", cache=str(cache))
     enc.transform(paths[:2])

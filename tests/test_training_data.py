@@ -8,7 +8,7 @@ import torch
 from training_toys import TINY, make_subjects, tiny_gm
 
 from anatcl_infer.errors import ConfigError, InputError
-from anatcl_infer.preprocess import prepare
+from anatcl_infer.inputs.preprocess import prepare
 from anatcl_infer.training.data import (
     N_REGIONS,
     VolumeDataset,

@@ -10,11 +10,11 @@ import torch
 from training_toys import SMALL, make_subjects
 from typer.testing import CliRunner
 
-from anatcl_infer.checkpoint import load_pretrained_dir, save_pretrained
+from anatcl_infer.weights.checkpoint import load_pretrained_dir, save_pretrained
 from anatcl_infer.cli import app
 from anatcl_infer.config import ModelConfig
 from anatcl_infer.errors import ConfigError, HeadError
-from anatcl_infer.model import AnatCL
+from anatcl_infer.model.network import AnatCL
 from anatcl_infer.training.finetune import (
     HEAD_CONFIG,
     FinetuneConfig,
@@ -56,7 +56,7 @@ def test_frozen_regression_trains_head_only(setup, tmp_path):
     assert meta["task"] == "regression" and meta["target"] == "age" and meta["out_dim"] == 1
     reloaded = load_finetuned(tmp_path / "ft")
     x = torch.stack([torch.from_numpy(np.load(manifest.parent / f"sub-{k}.npy")) for k in range(2)])
-    from anatcl_infer.preprocess import prepare
+    from anatcl_infer.inputs.preprocess import prepare
 
     batch = torch.stack([torch.from_numpy(prepare(v.numpy(), SMALL).array) for v in x])
     with torch.no_grad():

@@ -15,7 +15,7 @@ import torch
 from training_toys import SMALL, TINY, make_subjects
 
 import anatcl_infer
-from anatcl_infer.checkpoint import load_pretrained_dir
+from anatcl_infer.weights.checkpoint import load_pretrained_dir
 from anatcl_infer.errors import CheckpointError, ConfigError
 from anatcl_infer.training.augment import AugmentConfig
 from anatcl_infer.training.checkpoints import load_checkpoint

@@ -35,7 +35,7 @@ def _t1_to_gm_records(records: list, prep_dir: Path, device: str, quiet: bool) -
     import logging
 
     from ..errors import InputError
-    from ..prep import t1_to_gm
+    from ..inputs.raw_t1 import t1_to_gm
 
     log = logging.getLogger("anatcl_infer.cli")
     out_records, failures = [], []
@@ -89,12 +89,12 @@ def embed(
     setup_logging(quiet=quiet, verbose=verbose)
     import logging
 
-    from ..discovery import discover_inputs
-    from ..embed import distributed_shard, run_embed, shard_records
+    from ..inputs.discovery import discover_inputs
+    from ..jobs.embed import distributed_shard, run_embed, shard_records
     from ..errors import AnatCLError
-    from ..loading import load_model
+    from ..weights.loading import load_model
 
-    from ..allocator import retain_freed_memory
+    from ..encoding.allocator import retain_freed_memory
 
     log = logging.getLogger("anatcl_infer.cli")
     retain_freed_memory()  # this process only embeds: reuse activation memory between volumes
@@ -112,7 +112,7 @@ def embed(
                 device = f"cuda:{local_rank}"
     try:
         if fold == "all":
-            from ..registry import canonical_name, load_manifest
+            from ..weights.registry import canonical_name, load_manifest
 
             try:
                 folds = sorted(int(k) for k in load_manifest()["models"][canonical_name(model)]["folds"])

@@ -43,8 +43,8 @@ def fit_head_cmd(
     """Fit a linear head (Ridge or logistic regression, CV-tuned) on frozen features and save it."""
     setup_logging(quiet=quiet, verbose=verbose)
     from ..errors import AnatCLError
-    from ..features import read_features, read_labels
-    from ..heads import HEAD_CONFIG_NAME, fit_head
+    from ..downstream.features import read_features, read_labels
+    from ..downstream.heads import HEAD_CONFIG_NAME, fit_head
 
     if (out / HEAD_CONFIG_NAME).exists() and not overwrite:
         raise fail(f"{out} already holds a head; pass --overwrite to replace it")
@@ -80,8 +80,8 @@ def predict_cmd(
     import os
 
     from ..errors import AnatCLError
-    from ..features import read_features, read_labels, write_parquet_atomic
-    from ..heads import Head
+    from ..downstream.features import read_features, read_labels, write_parquet_atomic
+    from ..downstream.heads import Head
 
     try:
         h = Head.load(head)

@@ -28,7 +28,7 @@ def _resolve_spec(model: Optional[str]) -> tuple[object, str]:
     path = Path(model)
     if path.exists():
         return ModelConfig.load(path).preprocess, str(path)
-    from ..registry import canonical_name
+    from ..weights.registry import canonical_name
 
     name = canonical_name(model)  # raises UnknownModelError with the valid names
     return PreprocessConfig(), name  # every registry model uses the published spec
@@ -49,9 +49,9 @@ def qc(
     A bad input never stops the run: it is listed (path, stage, message) on stderr and in the report, and the exit status is 1.
     """
     setup_logging(quiet=quiet, verbose=verbose)
-    from ..discovery import discover_inputs
+    from ..inputs.discovery import discover_inputs
     from ..errors import AnatCLError, InputError
-    from ..qc_report import build_qc_report
+    from ..qc.report import build_qc_report
 
     try:
         config, label = _resolve_spec(model)

@@ -28,9 +28,9 @@ def models(
 
     Example:  anatcl models
     """
-    from ..download import cache_dir, is_offline
-    from ..loading import is_cached, registry_model_dir
-    from ..registry import list_models, resolve
+    from ..weights.download import cache_dir, is_offline
+    from ..weights.loading import is_cached, registry_model_dir
+    from ..weights.registry import list_models, resolve
 
     rows = []
     for name in list_models():
@@ -77,8 +77,8 @@ def download(
     """
     setup_logging(quiet=quiet)
     from ..errors import AnatCLError
-    from ..loading import fetch_registry_model
-    from ..registry import canonical_name, list_models
+    from ..weights.loading import fetch_registry_model
+    from ..weights.registry import canonical_name, list_models
 
     folds = _folds(fold)
     try:
@@ -117,8 +117,8 @@ def convert(
     import dataclasses
 
     from ..errors import AnatCLError
-    from ..loading import load_model
-    from ..publish import write_model_card
+    from ..weights.loading import load_model
+    from ..weights.publish import write_model_card
 
     if variant is not None and variant not in ("global", "local"):
         raise fail(f"--variant must be global or local, got {variant!r}", 2)
@@ -156,7 +156,7 @@ def push(
     """
     setup_logging()
     from ..errors import AnatCLError
-    from ..publish import push_to_hub
+    from ..weights.publish import push_to_hub
 
     try:
         url = push_to_hub(out_dir, repo_id, private=private, revision=revision, token=token, commit_message=message)

@@ -1,7 +1,7 @@
 """Training data: the OpenBHB layout, a generic manifest, and a torch Dataset.
 
 Every volume goes through the inference preprocessing,
-:func:`anatcl_infer.preprocess.prepare` with the run's :class:`PreprocessConfig`,
+:func:`anatcl_infer.inputs.preprocess.prepare` with the run's :class:`PreprocessConfig`,
 so a model trained here sees exactly what it will see at inference.
 
 Two sources of subjects:
@@ -401,7 +401,7 @@ class VolumeDataset(Dataset):
         return VolumeDataset(subjects, self.config, descriptor_range=self.descriptor_range, sites=self.sites)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        from ..preprocess import prepare
+        from ..inputs.preprocess import prepare
 
         subject = self.subjects[index]
         try:

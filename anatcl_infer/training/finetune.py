@@ -34,11 +34,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..checkpoint import load_pretrained_dir, save_pretrained
+from ..weights.checkpoint import load_pretrained_dir, save_pretrained
 from ..config import PreprocessConfig
-from ..devices import resolve_device
+from ..model.devices import resolve_device
 from ..errors import ConfigError, HeadError
-from ..model import AnatCL
+from ..model.network import AnatCL
 from .data import VAL_SPLITS, _load_item, _read_table, _resolve
 
 __all__ = ["HEAD_CONFIG", "HEAD_WEIGHTS", "FinetuneConfig", "FinetunedModel", "finetune", "load_finetuned", "read_labelled"]
@@ -96,7 +96,7 @@ class FinetunedModel(nn.Module):
 
     ``model(x)`` returns regression predictions in target units (B,) or class
     logits (B, n_classes). :meth:`predict` embeds inputs of any kind
-    :func:`anatcl_infer.encoding.encode` accepts and applies the head.
+    :func:`anatcl_infer.encoding.encoder.encode` accepts and applies the head.
 
     Example:
         >>> m = load_finetuned("ft-age")  # doctest: +SKIP
@@ -128,7 +128,7 @@ class FinetunedModel(nn.Module):
     def predict(self, inputs: Any, **encode_kwargs: Any) -> np.ndarray:
         """Predicted values (regression) or class labels (classification), in input order.
 
-        ``inputs`` is what :func:`anatcl_infer.encoding.encode` takes; ``.npy`` paths
+        ``inputs`` is what :func:`anatcl_infer.encoding.encoder.encode` takes; ``.npy`` paths
         (arrays on the preprocessing grid, as used for training) are read here.
         """
         items = [inputs] if isinstance(inputs, (str, os.PathLike)) else inputs
@@ -152,7 +152,7 @@ class _LabelledVolumes(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        from ..preprocess import prepare
+        from ..inputs.preprocess import prepare
 
         arr = prepare(_load_item(self.paths[i]), self.config).array
         return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)), torch.as_tensor(self.targets[i])
@@ -189,7 +189,7 @@ def _load_encoder(source: str | os.PathLike[str] | AnatCL) -> AnatCL:
         return source
     if Path(source).is_dir():
         return load_pretrained_dir(source)  # type: ignore[return-value]
-    from ..loading import load_model
+    from ..weights.loading import load_model
 
     return load_model(source, device="cpu")
 

@@ -1,7 +1,7 @@
 """Validation linear probe: how well frozen features predict age and site.
 
 REFERENCE §8's protocol on the validation subjects, computed by the package's
-:func:`anatcl_infer.probe.linear_probe` (standardised features, Ridge with α chosen
+:func:`anatcl_infer.downstream.probe.linear_probe` (standardised features, Ridge with α chosen
 from 10^[−2..2] nested in each fold → age MAE; balanced logistic regression,
 stratified k-fold → site balanced accuracy), with the number of folds reduced to what
 a small validation set allows. Only the validation set is embedded, so the probe
@@ -47,7 +47,7 @@ def linear_probe(
         >>> sorted(linear_probe(x, y))
         ['val_age_mae']
     """
-    from ..probe import linear_probe as probe
+    from ..downstream.probe import linear_probe as probe
 
     x = np.asarray(features, dtype=np.float64)
     y = np.asarray(ages, dtype=np.float64)

@@ -39,11 +39,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from ..checkpoint import clean_state_dict, load_state_dict_strict, save_pretrained
+from ..weights.checkpoint import clean_state_dict, load_state_dict_strict, save_pretrained
 from ..config import ModelConfig, PreprocessConfig
-from ..devices import resolve_device
+from ..model.devices import resolve_device
 from ..errors import ConfigError
-from ..model import AnatCL
+from ..model.network import AnatCL
 from .augment import AugmentConfig, Augmenter
 from .checkpoints import (
     load_checkpoint,

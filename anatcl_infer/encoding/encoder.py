@@ -1,0 +1,345 @@
+"""From inputs to features: a DataLoader that prepares volumes in workers, and a batched encoder.
+
+Data flows one way: item -> :func:`anatcl_infer.inputs.preprocess.prepare` (in a worker) ->
+batch -> model -> ``.cpu()`` -> numpy, in input order. Memory is bounded by the
+batch size and the prefetch depth, not by the number of inputs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from ..model.devices import resolve_device
+from ..errors import AnatCLError, ConfigError, InputError
+
+if TYPE_CHECKING:
+    from ..config import PreprocessConfig
+    from ..model.network import AnatCL
+
+__all__ = ["encode", "extract_features", "iter_encoded", "EncodedBatch", "Failure", "default_num_workers"]
+
+logger = logging.getLogger(__name__)
+
+_ENCODE_KWARGS = ("batch_size", "device", "num_workers", "progress", "amp", "strict")
+
+
+@dataclass(frozen=True)
+class Failure:
+    """One input that could not be embedded: its position, path, stage and message."""
+
+    index: int
+    path: str
+    stage: str
+    message: str
+
+
+@dataclass
+class EncodedBatch:
+    """Features of the inputs of one batch that succeeded, plus those that failed.
+
+    Attributes:
+        indices: positions (in the input sequence) of the rows of ``features``.
+        features: (len(indices), D) float32.
+        infos: per row, what preprocessing reported (``method``, ``warnings``, ``kind``...).
+        failures: inputs of this batch that failed.
+    """
+
+    indices: list[int]
+    features: np.ndarray
+    infos: list[dict[str, Any]] = field(default_factory=list)
+    failures: list[Failure] = field(default_factory=list)
+
+
+def default_num_workers(device: torch.device, n_inputs: int) -> int:
+    """Worker processes for loading: none for a handful of inputs, else enough to keep the device fed."""
+    if n_inputs <= 2:
+        return 0
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if device.type == "cpu":
+        # The forward pass uses every core; one loader process (one BLAS thread) overlaps
+        # reading and conforming with it: on 2 cores 0.35 vs 0.37 s/volume on-grid and
+        # 0.45 vs 0.48 s for 1 mm inputs (benchmarks/NOTES.md).
+        return 1 if cpus >= 2 else 0
+    return max(1, min(8, cpus - 1))
+
+
+def _describe(item: Any) -> str:
+    if isinstance(item, (str, os.PathLike)):
+        return os.fspath(item)
+    filename = getattr(item, "get_filename", lambda: None)()
+    if filename:
+        return str(filename)
+    if isinstance(item, np.ndarray):
+        return f"<array {item.shape}>"
+    if isinstance(item, tuple):
+        return "<(array, affine)>"
+    return f"<{type(item).__name__}>"
+
+
+class _PrepareDataset(torch.utils.data.Dataset):
+    """Prepares one item per index; errors become :class:`Failure` records, never exceptions."""
+
+    def __init__(
+        self,
+        items: Sequence[Any],
+        config: PreprocessConfig,
+        strict: bool,
+        extra: Callable[[Any], dict[str, Any]] | None,
+    ) -> None:
+        self.items = items
+        self.config = config
+        self.strict = strict
+        self.extra = extra
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[int, np.ndarray | None, dict[str, Any] | None, Failure | None]:
+        from ..inputs.preprocess import prepare
+
+        item = self.items[index]
+        try:
+            prepared = prepare(item, self.config, strict=self.strict, keep_grid=False)
+            info: dict[str, Any] = {
+                "method": prepared.method,
+                "warnings": list(prepared.warnings),
+                "kind": prepared.kind.kind,
+                "kind_confidence": float(prepared.kind.confidence),
+            }
+            if self.extra is not None:
+                info.update(self.extra(prepared))
+            return index, prepared.array, info, None
+        except InputError as exc:
+            return index, None, None, Failure(index, _describe(item), exc.stage, str(exc.args[0]))
+        except AnatCLError as exc:
+            return index, None, None, Failure(index, _describe(item), "prepare", str(exc))
+        except (OSError, ValueError, MemoryError, RuntimeError) as exc:
+            return index, None, None, Failure(index, _describe(item), "read", f"{type(exc).__name__}: {exc}")
+
+
+_WORKER_LIMITS: list[Any] = []
+
+
+def _worker_init(_worker_id: int) -> None:
+    """Loader processes get one thread for torch and for BLAS.
+
+    Oversubscribed BLAS threads in a loader (the resampling uses matrix products) made
+    `anatcl embed` on 1 mm inputs 2.8x the forward's cost on 2 cores instead of 1.2x
+    (benchmarks/NOTES.md).
+    """
+    torch.set_num_threads(1)
+    try:
+        from threadpoolctl import threadpool_limits
+
+        _WORKER_LIMITS.append(threadpool_limits(limits=1))
+    except ImportError:  # pragma: no cover - threadpoolctl is a dependency
+        pass
+
+
+def _collate(samples: list[tuple[int, np.ndarray | None, dict[str, Any] | None, Failure | None]]) -> tuple[
+    list[int], torch.Tensor | None, list[dict[str, Any]], list[Failure]
+]:
+    indices = [s[0] for s in samples if s[1] is not None]
+    arrays = [s[1] for s in samples if s[1] is not None]
+    infos = [s[2] for s in samples if s[1] is not None]
+    failures = [s[3] for s in samples if s[3] is not None]
+    batch = torch.from_numpy(np.stack(arrays)) if arrays else None
+    return indices, batch, infos, failures  # type: ignore[return-value]
+
+
+def _autocast(device: torch.device, amp: bool | str) -> Any:
+    if not amp:
+        return nullcontext()
+    if device.type != "cuda":
+        logger.warning("mixed precision (amp=%r) is only used on CUDA; computing in float32 on %s", amp, device)
+        return nullcontext()
+    if amp is True or amp == "bf16":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    elif amp == "fp16":
+        dtype = torch.float16
+    else:
+        raise ConfigError(f"amp must be False, True, 'bf16' or 'fp16', got {amp!r}")
+    return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+def _forward(model: Any, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Run the model on a batch.
+
+    On CPU each volume runs alone: oneDNN picks kernels by batch size, so a batched
+    call would make a row's last bits depend on how inputs were grouped (shards,
+    resumes, failures). Measured on 2 cores, batch 1 costs the same per volume as
+    batch 4 (benchmarks/NOTES.md). On GPU the batch runs as one call.
+    """
+    if device.type == "cpu" and x.shape[0] > 1:
+        return torch.cat([model(x[i:i + 1]) for i in range(x.shape[0])])
+    return model(x)
+
+
+def _as_items(inputs: Any) -> list[Any]:
+    """Normalise one input or many into a list of items."""
+    if isinstance(inputs, (str, os.PathLike)):
+        return [inputs]
+    if isinstance(inputs, tuple) and len(inputs) == 2 and isinstance(inputs[0], np.ndarray):
+        return [inputs]
+    if isinstance(inputs, np.ndarray):
+        if inputs.ndim == 3:
+            return [inputs]
+        if inputs.ndim == 4:
+            return list(inputs)
+        if inputs.ndim == 5 and inputs.shape[1] == 1:
+            return list(inputs[:, 0])
+        raise InputError(f"a numpy input must be 3D (one volume) or 4D (N volumes), got shape {inputs.shape}", path="<array>")
+    if hasattr(inputs, "get_fdata") or hasattr(inputs, "dataobj"):
+        return [inputs]
+    if hasattr(inputs, "tolist") and not isinstance(inputs, list):  # pandas Series, numpy object array
+        return list(inputs.tolist())
+    return list(inputs)
+
+
+def iter_encoded(
+    model: AnatCL,
+    inputs: Sequence[Any],
+    *,
+    batch_size: int = 8,
+    device: str | torch.device | None = None,
+    num_workers: int | None = None,
+    progress: bool = True,
+    amp: bool | str = False,
+    strict: bool = False,
+    extra_info: Callable[[Any], dict[str, Any]] | None = None,
+    progress_desc: str = "embedding",
+) -> Iterator[EncodedBatch]:
+    """Yield :class:`EncodedBatch` objects in input order; bad inputs are reported, not raised.
+
+    This is the engine under :func:`encode` and ``anatcl embed``. ``extra_info`` is
+    called on each :class:`~anatcl_infer.inputs.preprocess.Prepared` inside the worker and
+    its dict merged into the row's info (used for QC metrics).
+    """
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size!r}")
+    items = list(inputs)
+    dev = resolve_device(device)
+    if model.device != dev:
+        model.to(dev)
+    model.eval()
+    workers = default_num_workers(dev, len(items)) if num_workers is None else int(num_workers)
+    dataset = _PrepareDataset(items, model.config.preprocess, strict, extra_info)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=_collate,
+        worker_init_fn=_worker_init,
+        pin_memory=dev.type == "cuda",
+        persistent_workers=False,
+        prefetch_factor=2 if workers > 0 else None,
+    )
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(items), desc=progress_desc, unit="vol", disable=None if progress else True, leave=False)
+    try:
+        with torch.inference_mode():
+            for indices, batch, infos, failures in loader:
+                feats = np.empty((0, model.config.feature_dim), dtype=np.float32)
+                if batch is not None:
+                    x = batch.to(dev, non_blocking=True)
+                    with _autocast(dev, amp):
+                        out = _forward(model, x, dev)
+                    feats = out.float().cpu().numpy()
+                bar.update(len(indices) + len(failures))
+                yield EncodedBatch(indices, feats, infos, failures)
+    finally:
+        bar.close()
+
+
+def encode(
+    model: AnatCL,
+    inputs: Any,
+    *,
+    batch_size: int = 8,
+    device: str | torch.device | None = None,
+    num_workers: int | None = None,
+    progress: bool = True,
+    amp: bool | str = False,
+    strict: bool = False,
+) -> np.ndarray:
+    """Embed inputs into an (N, 512) float32 array, in input order.
+
+    Args:
+        model: a loaded :class:`~anatcl_infer.model.AnatCL`.
+        inputs: one input or a sequence of them: NIfTI paths, nibabel images,
+            ``(array, affine)`` tuples, or arrays already on the model's grid.
+        batch_size: volumes per forward pass (does not change the result).
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"`` or None for automatic.
+        num_workers: loader processes (None: chosen from the device and input count).
+        progress: show a progress bar (only on a terminal).
+        amp: mixed precision on CUDA: ``True``/``"bf16"`` or ``"fp16"``.
+        strict: turn input-kind warnings into errors.
+
+    Returns:
+        ``np.ndarray`` of shape (N, feature_dim), float32.
+
+    Raises:
+        InputError: for the first input that cannot be used (``anatcl embed`` skips
+            bad inputs instead and reports them all).
+
+    Example:
+        >>> model = anatcl_infer.load_model("anatcl-global", fold=0)  # doctest: +SKIP
+        >>> feats = model.encode(["sub-01_mwp1.nii.gz", "sub-02_mwp1.nii.gz"])  # doctest: +SKIP
+        >>> feats.shape  # doctest: +SKIP
+        (2, 512)
+    """
+    items = _as_items(inputs)
+    out = np.zeros((len(items), model.config.feature_dim), dtype=np.float32)
+    for batch in iter_encoded(
+        model, items, batch_size=batch_size, device=device, num_workers=num_workers,
+        progress=progress, amp=amp, strict=strict,
+    ):
+        if batch.failures:
+            f = batch.failures[0]
+            raise InputError(
+                f"input {f.index} could not be used ({f.stage}): {f.message}. "
+                "Fix or remove it; `anatcl embed` skips bad inputs and reports them all.",
+                path=f.path,
+                stage=f.stage,
+            )
+        out[batch.indices] = batch.features
+    return out
+
+
+def extract_features(inputs: Any, model: Any = "anatcl-global", fold: int = 0, **encode_kwargs: Any) -> np.ndarray:
+    """One line from images to (N, 512) features.
+
+    Args:
+        inputs: NIfTI paths, nibabel images, arrays, or a mix (see :func:`encode`).
+        model: a registry name (``"anatcl-global"``, ``"anatcl-local"``), any source
+            :func:`~anatcl_infer.load_model` accepts, or an already loaded ``AnatCL``.
+        fold: cross-validation fold of a registry model (0-4).
+        **encode_kwargs: ``batch_size``, ``device``, ``num_workers``, ``progress``, ``amp``, ``strict``.
+
+    Example:
+        >>> import anatcl_infer
+        >>> X = anatcl_infer.extract_features(["sub-01_mwp1.nii.gz"])  # doctest: +SKIP
+    """
+    unknown = sorted(set(encode_kwargs) - set(_ENCODE_KWARGS))
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s) {unknown}; valid ones are {list(_ENCODE_KWARGS)}")
+    from ..model.network import AnatCL
+
+    if not isinstance(model, AnatCL):
+        from ..weights.loading import load_model
+
+        if not isinstance(model, (str, os.PathLike)):
+            raise ConfigError(f"model must be a source name/path or an AnatCL, got {type(model).__name__}")
+        model = load_model(model if isinstance(model, str) else Path(model), fold=fold, device=encode_kwargs.get("device"))
+    return encode(model, inputs, **encode_kwargs)

@@ -1,0 +1,263 @@
+"""Finding the images to embed: files, folders, globs, lists of paths and BIDS datasets.
+
+:func:`discover_inputs` turns what a user types after ``anatcl embed`` into a sorted,
+de-duplicated list of :class:`InputRecord` with absolute paths and the BIDS entities
+(subject, session, run, acquisition) parsed from file and folder names.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import InputError
+
+__all__ = ["InputRecord", "discover_inputs", "parse_entities", "is_nifti_name", "LIST_SUFFIXES"]
+
+logger = logging.getLogger(__name__)
+
+#: Suffixes of text files holding one path per line.
+LIST_SUFFIXES: tuple[str, ...] = (".txt", ".lst")
+
+_ENTITY_KEYS = {"subject": "sub", "session": "ses", "run": "run", "acquisition": "acq"}
+# An entity anywhere in a file name, so CAT12 prefixes ("mwp1sub-01", "wmsub-01") are understood.
+_ENTITY_RE = {key: re.compile(rf"{tag}-([A-Za-z0-9]+)") for key, tag in _ENTITY_KEYS.items()}
+_FOLDER_RE = {key: re.compile(rf"^{tag}-([A-Za-z0-9]+)$") for key, tag in _ENTITY_KEYS.items() if key in ("subject", "session")}
+_GLOB_CHARS = re.compile(r"[*?\[]")
+_GM_NAME = re.compile(r"mwp1|desc-gm", re.IGNORECASE)
+_SMOOTHED_PREFIX = re.compile(r"^s\d*mwp1", re.IGNORECASE)
+
+
+@dataclass(frozen=True, order=True)
+class InputRecord:
+    """One input image and the BIDS entities found in its name or folders.
+
+    Attributes:
+        path: absolute path of the image.
+        subject: ``sub-`` label without the prefix (``"01"``), or ``None``.
+        session: ``ses-`` label, or ``None``.
+        run: ``run-`` label, or ``None``.
+        acquisition: ``acq-`` label, or ``None``.
+
+    Example:
+        >>> InputRecord("/data/sub-01_T1w.nii.gz", subject="01").subject
+        '01'
+    """
+
+    path: str
+    subject: str | None = None
+    session: str | None = None
+    run: str | None = None
+    acquisition: str | None = None
+
+
+def is_nifti_name(name: str) -> bool:
+    """Whether a file name ends in ``.nii`` or ``.nii.gz`` (any case) and is not hidden.
+
+    Example:
+        >>> is_nifti_name("mwp1sub-01.nii"), is_nifti_name("._mwp1sub-01.nii")
+        (True, False)
+    """
+    base = os.path.basename(name)
+    lower = base.lower()
+    return not base.startswith(".") and (lower.endswith(".nii") or lower.endswith(".nii.gz"))
+
+
+def parse_entities(path: str | os.PathLike[str]) -> dict[str, str | None]:
+    """BIDS entities from a file name, then from its parent folders (``sub-*``, ``ses-*``).
+
+    CAT12-style names with a prefix (``mwp1sub-01_ses-1_T1w.nii``) are understood.
+
+    Example:
+        >>> parse_entities("/bids/derivatives/cat12/sub-02/mri/mwp1sub-02_ses-1_run-2_T1w.nii")
+        {'subject': '02', 'session': '1', 'run': '2', 'acquisition': None}
+    """
+    p = Path(path)
+    name = p.name
+    for suffix in (".nii.gz", ".nii"):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    found: dict[str, str | None] = {}
+    for key, pattern in _ENTITY_RE.items():
+        match = pattern.search(name)
+        found[key] = match.group(1) if match else None
+    for key, pattern in _FOLDER_RE.items():
+        if found[key] is not None:
+            continue
+        for parent in p.parents:
+            match = pattern.match(parent.name)
+            if match:
+                found[key] = match.group(1)
+                break
+    return found
+
+
+def _record(path: str) -> InputRecord:
+    """An :class:`InputRecord` for one absolute path."""
+    return InputRecord(path=path, **parse_entities(path))
+
+
+def _walk_nifti(root: Path) -> list[str]:
+    """Every visible ``.nii``/``.nii.gz`` file under ``root``, recursively (hidden folders skipped)."""
+    found = []
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a symbolic link back up the tree
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found.extend(os.path.join(dirpath, f) for f in filenames if is_nifti_name(f))
+    return found
+
+
+def _gm_only(paths: list[str], where: str) -> list[str]:
+    """Keep the unsmoothed grey-matter maps (``mwp1``/``desc-gm``) when there are any."""
+    gm = [p for p in paths if _GM_NAME.search(os.path.basename(p))]
+    unsmoothed = [p for p in gm if not _SMOOTHED_PREFIX.match(os.path.basename(p))]
+    chosen = unsmoothed or gm
+    if chosen and len(chosen) < len(paths):
+        logger.info(
+            "%s: using the %d grey-matter maps (mwp1/desc-gm) and skipping %d other NIfTI files",
+            where,
+            len(chosen),
+            len(paths) - len(chosen),
+        )
+        return chosen
+    return paths
+
+
+def _bids(root: Path, input_kind: str, searched: list[str]) -> list[str]:
+    """Images of a BIDS dataset for a model taking ``input_kind``."""
+    if input_kind == "t1":
+        patterns = ["sub-*/anat/*_T1w.nii", "sub-*/anat/*_T1w.nii.gz", "sub-*/ses-*/anat/*_T1w.nii", "sub-*/ses-*/anat/*_T1w.nii.gz"]
+        searched.extend(str(root / pat) for pat in patterns[1::2])
+        return sorted({os.fspath(p) for pat in patterns for p in root.glob(pat) if is_nifti_name(p.name)})
+    derivatives = root / "derivatives"
+    searched.append(f"{derivatives}/**/*mwp1*.nii[.gz] and *desc-gm*.nii[.gz]")
+    candidates = [p for p in _walk_nifti(derivatives) if _GM_NAME.search(os.path.basename(p))] if derivatives.is_dir() else []
+    if not candidates:
+        searched.append(f"{root}/**/*mwp1*.nii[.gz] and *desc-gm*.nii[.gz]")
+        candidates = [p for p in _walk_nifti(root) if _GM_NAME.search(os.path.basename(p))]
+    return _gm_only(candidates, str(root)) if candidates else []
+
+
+def _read_list(list_file: Path) -> list[str]:
+    """Paths listed in a text file (one per line, ``#`` comments, relative to the file)."""
+    try:
+        text = list_file.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read the list of inputs ({exc}); give a UTF-8 text file with one path per line", path=str(list_file), stage="discover") from None
+    paths = []
+    for line in text.splitlines():
+        entry = line.strip()
+        if not entry or entry.startswith("#"):
+            continue
+        entry_path = Path(os.path.expanduser(entry))
+        if not entry_path.is_absolute():
+            entry_path = list_file.parent / entry_path
+        paths.append(os.fspath(entry_path))
+    return paths
+
+
+def _expand(spec: str, input_kind: str, searched: list[str], *, from_list: bool) -> list[str]:
+    """All image paths one spec stands for."""
+    path = Path(os.path.expanduser(spec))
+    if path.is_dir():
+        if (path / "dataset_description.json").is_file():
+            logger.info("%s is a BIDS dataset; looking for %s inputs", path, input_kind)
+            return _bids(path, input_kind, searched)
+        searched.append(f"{path}/**/*.nii[.gz]")
+        found = _walk_nifti(path)
+        return _gm_only(found, str(path)) if input_kind == "gm" else found
+    if path.is_file():
+        if path.suffix.lower() in LIST_SUFFIXES:
+            if from_list:
+                raise InputError("lists of inputs cannot include other lists; list the image files", path=str(path), stage="discover")
+            searched.append(f"paths listed in {path}")
+            out: list[str] = []
+            for entry in _read_list(path):
+                if Path(entry).exists() or _GLOB_CHARS.search(entry):
+                    out.extend(_expand(entry, input_kind, searched, from_list=True))
+                else:
+                    logger.warning("%s lists %s, which does not exist; it will be reported as a failed input", path, entry)
+                    out.append(entry)
+            return out
+        searched.append(str(path))
+        return [os.fspath(path)]
+    if _GLOB_CHARS.search(spec):
+        searched.append(f"glob {spec}")
+        out = []
+        for match in sorted(glob.glob(os.path.expanduser(spec), recursive=True)):
+            m = Path(match)
+            if m.is_dir():
+                out.extend(_expand(match, input_kind, searched, from_list=from_list))
+            elif is_nifti_name(m.name):
+                out.append(match)
+        return out
+    if from_list:
+        return [spec]
+    raise InputError("does not exist; check the path (quote glob patterns so the shell leaves them to anatcl)", path=spec, stage="discover")
+
+
+def discover_inputs(
+    specs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | Iterable[str | os.PathLike[str]],
+    *,
+    input_kind: str = "gm",
+) -> list[InputRecord]:
+    """Expand files, folders, glob patterns, lists of paths and BIDS datasets into inputs.
+
+    * a file: taken as it is (``.txt``/``.lst`` files are lists of paths, one per line,
+      ``#`` starts a comment line, relative paths are relative to the list file; listed
+      paths that do not exist are kept, so that reading reports them as failed inputs);
+    * a folder: every ``.nii``/``.nii.gz`` below it (hidden files and folders skipped);
+      for grey-matter models, when the folder holds CAT12/deepmriprep output, only the
+      unsmoothed grey-matter maps (``mwp1*``, ``*desc-gm*``) are kept;
+    * a glob pattern (``data/**/mwp1*.nii``): the matching NIfTI files and folders;
+    * a BIDS dataset root (it has ``dataset_description.json``): for ``t1`` models
+      ``sub-*/[ses-*/]anat/*_T1w.nii[.gz]``; for ``gm`` models the CAT12/deepmriprep maps
+      under ``derivatives/`` (``*mwp1*``, ``*desc-gm*``), else anywhere in the dataset.
+
+    Args:
+        specs: one spec or several.
+        input_kind: the model's input kind, ``"gm"`` or ``"t1"``.
+
+    Returns:
+        Records sorted by path, without duplicates, with absolute paths.
+
+    Raises:
+        InputError: (``stage="discover"``) a spec does not exist, or nothing was found —
+            the message lists what was searched.
+
+    Example:
+        >>> records = discover_inputs(["examples/data"])
+        >>> [r.subject for r in records]
+        ['mni01', 'mni02', 'mni03']
+    """
+    if input_kind not in ("gm", "t1"):
+        raise InputError(f"input_kind must be 'gm' or 't1', got {input_kind!r}", stage="discover")
+    if isinstance(specs, (str, os.PathLike)):
+        specs = [specs]
+    spec_list = [os.fspath(s) for s in specs]
+    if not spec_list:
+        raise InputError("no inputs given; pass image files, folders, glob patterns, a .txt list or a BIDS dataset", stage="discover")
+    searched: list[str] = []
+    paths: dict[str, None] = {}
+    for spec in spec_list:
+        for found in _expand(spec, input_kind, searched, from_list=False):
+            paths.setdefault(os.path.abspath(found), None)
+    if not paths:
+        what = "; ".join(dict.fromkeys(searched))
+        raise InputError(
+            f"no input images found (searched: {what}); inputs are .nii/.nii.gz files"
+            + (" — for grey-matter models, CAT12/deepmriprep mwp1 maps" if input_kind == "gm" else ""),
+            stage="discover",
+        )
+    return [_record(p) for p in sorted(paths)]

@@ -1,0 +1,283 @@
+"""The cache directory and every network access: plain URLs and the Hugging Face Hub.
+
+* Cache root: ``$ANATCL_CACHE``, else the platform's user cache directory
+  (``$XDG_CACHE_HOME/anatcl`` or ``~/.cache/anatcl``, ``~/Library/Caches/anatcl``,
+  ``%LOCALAPPDATA%/anatcl``). Hub files stay in the Hub's own cache.
+* Downloads stream to a temporary name in the target directory, verify SHA-256 while
+  streaming, and are renamed into place only when complete and correct.
+* Offline mode (``ANATCL_OFFLINE=1`` or ``HF_HUB_OFFLINE=1``) never touches the
+  network: a missing file raises :class:`~anatcl_infer.errors.OfflineError` at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import logging
+import os
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from ..errors import DownloadError, IntegrityError, OfflineError
+
+__all__ = [
+    "cache_dir",
+    "is_offline",
+    "sha256_file",
+    "verify_sha256",
+    "download_url",
+    "hf_download",
+    "PREFETCH_HINT",
+    "OFFLINE_HINT",
+]
+
+logger = logging.getLogger(__name__)
+
+_CHUNK = 1 << 20
+_TRUE = {"1", "true", "yes", "on"}
+
+#: how to fill the cache for an offline machine (quoted in every OfflineError)
+PREFETCH_HINT = (
+    "on a machine with network run `anatcl download anatcl-global --fold 0` (or `anatcl download all --fold all`) "
+    "and copy its cache directory ($ANATCL_CACHE, see `anatcl models`) to this machine, setting "
+    "ANATCL_CACHE to it"
+)
+OFFLINE_HINT = PREFETCH_HINT + "; or unset ANATCL_OFFLINE/HF_HUB_OFFLINE to allow downloads"
+
+
+def cache_dir() -> Path:
+    """The cache root: ``$ANATCL_CACHE`` or the platform's user cache directory.
+
+    Example:
+        >>> import os; os.environ["ANATCL_CACHE"] = "/tmp/anatcl-cache"
+        >>> str(cache_dir())
+        '/tmp/anatcl-cache'
+    """
+    env = os.environ.get("ANATCL_CACHE", "").strip()
+    if env:
+        return Path(env).expanduser()
+    if sys.platform == "win32":
+        base = os.environ.get("LOCALAPPDATA") or str(Path.home() / "AppData" / "Local")
+        return Path(base) / "anatcl"
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Caches" / "anatcl"
+    xdg = os.environ.get("XDG_CACHE_HOME", "").strip()
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "anatcl"
+
+
+def is_offline() -> bool:
+    """True when ``ANATCL_OFFLINE`` or ``HF_HUB_OFFLINE`` is set to a true value.
+
+    Example:
+        >>> import os; os.environ["ANATCL_OFFLINE"] = "1"; is_offline()
+        True
+    """
+    return any(os.environ.get(var, "").strip().lower() in _TRUE for var in ("ANATCL_OFFLINE", "HF_HUB_OFFLINE"))
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks.
+
+    Example:
+        >>> sha256_file("fold0.pth")  # doctest: +SKIP
+        '77f6d44d0317ffc704ffc751db7eab349a8109e2cd596ab06070f1aec7a55d64'
+    """
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_sha256(path: str | os.PathLike[str], expected: str | None) -> str:
+    """Hash ``path`` and compare with ``expected`` (when given); return the actual hash.
+
+    Raises:
+        IntegrityError: the hashes differ (the file is left in place: it is the user's).
+
+    Example:
+        >>> verify_sha256("fold0.pth", None)  # doctest: +SKIP
+        '77f6d44d...'
+    """
+    actual = sha256_file(path)
+    if expected and actual != expected.lower():
+        raise IntegrityError(
+            f"{path} has sha256 {actual}, expected {expected.lower()}: the file is not the one expected. "
+            "Check that you passed the right file or sha256=, or fetch it again.",
+            path=str(path),
+            expected=expected.lower(),
+            actual=actual,
+        )
+    return actual
+
+
+def _progress(total: int | None, desc: str):  # noqa: ANN202  (a tqdm bar)
+    """A tqdm bar for a download, shown only on an interactive terminal."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=not sys.stderr.isatty(), leave=False)
+
+
+def download_url(url: str, dest: str | os.PathLike[str], *, sha256: str | None = None, timeout: float = 60.0) -> str:
+    """Download ``url`` to ``dest`` atomically, verifying SHA-256 while streaming.
+
+    The body is written to a temporary file in ``dest``'s directory and renamed to
+    ``dest`` only once it is complete and (when ``sha256`` is given) correct; on any
+    failure the temporary file is removed, so no partial or bad file is ever left.
+
+    Args:
+        url: http(s) URL.
+        dest: final path.
+        sha256: expected hex SHA-256, or ``None`` to accept any content.
+        timeout: socket timeout in seconds.
+
+    Returns:
+        The SHA-256 of the downloaded file.
+
+    Raises:
+        OfflineError: offline mode is on.
+        DownloadError: the server could not be reached or answered with an error.
+        IntegrityError: the content does not match ``sha256`` (nothing is kept).
+
+    Example:
+        >>> download_url("https://example.org/fold0.pth", "fold0.pth")  # doctest: +SKIP
+    """
+    dest = Path(dest)
+    if is_offline():
+        raise OfflineError(f"offline mode is on and {dest.name} is not in the cache ({url}); {OFFLINE_HINT}", url=url)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    tmp = Path(tmp_name)
+    try:
+        request = urllib.request.Request(url, headers={"User-Agent": "anatcl-infer"})
+        try:
+            response = urllib.request.urlopen(request, timeout=timeout)  # noqa: S310 (http(s) checked by callers)
+        except urllib.error.HTTPError as exc:
+            raise DownloadError(f"{url} answered HTTP {exc.code} {exc.reason}; the file may have moved: check the URL or try another source", url=url) from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise DownloadError(f"cannot reach {url} ({reason}); check the network, or pre-fetch: {PREFETCH_HINT}", url=url) from None
+        with response, os.fdopen(fd, "wb") as out:
+            fd = -1
+            length = response.headers.get("Content-Length")
+            total = int(length) if length and length.isdigit() else None
+            received = 0
+            with _progress(total, dest.name) as bar:
+                while True:
+                    try:
+                        chunk = response.read(_CHUNK)
+                    except (OSError, http.client.HTTPException) as exc:
+                        raise DownloadError(f"the download of {url} broke off after {received} bytes ({exc}); try again", url=url) from None
+                    if not chunk:
+                        break
+                    out.write(chunk)
+                    digest.update(chunk)
+                    received += len(chunk)
+                    bar.update(len(chunk))
+            if total is not None and received != total:
+                raise DownloadError(f"the download of {url} stopped at {received} of {total} bytes; try again", url=url)
+        actual = digest.hexdigest()
+        if sha256 and actual != sha256.lower():
+            raise IntegrityError(
+                f"{url} served a file with sha256 {actual}, expected {sha256.lower()}; it was deleted. "
+                "The file on the server changed or the download was tampered with: check the source, "
+                "or pass the right sha256=.",
+                path=str(dest),
+                expected=sha256.lower(),
+                actual=actual,
+            )
+        os.replace(tmp, dest)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    logger.info("downloaded %s (%d bytes, sha256 %s)", url, dest.stat().st_size, actual)
+    return actual
+
+
+def _hub_cache_dir() -> str | None:
+    """The Hub cache as the environment says now (``HF_HUB_CACHE``, else ``HF_HOME/hub``).
+
+    huggingface_hub reads these once at import; reading them per call lets a process
+    (or a test) change them later.
+    """
+    explicit = os.environ.get("HF_HUB_CACHE", "").strip()
+    if explicit:
+        return explicit
+    home = os.environ.get("HF_HOME", "").strip()
+    return str(Path(home) / "hub") if home else None
+
+
+def hf_download(repo_id: str, filenames: tuple[str, ...], *, revision: str | None = None, token: str | bool | None = None) -> dict[str, Path]:
+    """Fetch files of a Hub repository into the Hub's own cache.
+
+    Honours ``HF_ENDPOINT`` (read on each call) and offline mode
+    (``local_files_only``).
+
+    Args:
+        repo_id: ``org/name``.
+        filenames: files to fetch.
+        revision: branch, tag or commit (default ``main``).
+        token: Hub token, when the repository is private.
+
+    Returns:
+        Local path of each file.
+
+    Raises:
+        OfflineError: offline and not cached.
+        DownloadError: repository, revision or file not found, or Hub unreachable.
+
+    Example:
+        >>> hf_download("myorg/anatcl-global-fold0", ("config.json",))  # doctest: +SKIP
+    """
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    from huggingface_hub import constants as hf_constants
+
+    offline = is_offline()
+    if not offline and hf_constants.HF_HUB_OFFLINE:
+        # huggingface_hub read HF_HUB_OFFLINE=1 when it was first imported and keeps it for the process
+        logger.warning("huggingface_hub was imported with HF_HUB_OFFLINE=1 and stays offline in this process")
+        offline = True
+    endpoint = os.environ.get("HF_ENDPOINT", "").strip() or None
+    hub_cache = _hub_cache_dir()
+    where = f"hf://{repo_id}" + (f"@{revision}" if revision else "")
+    paths: dict[str, Path] = {}
+    for filename in filenames:
+        try:
+            local = hf_hub_download(
+                repo_id,
+                filename,
+                revision=revision,
+                endpoint=endpoint,
+                cache_dir=hub_cache,
+                local_files_only=offline,
+                token=token,
+                library_name="anatcl-infer",
+            )
+        except LocalEntryNotFoundError:
+            if offline:
+                raise OfflineError(f"offline mode is on and {filename} of {where} is not in the Hub cache; {OFFLINE_HINT}", url=where) from None
+            raise DownloadError(f"cannot reach the Hub for {filename} of {where}; check the network or HF_ENDPOINT, or pre-fetch: {PREFETCH_HINT}", url=where) from None
+        except RepositoryNotFoundError:
+            raise DownloadError(f"{where}: repository not found on the Hub (or private: pass a token / run `hf auth login`)", url=where) from None
+        except RevisionNotFoundError:
+            raise DownloadError(f"{where}: revision not found; check the branch, tag or commit after '@'", url=where) from None
+        except EntryNotFoundError:
+            raise DownloadError(f"{where} has no {filename}; a model repository holds config.json and model.safetensors as written by `anatcl convert`", url=where) from None
+        except (HfHubHTTPError, OSError, ValueError) as exc:
+            raise DownloadError(f"{where}: the Hub download of {filename} failed ({exc}); try again or check HF_ENDPOINT", url=where) from None
+        paths[filename] = Path(local)
+    return paths

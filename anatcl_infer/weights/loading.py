@@ -1,0 +1,309 @@
+"""``load_model``: one entry point for every place AnatCL weights can come from.
+
+Sources, tried in this order of interpretation:
+
+1. ``hf://org/name[@revision]``: a Hub repository in the layout ``anatcl convert``
+   writes (files stay in the Hub's cache);
+2. an ``http(s)://`` URL of an original ``.pth``: downloaded, verified, converted once
+   into ``<cache>/models/url-<hash>/`` and the ``.pth`` removed;
+3. an existing local path: a model directory (``config.json`` + ``model.safetensors``),
+   a ``.safetensors`` file, or an original ``.pth``/``.pt`` (read safely);
+4. a registry name (``anatcl-global``, ``anatcl-local`` and their aliases) with a fold:
+   the Hub mirror first when ``ANATCL_HUB_REPO`` is set, else (or on failure) the
+   original URLs, converted once into ``<cache>/models/<name>/fold<k>/``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..config import CONFIG_NAME, WEIGHTS_NAME, ModelConfig
+from .download import OFFLINE_HINT, PREFETCH_HINT, cache_dir, download_url, hf_download, is_offline, verify_sha256
+from ..errors import CheckpointError, ConfigError, DownloadError, IntegrityError, OfflineError, UnsafeCheckpointError
+from .registry import canonical_name, find_by_sha256, resolve
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..model.network import AnatCL
+
+__all__ = ["load_model", "fetch_registry_model", "registry_model_dir", "parse_hf_address", "is_cached"]
+
+logger = logging.getLogger(__name__)
+
+_CHECKPOINT_SUFFIXES = (".pth", ".pt", ".pth.tar", ".ckpt", ".bin")
+
+
+def parse_hf_address(address: str, revision: str | None = None) -> tuple[str, str | None]:
+    """Split ``hf://org/name[@revision]`` into (repo_id, revision).
+
+    A ``revision`` argument wins over one in the address only when they agree.
+
+    Raises:
+        ConfigError: malformed address, or two different revisions.
+
+    Example:
+        >>> parse_hf_address("hf://myorg/anatcl-global-fold0@v1")
+        ('myorg/anatcl-global-fold0', 'v1')
+    """
+    rest = address[len("hf://"):] if address.startswith("hf://") else address
+    repo, _, rev = rest.partition("@")
+    repo = repo.strip("/")
+    if repo.count("/") != 1 or not all(repo.split("/")):
+        raise ConfigError(f"{address!r} is not a Hub address; write hf://org/name or hf://org/name@revision")
+    rev = rev or None
+    if rev and revision and rev != revision:
+        raise ConfigError(f"{address!r} names revision {rev!r} but revision={revision!r} was also given; give one")
+    return repo, rev or revision
+
+
+def registry_model_dir(name: str, fold: int) -> Path:
+    """Where a registry model is kept once converted: ``<cache>/models/<name>/fold<k>``.
+
+    Example:
+        >>> registry_model_dir("global", 0).parts[-2:]
+        ('anatcl-global', 'fold0')
+    """
+    return cache_dir() / "models" / canonical_name(name) / f"fold{int(fold)}"
+
+
+def _is_model_dir(path: Path) -> bool:
+    return (path / CONFIG_NAME).is_file() and (path / WEIGHTS_NAME).is_file()
+
+
+def is_cached(name: str, fold: int) -> bool:
+    """True when a registry model is already converted in the cache.
+
+    Example:
+        >>> is_cached("anatcl-global", 0)  # doctest: +SKIP
+        False
+    """
+    return _is_model_dir(registry_model_dir(name, fold))
+
+
+def _check_recorded_sha(directory: Path, sha256: str | None) -> None:
+    """Compare a user-given sha256 with the source hash a converted directory recorded."""
+    if not sha256:
+        return
+    recorded = ModelConfig.load(directory).source_sha256
+    if recorded and recorded != sha256.lower():
+        raise IntegrityError(
+            f"{directory} was converted from a file with sha256 {recorded}, not {sha256.lower()}; "
+            f"delete {directory} to fetch again, or pass the right sha256=",
+            path=str(directory),
+            expected=sha256.lower(),
+            actual=recorded,
+        )
+
+
+def _download_and_convert(url: str, target: Path, config: ModelConfig, sha256: str | None) -> Path:
+    """Download an original ``.pth``, convert it into ``target`` and delete the ``.pth``."""
+    from .convert import convert_checkpoint
+
+    downloads = cache_dir() / "downloads"
+    # one name per process: a concurrent conversion of the same URL never deletes this file
+    pth = downloads / f"{hashlib.sha256(url.encode()).hexdigest()[:16]}.{os.getpid()}.pth"
+    actual = download_url(url, pth, sha256=sha256)
+    try:
+        config = dataclasses.replace(config, source=url, source_sha256=actual)
+        convert_checkpoint(pth, target, config)
+    finally:
+        pth.unlink(missing_ok=True)
+    logger.info("converted %s into %s", url, target)
+    return target
+
+
+def fetch_registry_model(name: str, fold: int = 0, *, sha256: str | None = None, revision: str | None = None) -> Path:
+    """Make sure a registry model is available locally and return its directory.
+
+    With ``ANATCL_HUB_REPO`` set the Hub mirror is tried first (files stay in the
+    Hub's cache); on failure a warning is logged and the original URLs are used, each
+    in turn, converted once into ``<cache>/models/<name>/fold<k>/``.
+
+    Args:
+        name: registry name or alias.
+        fold: 0-4.
+        sha256: expected SHA-256 of the original file (overrides the manifest's).
+        revision: Hub revision of the mirror.
+
+    Raises:
+        OfflineError: offline and not cached.
+        DownloadError: every source failed (each is listed).
+        IntegrityError: a source served a file with the wrong hash.
+
+    Example:
+        >>> fetch_registry_model("anatcl-global", 0)  # doctest: +SKIP
+        PosixPath('/home/me/.cache/anatcl/models/anatcl-global/fold0')
+    """
+    resolved = resolve(name, fold)
+    if revision is not None and not resolved.hub_repo:
+        raise ConfigError(
+            f"revision={revision!r} applies only to a Hub mirror; set ANATCL_HUB_REPO (e.g. myorg/{{name}}-fold{{fold}}) "
+            "or load hf://org/name@revision directly"
+        )
+    if resolved.hub_repo:
+        try:
+            files = hf_download(resolved.hub_repo, (CONFIG_NAME, WEIGHTS_NAME), revision=revision)
+            return files[WEIGHTS_NAME].parent
+        except DownloadError as exc:
+            logger.warning("Hub mirror %s failed (%s); falling back to the original URLs", resolved.hub_repo, exc)
+    target = registry_model_dir(resolved.name, fold)
+    if _is_model_dir(target):
+        _check_recorded_sha(target, sha256)
+        return target
+    if is_offline():
+        raise OfflineError(f"offline mode is on and {resolved.name} fold {fold} is not in the cache ({target}); {OFFLINE_HINT}", url=resolved.sources[0].url)
+    config = ModelConfig(architecture=resolved.architecture, variant=resolved.variant, fold=fold, name=resolved.name)
+    failures = []
+    for source in resolved.sources:
+        try:
+            return _download_and_convert(source.url, target, config, sha256 or source.sha256)
+        except (OfflineError, UnsafeCheckpointError):
+            raise
+        except (DownloadError, CheckpointError) as exc:
+            # a dead link, or a server answering with something else (an HTML sign-in page...)
+            reason = str(exc).replace(f"; check the network, or pre-fetch: {PREFETCH_HINT}", "")
+            logger.warning("%s source of %s fold %d failed: %s", source.release or "a", resolved.name, fold, reason)
+            failures.append(f"{source.release or 'source'}: {reason}")
+    raise DownloadError(
+        f"could not download {resolved.name} fold {fold} from any source:\n  " + "\n  ".join(failures) + "\n"
+        f"Check the network, or pre-fetch: {PREFETCH_HINT}. If you have the original .pth, load it directly "
+        "(load_model('fold0.pth')) or run `anatcl convert`; if a Hub mirror exists, set ANATCL_HUB_REPO "
+        "(e.g. myorg/{name}-fold{fold}).",
+        url=resolved.sources[0].url,
+    )
+
+
+def _load_url(url: str, sha256: str | None) -> Path:
+    """Directory of the converted model for an original ``.pth`` URL (downloaded once)."""
+    from .convert import guess_identity
+
+    target = cache_dir() / "models" / f"url-{hashlib.sha256(url.encode()).hexdigest()[:16]}"
+    if _is_model_dir(target):
+        _check_recorded_sha(target, sha256)
+        return target
+    name, variant, fold = guess_identity(url)
+    return _download_and_convert(url, target, ModelConfig(variant=variant, fold=fold, name=name), sha256)
+
+
+def _load_local(path: Path, sha256: str | None) -> AnatCL:
+    """Build a model from a local directory, ``.safetensors`` or original checkpoint."""
+    from .checkpoint import load_pretrained_dir
+    from .convert import guess_identity, model_from_checkpoint
+
+    if path.is_dir():
+        if not _is_model_dir(path):
+            raise CheckpointError(
+                f"{path} is a directory without {CONFIG_NAME} + {WEIGHTS_NAME}; pass a directory written by "
+                "`anatcl convert` or save_pretrained, or the checkpoint file itself",
+                path=str(path),
+            )
+        if sha256:
+            verify_sha256(path / WEIGHTS_NAME, sha256)
+        return load_pretrained_dir(path)  # type: ignore[return-value]
+    if path.suffix == ".safetensors":
+        if sha256:
+            verify_sha256(path, sha256)
+        beside = path.parent / CONFIG_NAME
+        if beside.is_file():
+            config = ModelConfig.load(beside)
+        else:
+            name, variant, fold = guess_identity(path.name)
+            config = ModelConfig(name=name, variant=variant, fold=fold, source=str(path.resolve()))
+            logger.warning(
+                "%s has no %s beside it: using the default config (resnet18, the published preprocessing %s); "
+                "write one with `anatcl convert` to make the spec travel with the weights",
+                path, CONFIG_NAME, config.preprocess.model_input_shape,
+            )
+        return model_from_checkpoint(path, config)  # type: ignore[return-value]
+    actual = verify_sha256(path, sha256)
+    known = find_by_sha256(actual)
+    if known is not None:  # a published file: its identity comes from its content
+        resolved, source = known
+        config = ModelConfig(architecture=resolved.architecture, name=resolved.name, variant=resolved.variant,
+                             fold=resolved.fold, source=source.url, source_sha256=actual)
+    else:
+        name, variant, fold = guess_identity(str(path))
+        config = ModelConfig(name=name, variant=variant, fold=fold, source=str(path.resolve()), source_sha256=actual)
+    return model_from_checkpoint(path, config)  # type: ignore[return-value]
+
+
+def load_model(
+    source: str | os.PathLike[str] = "anatcl-global",
+    *,
+    fold: int = 0,
+    revision: str | None = None,
+    sha256: str | None = None,
+    device: str | torch.device | None = None,
+) -> AnatCL:
+    """Load AnatCL weights from the registry, the Hub, a URL or a local file.
+
+    Args:
+        source: a registry name (``anatcl-global``, ``anatcl-local``, aliases ``global``,
+            ``g3``, ``local``, ``l3``); ``hf://org/name[@revision]``; an http(s) URL of an
+            original ``.pth``; a local ``.pth``/``.pt``/``.safetensors`` file; or a
+            directory holding ``config.json`` + ``model.safetensors``.
+        fold: cross-validation fold (0-4) of a registry model. Folds are separate
+            models: never average their embeddings.
+        revision: Hub branch, tag or commit (``hf://`` sources and the registry's Hub
+            mirror only).
+        sha256: expected SHA-256 of the file read: the original ``.pth`` for URLs,
+            ``.pth`` files and registry models, ``model.safetensors`` for directories,
+            ``.safetensors`` files and Hub repositories.
+        device: ``"cpu"``, ``"cuda"``, ``"mps"``, a ``torch.device``, or ``None`` for the
+            best available.
+
+    Returns:
+        An :class:`~anatcl_infer.model.AnatCL` in eval mode on ``device``, carrying its
+        :class:`~anatcl_infer.config.ModelConfig` (``model.config``).
+
+    Raises:
+        UnknownModelError: not a registry name, URL, Hub address or existing path.
+        CheckpointError: unreadable file or mismatching weights (keys listed).
+        UnsafeCheckpointError: the pickle asks to run code; nothing was run.
+        IntegrityError: ``sha256`` (or the registry's hash) does not match.
+        OfflineError: offline mode is on and the weights are not cached.
+        DownloadError: the network or Hub failed.
+
+    Example:
+        >>> model = load_model("anatcl-global", fold=0, device="cpu")  # doctest: +SKIP
+        >>> model.config.preprocess.model_input_shape  # doctest: +SKIP
+        (121, 128, 121)
+    """
+    from .checkpoint import load_pretrained_dir
+    from ..model.devices import resolve_device
+
+    text = os.fspath(source)
+    is_hf = text.startswith("hf://")
+    is_url = text.startswith(("http://", "https://"))
+    if revision is not None and not is_hf and (is_url or Path(text).expanduser().exists()):
+        raise ConfigError(f"revision={revision!r} applies only to hf:// sources and the registry's Hub mirror (ANATCL_HUB_REPO), not to {text!r}")
+    if is_hf:
+        repo, rev = parse_hf_address(text, revision)
+        files = hf_download(repo, (CONFIG_NAME, WEIGHTS_NAME), revision=rev)
+        if sha256:
+            verify_sha256(files[WEIGHTS_NAME], sha256)
+        model = load_pretrained_dir(files[WEIGHTS_NAME].parent)
+    elif is_url:
+        model = load_pretrained_dir(_load_url(text, sha256))
+    else:
+        path = Path(text).expanduser()
+        if path.exists():
+            model = _load_local(path, sha256)
+        elif path.suffix in (*_CHECKPOINT_SUFFIXES, ".safetensors") or os.sep in text or "/" in text:
+            raise CheckpointError(
+                f"{path} does not exist; check the path (a Hub repository is written hf://org/name, "
+                "a registry model anatcl-global or anatcl-local)",
+                path=str(path),
+            )
+        else:
+            model = load_pretrained_dir(fetch_registry_model(text, fold, sha256=sha256, revision=revision))
+    model = model.to(resolve_device(device)).eval()
+    cfg = model.config
+    logger.info("loaded %s (variant %s, fold %s) from %s", cfg.name, cfg.variant, cfg.fold, cfg.source or text)
+    return model  # type: ignore[return-value]
