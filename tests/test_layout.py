@@ -18,7 +18,7 @@ PKG_DIR = Path(__file__).resolve().parents[1] / "anatcl_infer"
 
 #: Stage of each top-level name of the package, lowest first.
 STAGES = {
-    "_version": 0, "errors": 0, "_optional": 0, "config": 0,
+    "_version": 0, "errors": 0, "_optional": 0, "config": 0, "_files": 0,
     "inputs": 1, "model": 1,
     "weights": 2,
     "encoding": 3,
@@ -159,4 +159,4 @@ def test_folders_name_the_stages():
     folders = {p.name for p in PKG_DIR.iterdir() if p.is_dir() and not p.name.startswith("__")}
     assert {"inputs", "model", "weights", "encoding", "downstream", "qc", "jobs", "training", "cli"} <= folders
     loose = sorted(p.name for p in PKG_DIR.glob("*.py"))
-    assert loose == ["__init__.py", "__main__.py", "_optional.py", "_version.py", "config.py", "errors.py", "sklearn.py"]
+    assert loose == ["__init__.py", "__main__.py", "_files.py", "_optional.py", "_version.py", "config.py", "errors.py", "sklearn.py"]
