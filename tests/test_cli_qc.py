@@ -66,11 +66,14 @@ def test_bad_input_in_the_middle_is_reported_and_the_rest_processed(scans, tmp_p
 
     page = (out / "index.html").read_text()
     assert page.startswith("<!DOCTYPE html>")
-    # self-contained: every picture inline, no external asset of any kind
-    assert not re.search(r"""(src|href)=["']?(https?:|//)""", page)
+    # the folder is the report: pictures linked relative to the page (never inlined), nothing external
+    assert not re.search(r"""(src|href)=["']?(https?:|//|/|data:)""", page)
     assert "<link" not in page and "<script" not in page
     srcs = re.findall(r'src="([^"]+)"', page)
-    assert len(srcs) == 3 + 1 and all(s.startswith("data:image/png;base64,") for s in srcs)
+    assert len(srcs) == 3 + 1 and all((out / s).is_file() for s in srcs)
+    assert sorted(srcs) == sorted(["contact_sheet.png"] + [rows[n]["image"] for n in (
+        "sub-01_mwp1.nii.gz", "sub-03_mwp1.nii.gz", "sub-04_mwp1.nii.gz")])
+    assert [rows["sub-01_mwp1.nii.gz"][f"slice_{a}_mm"] for a in "xyz"] == ["0", "-18", "18"]
     # every input listed; failed ones first, then the flagged T1, then the good ones
     order = [page.index(f"<h3>{p}") for p in (
         str(tmp_path / "missing.nii.gz"), str(scans / "sub-02_mwp1.nii.gz"), str(scans / "sub-04_mwp1.nii.gz"),

@@ -298,6 +298,25 @@ def test_contact_sheet_and_thumbnails(cohort, tmp_path):
         render_contact_sheet([])
 
 
+def test_slices_are_named_and_tagged_in_mni_millimetres(cohort):
+    import io as _io
+
+    from PIL import Image
+
+    from anatcl_infer.qc.plots import model_input_affine, render_slices, slice_positions_mm
+
+    # the crop centre of the published spec: voxel (60, 72, 60) of the grid, MNI (0, -18, 18) mm
+    assert slice_positions_mm(cohort["gm"], config=CFG) == (0.0, -18.0, 18.0)
+    # a spec cropping elsewhere moves the slices by whole voxels of 1.5 mm, with or without the grid
+    shifted = PreprocessConfig(crop=((0, 121), (16, 144), (0, 121)))
+    grid_kept = prepare((mni_gm_on_grid(), REF_AFFINE), shifted, keep_grid=True)
+    input_only = prepare((mni_gm_on_grid(), REF_AFFINE), shifted)
+    assert slice_positions_mm(grid_kept, config=shifted) == slice_positions_mm(input_only, config=shifted) == (0.0, -6.0, 18.0)
+    assert np.allclose(model_input_affine(shifted) @ [0, 0, 0, 1], [90, -126 + 16 * 1.5, -72, 1])
+    text = Image.open(_io.BytesIO(render_slices(grid_kept, None, config=shifted))).text
+    assert text["Description"] == "slices at MNI x=0.0 mm, y=-6.0 mm, z=18.0 mm"
+
+
 def test_missing_matplotlib_says_how_to_install(cohort, monkeypatch):
     from anatcl_infer.qc.plots import render_slices
 

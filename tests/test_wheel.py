@@ -32,7 +32,8 @@ def test_wheel_carries_the_weights_folder_and_data(wheel):
                    "anatcl_infer/weights/published/cards/anatcl-global.md",
                    "anatcl_infer/weights/published/cards/anatcl-local.md",
                    "anatcl_infer/inputs/data/mni152_gm_1p5mm.nii.gz",
-                   "anatcl_infer/inputs/data/mni152_t1_3mm.nii.gz"):
+                   "anatcl_infer/inputs/data/mni152_t1_3mm.nii.gz",
+                   "anatcl_infer/qc/templates/report.html.j2"):
         assert needed in names, needed
     source = json.loads((ROOT / "weights" / "manifest.json").read_text())
     packed = json.loads(zipfile.ZipFile(wheel).read("anatcl_infer/weights/published/manifest.json"))

@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from .._files import atomic_path
+from .._version import __version__
 from ..config import PreprocessConfig
 from ..errors import ConfigError, MissingDependencyError
 from ..inputs.template import GMTemplate, load_gm_template, to_model_space
@@ -32,7 +34,9 @@ __all__ = [
     "Thumbnail",
     "make_thumbnail",
     "render_contact_sheet",
+    "model_input_affine",
     "render_slices",
+    "slice_positions_mm",
     "write_atomic",
 ]
 
@@ -66,21 +70,17 @@ def _matplotlib() -> tuple[Any, Any]:
 def write_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
     """Write ``data`` to a temporary file beside ``path``, then rename it over ``path``.
 
+    The file gets the mode a plain ``open`` would give it under the process umask (see
+    :mod:`anatcl_infer._files`), so a report folder can be shared with colleagues.
+
     Example:
         >>> import tempfile, pathlib
         >>> write_atomic(pathlib.Path(tempfile.mkdtemp()) / "a.txt", b"hi").read_bytes()
         b'hi'
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
     return path
 
 
@@ -130,9 +130,39 @@ def _window(volume: np.ndarray) -> tuple[float, float]:
     return lo, hi
 
 
+def model_input_affine(config: PreprocessConfig) -> np.ndarray:
+    """The affine of the model input (the crop box, plus any padding) in the grid's world space.
+
+    Example:
+        >>> float(model_input_affine(PreprocessConfig())[1, 3])  # y of the first model-input voxel: -126 + 8 * 1.5
+        -114.0
+    """
+    grid = np.asarray(config.grid_affine, dtype=np.float64)
+    shift = np.eye(4)
+    for axis, ((start, stop), size) in enumerate(zip(config.crop, config.model_input_shape)):
+        shift[axis, 3] = start - (size - (stop - start)) // 2
+    return grid @ shift
+
+
+def _ras_to_world(centre: Sequence[int], shape: Sequence[int], affine: np.ndarray) -> tuple[float, float, float]:
+    """World (MNI mm) coordinates x, y, z of the voxel at ``centre`` of the RAS view of a volume."""
+    order = _world_order(affine)
+    signs = _axis_signs(affine)
+    ijk = [0, 0, 0]
+    for w, a in enumerate(order):
+        c = int(centre[w])
+        ijk[a] = c if signs[a] > 0 else int(shape[a]) - 1 - c
+    xyz = np.asarray(affine, dtype=np.float64) @ np.array([*ijk, 1.0])
+    return float(xyz[0]), float(xyz[1]), float(xyz[2])
+
+
+def _mm(value: float) -> str:
+    return f"{value:.1f}".replace("-0.0", "0.0") + " mm"
+
+
 @dataclass
 class _View:
-    """One panel: a 2-D image (rows = vertical), its outline, box and edge letters."""
+    """One panel: a 2-D image (rows = vertical), its outline, box, overlay and edge letters."""
 
     image: np.ndarray
     outline: np.ndarray | None
@@ -142,6 +172,7 @@ class _View:
     bottom: str
     top: str
     name: str
+    overlay: np.ndarray | None = None
 
 
 def _views(
@@ -150,40 +181,68 @@ def _views(
     box: list[tuple[int, int]] | None,
     centre: Sequence[int],
     orientation: str,
+    mm: Sequence[float] | None = None,
+    overlay: np.ndarray | None = None,
 ) -> list[_View]:
-    """Sagittal, coronal and axial panels through ``centre`` (RAS index space)."""
+    """Sagittal, coronal and axial panels through ``centre`` (RAS index space).
+
+    ``mm`` (the world position of ``centre``) names each slice by its MNI coordinate;
+    without it slices are named by voxel index.
+    """
     cx, cy, cz = (int(c) for c in centre)
     neuro = orientation == "neurological"
+    names = (
+        [f"sagittal x={_mm(mm[0])}", f"coronal y={_mm(mm[1])}", f"axial z={_mm(mm[2])}"]
+        if mm is not None
+        else [f"sagittal x={cx}", f"coronal y={cy}", f"axial z={cz}"]
+    )
 
     def pick(vol: np.ndarray | None, axis: int, index: int) -> np.ndarray | None:
         return None if vol is None else np.take(vol, index, axis=axis).T  # rows = the later axis
 
+    def lr_flip(img: np.ndarray | None) -> np.ndarray | None:
+        return None if img is None or neuro else img[:, ::-1]
+
     views = []
     # sagittal: horizontal = y (P -> A), vertical = z
-    views.append(_View(pick(ras, 0, cx), pick(outline, 0, cx), (box[1], box[2]) if box else None, "P", "A", "I", "S", f"sagittal x={cx}"))
+    views.append(
+        _View(pick(ras, 0, cx), pick(outline, 0, cx), (box[1], box[2]) if box else None, "P", "A", "I", "S", names[0],
+              pick(overlay, 0, cx))
+    )
     # coronal and axial: horizontal = x; neurological puts the subject's left on the left
-    cor = pick(ras, 1, cy)
-    cor_out = pick(outline, 1, cy)
-    ax = pick(ras, 2, cz)
-    ax_out = pick(outline, 2, cz)
+    panels = [(pick(ras, 1, cy), pick(outline, 1, cy), pick(overlay, 1, cy)),
+              (pick(ras, 2, cz), pick(outline, 2, cz), pick(overlay, 2, cz))]
     xbox = box[0] if box else None
     lr = ("L", "R")
     if not neuro:
         nx = ras.shape[0]
-        cor, ax = cor[:, ::-1], ax[:, ::-1]
-        cor_out = None if cor_out is None else cor_out[:, ::-1]
-        ax_out = None if ax_out is None else ax_out[:, ::-1]
+        panels = [tuple(lr_flip(p) for p in trio) for trio in panels]  # type: ignore[misc]
         xbox = (nx - xbox[1], nx - xbox[0]) if xbox else None
         lr = ("R", "L")
-    views.append(_View(cor, cor_out, (xbox, box[2]) if box else None, lr[0], lr[1], "I", "S", f"coronal y={cy}"))
-    views.append(_View(ax, ax_out, (xbox, box[1]) if box else None, lr[0], lr[1], "P", "A", f"axial z={cz}"))
+    (cor, cor_out, cor_ov), (ax, ax_out, ax_ov) = panels
+    views.append(_View(cor, cor_out, (xbox, box[2]) if box else None, lr[0], lr[1], "I", "S", names[1], cor_ov))  # type: ignore[arg-type]
+    views.append(_View(ax, ax_out, (xbox, box[1]) if box else None, lr[0], lr[1], "P", "A", names[2], ax_ov))  # type: ignore[arg-type]
     return views
 
 
-def _draw_panel(axes: Any, view: _View, window: tuple[float, float], *, small: bool = False) -> None:
+def _draw_panel(
+    axes: Any,
+    view: _View,
+    window: tuple[float, float],
+    *,
+    small: bool = False,
+    overlay_window: float = 1.0,
+) -> Any:
     from matplotlib.patches import Rectangle
 
     axes.imshow(view.image, cmap="gray", vmin=window[0], vmax=window[1], origin="lower", interpolation="nearest")
+    shown = None
+    if view.overlay is not None:
+        masked = np.ma.masked_where(np.abs(view.overlay) < 0.15 * overlay_window, view.overlay)
+        shown = axes.imshow(
+            masked, cmap="RdBu_r", vmin=-overlay_window, vmax=overlay_window, origin="lower", interpolation="nearest",
+            alpha=0.85,
+        )
     if view.outline is not None and view.outline.any() and not view.outline.all():
         axes.contour(view.outline.astype(np.float32), levels=[0.5], colors=[_OUTLINE], linewidths=0.6 if small else 0.9)
     if view.box is not None:
@@ -201,6 +260,83 @@ def _draw_panel(axes: Any, view: _View, window: tuple[float, float], *, small: b
         axes.text(0.5, 0.98, view.top, ha="center", va="top", **kw)
         axes.set_title(view.name, fontsize=9)
     axes.set_facecolor("black")
+    return shown
+
+
+@dataclass
+class _Layout:
+    """What a three-slice picture shows: a volume in RAS view, outline, crop box, centre and its MNI mm."""
+
+    ras: np.ndarray
+    outline: np.ndarray | None
+    box: list[tuple[int, int]] | None
+    centre: list[int]
+    mm: tuple[float, float, float]
+    what: str
+    window: tuple[float, float]
+
+
+def _layout(prepared: Any, config: PreprocessConfig, template: GMTemplate) -> _Layout:
+    affine = np.asarray(config.grid_affine, dtype=np.float64)
+    grid = getattr(prepared, "grid", None)
+    on_template = template.matches(config)
+    if grid is not None and tuple(np.shape(grid)) == tuple(config.grid_shape):
+        volume = np.asarray(grid, dtype=np.float32)
+        outline = template.brain_mask if on_template else None
+        box_idx: list[tuple[int, int]] | None = list(config.crop)
+        what = f"conformed grid {tuple(config.grid_shape)}; dashed box = model input {tuple(config.model_input_shape)}"
+        vol_affine = affine
+    else:
+        volume = np.asarray(prepared.array, dtype=np.float32).reshape(config.model_input_shape)
+        outline = to_model_space(template.brain_mask, config) if on_template else None
+        box_idx = None
+        what = f"model input {tuple(config.model_input_shape)}"
+        vol_affine = model_input_affine(config)
+    volume = np.nan_to_num(volume, nan=0.0, posinf=0.0, neginf=0.0)
+    ras = _to_ras(volume, affine)
+    ras_box = _box_to_ras(box_idx, volume.shape, affine) if box_idx else None
+    centre = [(a + b) // 2 for a, b in ras_box] if ras_box else [n // 2 for n in ras.shape]
+    return _Layout(
+        ras=ras,
+        outline=None if outline is None else _to_ras(outline, affine),
+        box=ras_box,
+        centre=centre,
+        mm=_ras_to_world(centre, volume.shape, vol_affine),
+        what=what,
+        window=_window(volume),
+    )
+
+
+def slice_positions_mm(prepared: Any, *, config: PreprocessConfig | None = None) -> tuple[float, float, float]:
+    """MNI coordinates (x, y, z, in mm) of the three slices :func:`render_slices` draws.
+
+    Example:
+        >>> from anatcl_infer.inputs.preprocess import prepare
+        >>> slice_positions_mm(prepare("examples/data/mwp1sub-mni01_T1w.nii.gz", keep_grid=True))
+        (0.0, -18.0, 18.0)
+    """
+    config = config or PreprocessConfig()
+    affine = np.asarray(config.grid_affine, dtype=np.float64)
+    grid = getattr(prepared, "grid", None)
+    if grid is not None and tuple(np.shape(grid)) == tuple(config.grid_shape):
+        shape, vol_affine = tuple(config.grid_shape), affine
+        box = _box_to_ras(list(config.crop), shape, affine)
+        centre = [(a + b) // 2 for a, b in box]
+    else:
+        shape, vol_affine = tuple(config.model_input_shape), model_input_affine(config)
+        order = _world_order(affine)
+        centre = [shape[order[w]] // 2 for w in range(3)]
+    return _ras_to_world(centre, shape, vol_affine)
+
+
+def _png_bytes(fig: Any, dpi: int, description: str) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, metadata={"Software": f"anatcl-infer {__version__}", "Description": description})
+    return buf.getvalue()
+
+
+def _slices_text(mm: Sequence[float]) -> str:
+    return f"slices at MNI x={mm[0]:.1f} mm, y={mm[1]:.1f} mm, z={mm[2]:.1f} mm".replace("-0.0", "0.0")
 
 
 def render_slices(
@@ -219,7 +355,8 @@ def render_slices(
     The outline of the reference brain (the template's brain mask) is drawn in cyan.
     When ``prepared.grid`` was kept, the whole conformed grid is shown and the crop
     box (what the model receives) is the dashed yellow rectangle; otherwise the model
-    input itself fills the panels.
+    input itself fills the panels. Each panel is named by its MNI coordinate in mm;
+    the PNG's ``Description`` text chunk repeats them (:func:`slice_positions_mm`).
 
     Args:
         prepared: a :class:`anatcl_infer.inputs.preprocess.Prepared`.
@@ -248,41 +385,22 @@ def render_slices(
     Figure, FigureCanvasAgg = _matplotlib()
     config = config or PreprocessConfig()
     template = template if template is not None else load_gm_template()
-    affine = np.asarray(config.grid_affine, dtype=np.float64)
-    grid = getattr(prepared, "grid", None)
-    on_template = template.matches(config)
-    if grid is not None and tuple(np.shape(grid)) == tuple(config.grid_shape):
-        volume = np.asarray(grid, dtype=np.float32)
-        outline = template.brain_mask if on_template else None
-        box_idx: list[tuple[int, int]] | None = list(config.crop)
-        what = f"conformed grid {tuple(config.grid_shape)}; dashed box = model input {tuple(config.model_input_shape)}"
-    else:
-        volume = np.asarray(prepared.array, dtype=np.float32).reshape(config.model_input_shape)
-        outline = to_model_space(template.brain_mask, config) if on_template else None
-        box_idx = None
-        what = f"model input {tuple(config.model_input_shape)}"
-    volume = np.nan_to_num(volume, nan=0.0, posinf=0.0, neginf=0.0)
-    ras = _to_ras(volume, affine)
-    ras_outline = None if outline is None else _to_ras(outline, affine)
-    ras_box = _box_to_ras(box_idx, volume.shape, affine) if box_idx else None
-    centre = [(a + b) // 2 for a, b in ras_box] if ras_box else [n // 2 for n in ras.shape]
-    window = _window(volume)
+    lay = _layout(prepared, config, template)
 
     fig = Figure(figsize=_SLICES_INCHES, dpi=dpi, facecolor="white")
     FigureCanvasAgg(fig)
+    ras = lay.ras
     widths = [ras.shape[1], ras.shape[0], ras.shape[0]]
     grid_spec = fig.add_gridspec(1, 3, width_ratios=widths, left=0.01, right=0.99, bottom=0.04, top=0.80, wspace=0.04)
-    for k, view in enumerate(_views(ras, ras_outline, ras_box, centre, orientation)):
-        _draw_panel(fig.add_subplot(grid_spec[0, k]), view, window)
+    for k, view in enumerate(_views(ras, lay.outline, lay.box, lay.centre, orientation, lay.mm)):
+        _draw_panel(fig.add_subplot(grid_spec[0, k]), view, lay.window)
     head = title if title is not None else str(getattr(prepared, "source", ""))
     if len(head) > 110:
         head = "..." + head[-107:]
     fig.text(0.01, 0.965, head, fontsize=10, fontweight="bold", va="top")
-    line2 = f"{what}; {orientation} (L/R marked); cyan = reference brain outline"
+    line2 = f"{lay.what}; {orientation} (L/R marked); cyan = reference brain outline"
     fig.text(0.01, 0.905, line2 + (f"\n{subtitle}" if subtitle else ""), fontsize=8, va="top", color="#333333")
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
-    data = buf.getvalue()
+    data = _png_bytes(fig, dpi, _slices_text(lay.mm))
     if path is not None:
         write_atomic(path, data)
     return data
@@ -393,9 +511,7 @@ def render_contact_sheet(
                 spine.set_linewidth(2.0)
     if title:
         fig.text(0.005, 1.0 - 0.08 / (rows * cell_h + header), title, fontsize=10, fontweight="bold", va="top")
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
-    data = buf.getvalue()
+    data = _png_bytes(fig, dpi, title or "contact sheet")
     if path is not None:
         write_atomic(path, data)
     return data

@@ -5,23 +5,24 @@
 :func:`~anatcl_infer.qc.qc_metrics`, draws the three-slice picture; then it flags the
 cohort's outliers and writes, in ``out_dir``:
 
-* ``index.html`` — one self-contained page (pictures embedded as data URIs, inline
-  CSS): failed inputs first, then flagged ones, then the rest;
+* ``index.html`` — one page from the jinja2 template ``templates/report.html.j2``
+  (autoescaped, inline CSS, no script): failed inputs first, then flagged ones, then the
+  rest. Pictures are *linked* from the folder, not embedded, so the page stays well under
+  2 kB per input (about 20 MB for 10,000 inputs instead of 1.7 GB); keep the folder together;
 * ``qc_metrics.csv`` — one row per input: ``path``, ``status``, ``stage``, ``error``,
-  ``qc_flag``, ``qc_reasons`` and every ``qc_*`` metric;
+  ``qc_flag``, ``qc_reasons``, every ``qc_*`` metric, the picture and the MNI positions (mm)
+  of its three slices;
 * ``images/NNNN_<name>.png`` — the three-slice picture of each input;
 * ``contact_sheet.png`` (``contact_sheet_NN.png`` past 48 inputs).
 
 One bad input is recorded (path, stage, message) and does not stop the others. Every
-file is written atomically (temporary file, then rename).
+file is written atomically (temporary file, then rename) with the process umask's mode.
 """
 
 from __future__ import annotations
 
-import base64
 import csv
 import datetime as _dt
-import html
 import io
 import logging
 import math
@@ -41,14 +42,16 @@ from .plots import (
     make_thumbnail,
     render_contact_sheet,
     render_slices,
+    slice_positions_mm,
     write_atomic,
 )
 
-__all__ = ["QCItem", "QCReport", "build_qc_report", "qc_one", "write_html", "write_metrics_csv"]
+__all__ = ["QCItem", "QCReport", "build_qc_report", "qc_one", "readable", "write_html", "write_metrics_csv"]
 
 logger = logging.getLogger(__name__)
 
 SHEET_PAGE = 48  # inputs per contact-sheet page
+_SLICE_COLUMNS = ("slice_x_mm", "slice_y_mm", "slice_z_mm")  # MNI positions of the picture's slices
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -60,7 +63,7 @@ class QCItem:
         path: the input as given.
         ok: whether it went through preprocessing.
         metrics: ``qc_*`` columns (empty when it failed).
-        png: the three-slice picture (PNG bytes, empty when it failed).
+        png: the three-slice picture (PNG bytes; empty when it failed or was written to a folder).
         image_name: file name of the picture under ``images/``.
         thumbnail: small axial view for the contact sheet.
         warnings: preparation warnings.
@@ -68,6 +71,7 @@ class QCItem:
         error: the failure message.
         flagged: outlier flag (set once the whole cohort is known).
         reasons: why it is flagged.
+        slices_mm: MNI coordinates (x, y, z) of the picture's three slices, in mm.
     """
 
     path: str
@@ -81,6 +85,7 @@ class QCItem:
     error: str = ""
     flagged: bool = False
     reasons: str = ""
+    slices_mm: tuple[float, float, float] | None = None
 
 
 @dataclass
@@ -127,7 +132,7 @@ def _caption(metrics: dict[str, float | str]) -> str:
     return (
         f"kind {metrics.get('qc_kind')} ({float(metrics.get('qc_kind_confidence', float('nan'))):.2f}), "
         f"template r {float(corr):.3f}, GM coverage {float(cover):.3f}, "
-        f"range {float(metrics.get('qc_min', float('nan'))):.3g}..{float(metrics.get('qc_max', float('nan'))):.3g}, "
+        f"range {readable(metrics.get('qc_min'))}..{readable(metrics.get('qc_max'))}, "
         f"conform {metrics.get('qc_method')}"
     )
 
@@ -177,13 +182,17 @@ def qc_one(
         name = _image_name(index, source)
         target = None if images_dir is None else Path(images_dir) / name
         png = render_slices(prepared, target, config=config, subtitle=_caption(metrics))
+        if target is not None:
+            png = b""  # on disk; thousands of pictures must not travel back from workers or stay in memory
         thumb = make_thumbnail(prepared, os.path.basename(source), config=config)
+        slices = slice_positions_mm(prepared, config=config)
     except AnatCLError:
         raise  # a missing extra or a broken installation concerns every input: stop
     except (ValueError, MemoryError, OSError) as exc:
         return QCItem(path=source, ok=False, stage="qc", error=f"{type(exc).__name__}: {exc}")
     return QCItem(
-        path=source, metrics=metrics, png=png, image_name=name, thumbnail=thumb, warnings=list(prepared.warnings)
+        path=source, metrics=metrics, png=png, image_name=name, thumbnail=thumb, warnings=list(prepared.warnings),
+        slices_mm=slices,
     )
 
 
@@ -235,7 +244,7 @@ def write_metrics_csv(items: Sequence[QCItem], path: str | os.PathLike[str]) -> 
     Example:
         >>> write_metrics_csv(report.items, "qc/qc_metrics.csv")  # doctest: +SKIP
     """
-    header = ["path", "status", "stage", "error", "qc_flag", "qc_reasons", *QC_COLUMNS, "image"]
+    header = ["path", "status", "stage", "error", "qc_flag", "qc_reasons", *QC_COLUMNS, "image", *_SLICE_COLUMNS]
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(header)
@@ -243,32 +252,35 @@ def write_metrics_csv(items: Sequence[QCItem], path: str | os.PathLike[str]) -> 
         row = [it.path, "ok" if it.ok else "failed", it.stage, it.error, str(bool(it.flagged)).lower(), it.reasons]
         row += [_fmt(it.metrics.get(col)) for col in QC_COLUMNS]
         row.append(f"images/{it.image_name}" if it.image_name else "")
+        row += [f"{v:g}" for v in it.slices_mm] if it.slices_mm else ["", "", ""]
         writer.writerow(row)
     return write_atomic(path, buf.getvalue().encode("utf-8"))
 
 
-_CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:1.5em;color:#1d1d1f;background:#fafafa}
-h1{font-size:1.4em;margin:0 0 .3em}h2{font-size:1.1em;margin:1.4em 0 .5em}
-.summary span{display:inline-block;margin-right:1.2em;padding:.2em .6em;border-radius:4px;background:#e8e8ed}
-.summary .bad{background:#fde2df;color:#8a1c10}.summary .warn{background:#fff1c2;color:#6b4e00}
-table{border-collapse:collapse;font-size:.85em;background:white}
-th,td{border:1px solid #ddd;padding:.25em .5em;text-align:left;vertical-align:top}
-th{background:#f0f0f3;position:sticky;top:0}
-tr.failed td{background:#fde2df}tr.flagged td{background:#fff6d6}
-.card{background:white;border:1px solid #ddd;border-radius:6px;margin:1em 0;padding:.8em}
-.card.failed{border-left:6px solid #c0392b}.card.flagged{border-left:6px solid #e6a700}.card.ok{border-left:6px solid #2e8b57}
-.card h3{font-size:1em;margin:0 0 .4em;word-break:break-all}
-.card img{max-width:100%;height:auto;display:block}
-.reasons{color:#8a1c10;font-weight:600}.warnings{color:#6b4e00}
-.metrics{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.8em;color:#333}
-.sheet img{max-width:100%;height:auto;border:1px solid #ddd}
-.note{color:#555;font-size:.85em;max-width:70em}
-"""
+def readable(value: Any) -> str:
+    """A number as a person reads it: 4 significant digits, scientific notation when tiny or huge.
 
+    ``""`` for NaN or ``None``; text is returned unchanged.
 
-def _data_uri(png: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+    Example:
+        >>> readable(4.440892098500626e-16), readable(0.97312), readable(1234567.0), readable(0.0), readable(7.0)
+        ('4.4e-16', '0.9731', '1.2e+06', '0', '7')
+    """
+    if value is None:
+        return ""
+    if isinstance(value, (bool, str)):
+        return str(value)
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    if math.isnan(v):
+        return ""
+    if v == 0:
+        return "0"
+    if math.isinf(v) or not 1e-3 <= abs(v) < 1e5:
+        return f"{v:.2g}" if not math.isinf(v) else str(v)
+    return f"{v:.4g}"
 
 
 def _order(items: Sequence[QCItem]) -> list[QCItem]:
@@ -287,105 +299,91 @@ def _order(items: Sequence[QCItem]) -> list[QCItem]:
     return [it for _, it in sorted(enumerate(items), key=key)]
 
 
+def _environment() -> Any:
+    """The jinja2 environment of the report templates (autoescaping on for every template)."""
+    import jinja2
+
+    return jinja2.Environment(
+        loader=jinja2.PackageLoader("anatcl_infer.qc", "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+
+
+def _row(it: QCItem, num: int) -> dict[str, Any]:
+    """The template's view of one input: plain strings (escaped by the template), no markup."""
+    m = it.metrics
+    row: dict[str, Any] = {
+        "num": num,
+        "ok": it.ok,
+        "cls": "failed" if not it.ok else ("flagged" if it.flagged else "ok"),
+        "name": os.path.basename(it.path) or it.path,
+        "path": it.path,
+        "stage": it.stage,
+        "error": it.error,
+    }
+    if not it.ok:
+        return row
+    row.update(
+        kind=f"{m.get('qc_kind')} ({readable(m.get('qc_kind_confidence'))})",
+        corr=readable(m.get("qc_template_corr")),
+        cover=readable(m.get("qc_brain_coverage")),
+        out_brain=readable(m.get("qc_signal_outside_brain")),
+        out_crop=readable(m.get("qc_signal_outside_crop")),
+        orient=str(m.get("qc_orientation", "")),
+        range=f"{readable(m.get('qc_min'))} .. {readable(m.get('qc_max'))}",
+        zeros=readable(m.get("qc_zero_fraction")),
+        method=str(m.get("qc_method", "")),
+        n_warn=len(it.warnings),
+        reasons=it.reasons,
+        warnings=list(it.warnings),
+        metrics=", ".join(f"{k[3:]}={readable(v)}" for k, v in m.items() if k != "qc_warnings"),
+        image=f"images/{it.image_name}" if it.image_name else "",
+    )
+    if it.slices_mm:
+        row["metrics"] += ", slices_mm=" + "/".join(f"{v:g}" for v in it.slices_mm)
+    return row
+
+
 def write_html(
     items: Sequence[QCItem],
     path: str | os.PathLike[str],
     *,
     config: PreprocessConfig,
-    contact_sheets: Sequence[bytes] = (),
+    contact_sheets: Sequence[str] = (),
     title: str = "anatcl-infer QC report",
     model: str = "",
 ) -> Path:
-    """Write the single self-contained ``index.html`` (no external assets), atomically.
+    """Write ``index.html`` from the package's jinja2 template (autoescaped), atomically.
+
+    Pictures are linked, not embedded: ``images/<name>.png`` of each item and the
+    ``contact_sheets`` (file names relative to the page's folder), so the page stays a
+    few hundred bytes per input however large the cohort. Every file name, warning and
+    error message is escaped.
 
     Example:
         >>> write_html(report.items, "qc/index.html", config=PreprocessConfig())  # doctest: +SKIP
     """
-    esc = html.escape
-    ordered = _order(items)
-    n_fail = sum(not it.ok for it in items)
-    n_flag = sum(it.flagged for it in items)
-    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        '<meta name="viewport" content="width=device-width,initial-scale=1">',
-        f"<title>{esc(title)}</title><style>{_CSS}</style></head><body>",
-        f"<h1>{esc(title)}</h1>",
-        (
-            '<p class="summary">'
-            f"<span>{len(items)} inputs</span><span>{len(items) - n_fail} prepared</span>"
-            f'<span class="{"warn" if n_flag else ""}">{n_flag} flagged</span>'
-            f'<span class="{"bad" if n_fail else ""}">{n_fail} failed</span></p>'
-        ),
-        (
-            f'<p class="note">Preprocessing spec{(" of " + esc(model)) if model else ""}: input kind '
-            f"<b>{esc(config.input_kind)}</b>, grid {esc(str(tuple(config.grid_shape)))}, crop "
-            f"{esc(str(tuple(tuple(c) for c in config.crop)))}, model input {esc(str(tuple(config.model_input_shape)))}, "
-            f"intensity {esc(config.intensity)}. Pictures show the conformed grid in neurological orientation "
-            "(subject's left on the left), the dashed yellow box is exactly what the model receives and the cyan "
-            "line is the outline of the reference brain (MNI152). Flags: template correlation below 0.5 or a robust "
-            "z-score below -3.5 within this cohort, low grey-matter coverage (robust z &lt; -3.5), brain signal outside "
-            "the crop box, a better match with the template flipped front/back or up/down, or an input kind other "
-            f"than the model expects. anatcl-infer {esc(__version__)}, {stamp}.</p>"
-        ),
-        (
-            "<h2>Summary</h2><table><thead><tr><th>#</th><th>input</th><th>status</th><th>kind</th>"
-            "<th>template r</th><th>GM coverage</th><th>outside brain</th><th>outside crop</th><th>orientation</th>"
-            "<th>range</th><th>zeros</th><th>conform</th><th>warnings</th><th>flag / error</th></tr></thead><tbody>"
-        ),
-    ]
-    anchors = {id(it): f"item{i}" for i, it in enumerate(items)}
     numbers = {id(it): i for i, it in enumerate(items)}
-    for it in ordered:
-        m = it.metrics
-        cls = "failed" if not it.ok else ("flagged" if it.flagged else "ok")
-        num = numbers[id(it)]
-        if it.ok:
-            cells = [
-                f"{esc(str(m.get('qc_kind')))} ({float(m.get('qc_kind_confidence', float('nan'))):.2f})",
-                _fmt(m.get("qc_template_corr"))[:6],
-                _fmt(m.get("qc_brain_coverage"))[:6],
-                _fmt(m.get("qc_signal_outside_brain"))[:6],
-                _fmt(m.get("qc_signal_outside_crop"))[:6],
-                esc(str(m.get("qc_orientation", ""))),
-                f"{_fmt(m.get('qc_min'))[:7]} .. {_fmt(m.get('qc_max'))[:7]}",
-                _fmt(m.get("qc_zero_fraction"))[:6],
-                esc(str(m.get("qc_method"))),
-                str(len(it.warnings)),
-                esc(it.reasons),
-            ]
-            status = "flagged" if it.flagged else "ok"
-        else:
-            cells = [""] * 10 + [f"{esc(it.stage)}: {esc(it.error)}"]
-            status = "failed"
-        parts.append(
-            f'<tr class="{cls}"><td>{num}</td><td><a href="#{anchors[id(it)]}">{esc(os.path.basename(it.path) or it.path)}'
-            f"</a></td><td>{status}</td>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>"
-        )
-    parts.append("</tbody></table>")
-    if contact_sheets:
-        parts.append("<h2>Contact sheet</h2>")
-        for k, png in enumerate(contact_sheets):
-            parts.append(f'<div class="sheet"><img alt="contact sheet {k + 1}" src="{_data_uri(png)}"></div>')
-    parts.append("<h2>Inputs</h2>")
-    for it in ordered:
-        cls = "failed" if not it.ok else ("flagged" if it.flagged else "ok")
-        parts.append(f'<div class="card {cls}" id="{anchors[id(it)]}"><h3>{esc(it.path)}</h3>')
-        if not it.ok:
-            parts.append(f'<p class="reasons">failed at {esc(it.stage)}: {esc(it.error)}</p></div>')
-            continue
-        if it.reasons:
-            parts.append(f'<p class="reasons">flagged: {esc(it.reasons)}</p>')
-        for w in it.warnings:
-            parts.append(f'<p class="warnings">warning: {esc(w)}</p>')
-        metrics = ", ".join(f"{k[3:]}={esc(_fmt(v))}" for k, v in it.metrics.items() if k != "qc_warnings")
-        parts.append(f'<p class="metrics">{metrics}</p>')
-        if it.png:
-            parts.append(f'<img alt="{esc(os.path.basename(it.path))}" src="{_data_uri(it.png)}">')
-        parts.append("</div>")
-    parts.append("</body></html>\n")
-    return write_atomic(path, "\n".join(parts).encode("utf-8"))
+    page = _environment().get_template("report.html.j2").render(
+        title=title,
+        model=model,
+        config=config,
+        grid_shape=str(tuple(config.grid_shape)),
+        crop=str(tuple(tuple(c) for c in config.crop)),
+        model_input_shape=str(tuple(config.model_input_shape)),
+        n_inputs=len(items),
+        n_failed=sum(not it.ok for it in items),
+        n_flagged=sum(it.flagged for it in items),
+        rows=[_row(it, numbers[id(it)]) for it in _order(items)],
+        sheets=[str(s) for s in contact_sheets],
+        version=__version__,
+        stamp=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    )
+    return write_atomic(path, page.encode("utf-8"))
 
 
 def build_qc_report(
@@ -449,17 +447,18 @@ def build_qc_report(
         if why:
             logger.warning("%s: flagged: %s", it.path, why)
 
-    sheets: list[bytes] = []
     sheet_paths: list[Path] = []
     thumbs = [it.thumbnail for it in _order(ok) if it.thumbnail is not None]
     pages = [thumbs[k : k + SHEET_PAGE] for k in range(0, len(thumbs), SHEET_PAGE)]
     for k, page in enumerate(pages):
         name = "contact_sheet.png" if len(pages) == 1 else f"contact_sheet_{k + 1:02d}.png"
         title = f"central axial slice of the model input, flagged first ({k * SHEET_PAGE + 1}-{k * SHEET_PAGE + len(page)} of {len(thumbs)})"
-        sheets.append(render_contact_sheet(page, out / name, title=title))
+        render_contact_sheet(page, out / name, title=title)
         sheet_paths.append(out / name)
     metrics_csv = write_metrics_csv(items, out / "qc_metrics.csv")
-    index = write_html(items, out / "index.html", config=config, contact_sheets=sheets, model=model_name or "")
+    index = write_html(
+        items, out / "index.html", config=config, contact_sheets=[p.name for p in sheet_paths], model=model_name or ""
+    )
     logger.info(
         "QC of %d inputs: %d flagged, %d failed; report %s", len(items), sum(it.flagged for it in items), len(items) - len(ok), index
     )
