@@ -108,7 +108,8 @@ class _PrepareDataset(torch.utils.data.Dataset):
 
         item = self.items[index]
         try:
-            prepared = prepare(item, self.config, strict=self.strict, keep_grid=False)
+            # QC (`embed --qc`) needs the conformed grid for qc_signal_outside_crop; it is freed with `prepared`
+            prepared = prepare(item, self.config, strict=self.strict, keep_grid=self.extra is not None)
             info: dict[str, Any] = {
                 "method": prepared.method,
                 "warnings": list(prepared.warnings),

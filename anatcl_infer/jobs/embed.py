@@ -305,7 +305,8 @@ def run_embed(
         fmt: ``"parquet"`` or ``"csv"``.
         resume: keep what an earlier run of the same job wrote and embed only the rest.
         overwrite: replace an existing output (otherwise an existing output is an error).
-        qc: add the QC metrics of :func:`anatcl_infer.qc.qc_metrics` as columns.
+        qc: add the QC metrics of :func:`anatcl_infer.qc.qc_metrics` as columns, plus ``qc_flag`` and
+            ``qc_reasons`` (:func:`anatcl_infer.qc.metrics.add_qc_flags`), equal to ``anatcl qc``'s.
         head: a head directory whose predictions are added as columns.
         prior_failures: failures of earlier stages (e.g. the raw-T1 route) to report with these.
 
@@ -394,6 +395,10 @@ def run_embed(
     else:
         final = _build_table([], fold_ids, models[0].config.name, [], np.zeros((0, models[0].config.feature_dim * len(models)), np.float32), [])
     final = _dedupe(_sort_table(final))
+    if qc:  # the cohort's outlier flags, as `anatcl qc` computes them
+        from ..qc.metrics import add_qc_flags
+
+        final = add_qc_flags(final, expected_kind=models[0].config.preprocess.input_kind)
     if head is not None:
         final = _add_head_columns(final, head, meta)
     _write_final(final, out, fmt, meta)

@@ -25,7 +25,7 @@ from ..config import PreprocessConfig
 from ..errors import ConfigError
 from ..inputs.template import GMTemplate, load_gm_template, to_model_space
 
-__all__ = ["QC_COLUMNS", "flag_outliers", "outlier_reasons", "qc_metrics", "robust_z"]
+__all__ = ["QC_COLUMNS", "add_qc_flags", "flag_outliers", "outlier_reasons", "qc_metrics", "robust_z"]
 
 logger = logging.getLogger(__name__)
 
@@ -338,3 +338,39 @@ def flag_outliers(metrics: Any, **kwargs: Any) -> Any:
 
         return pd.Series(flags, index=index, name="qc_flag")
     return flags
+
+
+def add_qc_flags(table: Any, *, expected_kind: str | None = "gm", **kwargs: Any) -> Any:
+    """Add (or recompute) the ``qc_flag`` (bool) and ``qc_reasons`` (text) columns of a features table.
+
+    This is what ``anatcl embed --qc`` runs once the whole table is assembled (a resumed run
+    flags its rows again against the whole cohort), with the rule of :func:`outlier_reasons`,
+    so its flags equal those of ``anatcl qc`` on the same inputs. Rows of several folds of
+    one input carry the same metrics and get the same flag (repeating every value the same
+    number of times changes neither the median nor the MAD).
+
+    Args:
+        table: a ``pyarrow.Table`` with the ``qc_*`` columns of :func:`qc_metrics`.
+        expected_kind: the input kind the model expects (``config.input_kind``).
+        **kwargs: other thresholds of :func:`outlier_reasons`.
+
+    Returns:
+        The table with ``qc_flag`` and ``qc_reasons`` as its last columns.
+
+    Example:
+        >>> import pyarrow as pa
+        >>> t = pa.table({"qc_template_corr": [0.9, 0.91, 0.89, 0.9, 0.92, 0.3]})
+        >>> add_qc_flags(t, expected_kind=None).column("qc_flag").to_pylist()
+        [False, False, False, False, False, True]
+    """
+    import pyarrow as pa
+
+    for name in ("qc_flag", "qc_reasons"):
+        if name in table.column_names:
+            table = table.drop_columns([name])
+    cols = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names if name.startswith("qc_")}
+    if not cols:
+        cols = {"qc_template_corr": np.full(table.num_rows, np.nan)}
+    reasons = outlier_reasons(cols, expected_kind=expected_kind, **kwargs) if table.num_rows else []
+    table = table.append_column("qc_flag", pa.array([bool(r) for r in reasons], pa.bool_()))
+    return table.append_column("qc_reasons", pa.array(reasons, pa.string()))
