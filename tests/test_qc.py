@@ -326,7 +326,7 @@ def test_missing_matplotlib_says_how_to_install(cohort, monkeypatch):
     assert info.value.extra == "qc" and isinstance(info.value, ImportError)
 
 
-@pytest.mark.parametrize("module", ["inputs.template", "qc.metrics", "qc.plots", "qc.report"])
+@pytest.mark.parametrize("module", ["inputs.template", "qc.metrics", "qc.plots", "qc.report", "qc.explain"])
 def test_docstring_examples_run(module, monkeypatch):
     import doctest
     import importlib

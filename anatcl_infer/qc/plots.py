@@ -35,6 +35,7 @@ __all__ = [
     "make_thumbnail",
     "render_contact_sheet",
     "model_input_affine",
+    "render_relevance",
     "render_slices",
     "slice_positions_mm",
     "write_atomic",
@@ -401,6 +402,88 @@ def render_slices(
     line2 = f"{lay.what}; {orientation} (L/R marked); cyan = reference brain outline"
     fig.text(0.01, 0.905, line2 + (f"\n{subtitle}" if subtitle else ""), fontsize=8, va="top", color="#333333")
     data = _png_bytes(fig, dpi, _slices_text(lay.mm))
+    if path is not None:
+        write_atomic(path, data)
+    return data
+
+
+def render_relevance(
+    relevance: np.ndarray,
+    background: np.ndarray,
+    path: str | os.PathLike[str] | None = None,
+    *,
+    config: PreprocessConfig | None = None,
+    template: GMTemplate | None = None,
+    title: str = "",
+    subtitle: str = "",
+    centre_mm: Sequence[float] | None = None,
+    orientation: str = "neurological",
+    dpi: int = _DPI,
+) -> bytes:
+    """Draw a relevance map over its input: three slices, like the QC pictures.
+
+    Red voxels raise the explained score, blue ones lower it (a diverging scale symmetric
+    around 0, saturating at the 99.9th percentile of ``|relevance|``; values under 15 % of
+    that are not coloured). The cyan line is the reference brain outline, the dashed box
+    the model's field of view; panels are named by their MNI coordinates in mm.
+
+    Args:
+        relevance: map on ``config.grid_shape`` (zeros outside the crop box).
+        background: the input on the same grid (its conformed volume).
+        path: where to write the PNG (atomically); ``None`` only returns the bytes.
+        config: the preprocessing spec (default: the published one).
+        template: the GM template (default: the packaged one).
+        title: first caption line.
+        subtitle: second caption line.
+        centre_mm: MNI point the three slices go through; default: the peak of ``|relevance|``.
+        orientation: ``"neurological"`` or ``"radiological"``.
+        dpi: resolution; the default gives :data:`SLICES_SIZE_PX`.
+
+    Returns:
+        The PNG bytes.
+
+    Raises:
+        MissingDependencyError: matplotlib is not installed.
+        ConfigError: a volume is not on the grid, or an unknown orientation.
+    """
+    if orientation not in _ORIENTATIONS:
+        raise ConfigError(f"orientation must be one of {_ORIENTATIONS}, got {orientation!r}")
+    Figure, FigureCanvasAgg = _matplotlib()
+    config = config or PreprocessConfig()
+    template = template if template is not None else load_gm_template()
+    shape = tuple(config.grid_shape)
+    if tuple(np.shape(relevance)) != shape or tuple(np.shape(background)) != shape:
+        raise ConfigError(f"relevance and background must both be on the grid {shape}")
+    affine = np.asarray(config.grid_affine, dtype=np.float64)
+    rel = np.nan_to_num(np.asarray(relevance, dtype=np.float32))
+    bg = np.nan_to_num(np.asarray(background, dtype=np.float32))
+    ras = _to_ras(bg, affine)
+    ras_rel = _to_ras(rel, affine)
+    outline = _to_ras(template.brain_mask, affine) if template.matches(config) else None
+    box = _box_to_ras(list(config.crop), shape, affine)
+    if centre_mm is not None:
+        ijk = np.linalg.solve(affine, np.array([*centre_mm, 1.0]))[:3]
+        idx = np.clip(np.rint(ijk).astype(int), 0, np.array(shape) - 1)
+        order, signs = _world_order(affine), _axis_signs(affine)
+        centre = [int(idx[a]) if signs[a] > 0 else shape[a] - 1 - int(idx[a]) for a in order]
+    else:
+        centre = list(np.unravel_index(int(np.argmax(np.abs(ras_rel))), ras_rel.shape))
+    mm = _ras_to_world(centre, shape, affine)
+    scale = float(np.percentile(np.abs(rel[rel != 0]), 99.9)) if np.any(rel) else 1.0
+    scale = scale if scale > 0 else 1.0
+
+    fig = Figure(figsize=_SLICES_INCHES, dpi=dpi, facecolor="white")
+    FigureCanvasAgg(fig)
+    widths = [ras.shape[1], ras.shape[0], ras.shape[0]]
+    spec = fig.add_gridspec(1, 3, width_ratios=widths, left=0.01, right=0.99, bottom=0.04, top=0.80, wspace=0.04)
+    for k, view in enumerate(_views(ras, outline, box, centre, orientation, mm, overlay=ras_rel)):
+        _draw_panel(fig.add_subplot(spec[0, k]), view, _window(bg), overlay_window=scale)
+    head = title if len(title) <= 110 else "..." + title[-107:]
+    fig.text(0.01, 0.965, head, fontsize=10, fontweight="bold", va="top")
+    line2 = (f"red raises the score, blue lowers it (scale +/-{scale:.2g}); {orientation} (L/R marked); "
+             "cyan = reference brain outline; dashed box = model input")
+    fig.text(0.01, 0.905, line2 + (f"\n{subtitle}" if subtitle else ""), fontsize=8, va="top", color="#333333")
+    data = _png_bytes(fig, dpi, _slices_text(mm))
     if path is not None:
         write_atomic(path, data)
     return data
