@@ -79,11 +79,15 @@ def test_without_a_head_the_principal_direction_is_mapped(setup, tmp_path):
     model_dir, scans, _ = setup
     out = tmp_path / "o"
     res = runner.invoke(app, ["explain", str(scans / "sub-01_mwp1.nii.gz"), str(scans / "sub-02_mwp1.nii.gz"),
-                              "--model", str(model_dir), "--out", str(out), "--device", "cpu", "--no-pictures", "-q"])
+                              "--model", str(model_dir), "--out", str(out), "--device", "cpu", "--no-pictures", "--smooth", "6", "-q"])
     assert res.exit_code == 0, res.output
     rows = _rows(out)
     assert [r["output"] for r in rows] == ["first principal direction of the features"] * 2
     assert not list(out.glob("*.png")) and len(list(out.glob("*_relevance.nii.gz"))) == 2
+    data = np.asarray(nib.load(out / rows[0]["relevance_nifti"]).dataobj)
+    scan = np.asarray(nib.load(scans / "sub-01_mwp1.nii.gz").dataobj)
+    assert np.count_nonzero(data) > 1.05 * np.count_nonzero(scan[:, 4:68])  # smoothed: spread beyond the input's voxels
+    assert not data[:, :4].any() and not data[:, 68:].any()
 
 
 def test_help_lists_explain():

@@ -31,6 +31,7 @@ def explain_cmd(
     target_class: Optional[str] = typer.Option(None, "--class", help="Classification heads: the class whose logit is explained (default: the predicted class; binary: the second class)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1, mps (default: the best available)."),
     batch_size: int = typer.Option(2, "--batch-size", "-b", min=1, help="Inputs per backward pass (memory grows with it)."),
+    smooth_mm: float = typer.Option(0.0, "--smooth", min=0.0, help="Gaussian FWHM in mm applied to each map before writing and drawing (0: raw voxel-wise map; 4-8 reads better)."),
     no_pictures: bool = typer.Option(False, "--no-pictures", help="Write the NIfTI maps only (no matplotlib needed)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar, warnings and errors only."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
@@ -60,7 +61,7 @@ def explain_cmd(
     try:
         maps = explain(
             paths, model, fold=fold, head=head, target_class=typed_class, out_dir=out, device=device,
-            batch_size=batch_size, draw=not no_pictures, progress=not quiet, failures=failures,
+            batch_size=batch_size, smooth_mm=smooth_mm, draw=not no_pictures, progress=not quiet, failures=failures,
         )
     except AnatCLError as exc:
         raise fail(str(exc), 2) from None
