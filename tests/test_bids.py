@@ -189,6 +189,14 @@ def test_filters_and_clear_errors(model_dir, tmp_path):
     assert code == 2 and "participant level first" in stderr
     code, _, _ = _run("bids", bids, out, "everything")
     assert code == 2
+    # two preprocessing outputs of one scan (CAT12 and deepmriprep) would write the same file: refused up front
+    _save(bids / "derivatives" / "deepmriprep" / "sub-01" / "anat" / "sub-01_desc-gm_T1w.nii.gz", 1.0)
+    code, _, stderr = _bids(bids, out, model_dir, "participant", "--participant-label", "01")
+    assert code == 2 and "--derivatives" in stderr and "sub-01_desc-testmodel_features.parquet" in stderr
+    assert _bids(bids, out, model_dir, "participant", "--participant-label", "01",
+                 "--derivatives", bids / "derivatives" / "deepmriprep")[0] == 0
+    side = json.loads((out / "sub-01" / "anat" / "sub-01_desc-testmodel_features.json").read_text())
+    assert side["Sources"] == ["bids:maps:sub-01/anat/sub-01_desc-gm_T1w.nii.gz"]
 
 
 def test_a_broken_map_costs_only_itself(model_dir, tmp_path):

@@ -444,7 +444,7 @@ def run_participant(
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from .embed import METADATA_KEY, errors_path_for, run_embed
+    from .embed import METADATA_KEY, run_embed
 
     if not models:
         raise ConfigError("run_participant needs at least one model")
@@ -493,7 +493,7 @@ def run_participant(
             [it[0] for it in items], models, work, batch_size=batch_size, device=device, num_workers=num_workers,
             resume=resume, overwrite=overwrite, strict=strict, progress=progress, amp=amp, qc=qc,
         )
-        table = pq.read_table(work)
+        table = pq.read_table(result.out)
         raw_meta = (table.schema.metadata or {}).get(METADATA_KEY, b"{}")
         run_meta = json.loads(raw_meta)
         table = table.replace_schema_metadata(None)
@@ -510,12 +510,10 @@ def run_participant(
                 tmp.write_text(json.dumps(sidecar, indent=2) + "\n", encoding="utf-8")
             summary.written.append(feats)
         work.unlink(missing_ok=True)
-        run_errors = errors_path_for(work)
-        if result.failures and run_errors.exists():
-            os.replace(run_errors, errors_file)
+        if result.failures and result.errors_path is not None and result.errors_path.exists():
+            os.replace(result.errors_path, errors_file)
             summary.errors_files.append(errors_file)
         else:
-            run_errors.unlink(missing_ok=True)
             errors_file.unlink(missing_ok=True)
         summary.failures.extend(result.failures)
         if log_dir.is_dir() and not any(log_dir.iterdir()):
