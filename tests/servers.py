@@ -13,8 +13,10 @@ and are used as context managers::
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import http.server
+import json
 import threading
 import urllib.parse
 from collections.abc import Mapping
@@ -49,6 +51,11 @@ class _Base:
                 owner._record("GET", self.path)
                 owner.handle(self, head=False)
 
+            def do_POST(self) -> None:  # noqa: N802
+                owner._record("POST", self.path)
+                length = int(self.headers.get("Content-Length") or 0)
+                owner.handle_post(self, self.rfile.read(length) if length else b"")
+
         self._httpd = _Server(("127.0.0.1", 0), Handler)
         self.port = self._httpd.server_address[1]
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
@@ -59,6 +66,9 @@ class _Base:
 
     def handle(self, req: http.server.BaseHTTPRequestHandler, head: bool) -> None:
         self._send(req, 500, b"no handler", {}, head)
+
+    def handle_post(self, req: http.server.BaseHTTPRequestHandler, body: bytes) -> None:
+        self._send(req, 405, b"no POST here", {}, False)
 
     def __enter__(self):  # noqa: ANN204
         self._thread.start()
@@ -126,6 +136,12 @@ class HubServer(_Base):
     ``X-Repo-Commit`` and ``ETag``; unknown repositories, revisions and files answer
     404 with ``X-Error-Code`` ``RepoNotFound``, ``RevisionNotFound`` or
     ``EntryNotFound``.
+
+    Uploads with ``HfApi`` work too (``create_repo``, ``create_branch``, ``upload_folder``):
+    ``POST /api/repos/create``, ``/api/models/{repo}/branch/{b}``, ``/api/validate-yaml``,
+    ``/api/models/{repo}/preupload/{rev}`` (every file "regular") and
+    ``/api/models/{repo}/commit/{rev}`` (NDJSON, base64 contents) make a new commit on top of the
+    branch. ``posts`` keeps (path, JSON body or NDJSON lines, Authorization header) of each.
     """
 
     def __init__(self) -> None:
@@ -133,6 +149,8 @@ class HubServer(_Base):
         # repo_id -> {commit: {filename: bytes}}, and repo_id -> {branch/tag: commit}
         self.repos: dict[str, dict[str, dict[str, bytes]]] = {}
         self.refs: dict[str, dict[str, str]] = {}
+        self.posts: list[tuple[str, object, str | None]] = []
+        self._etags: dict[tuple[str, str, str], str] = {}
 
     @property
     def endpoint(self) -> str:
@@ -174,5 +192,58 @@ class HubServer(_Base):
         if body is None:
             self._send(req, 404, b'{"error":"Entry not found"}', {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": commit, "Content-Type": "application/json"}, head)
             return
-        etag = '"' + hashlib.sha256(body).hexdigest() + '"'
+        key = (repo_id, commit, filename)
+        if key not in self._etags:  # hashing a 130 MB model once, not on every request
+            self._etags[key] = '"' + hashlib.sha256(body).hexdigest() + '"'
+        etag = self._etags[key]
         self._send(req, 200, body, {"X-Repo-Commit": commit, "ETag": etag, "Content-Type": "application/octet-stream"}, head)
+
+    def handle_post(self, req: http.server.BaseHTTPRequestHandler, body: bytes) -> None:
+        path = urllib.parse.unquote(urllib.parse.urlsplit(req.path).path)
+        auth = req.headers.get("Authorization")
+        try:
+            payload: object = json.loads(body) if body else {}
+        except ValueError:
+            payload = [json.loads(line) for line in body.splitlines() if line.strip()]
+        self.posts.append((path, payload, auth))
+
+        def reply(status: int, data: object, code: str | None = None) -> None:
+            headers = {"Content-Type": "application/json", **({"X-Error-Code": code} if code else {})}
+            self._send(req, status, json.dumps(data).encode(), headers, False)
+
+        if path == "/api/validate-yaml":
+            return reply(200, {"errors": [], "warnings": []})
+        if path == "/api/repos/create":
+            assert isinstance(payload, dict)
+            repo_id = f"{payload['organization']}/{payload['name']}" if payload.get("organization") else payload["name"]
+            if repo_id in self.repos:
+                return reply(409, {"error": "You already created this model repo", "url": f"{self.endpoint}/{repo_id}"})
+            self.repos[repo_id] = {}
+            self.refs[repo_id] = {}
+            return reply(200, {"url": f"{self.endpoint}/{repo_id}"})
+        parts = path.strip("/").split("/")
+        if len(parts) < 6 or parts[:2] != ["api", "models"]:
+            return reply(404, {"error": "not found"}, "RepoNotFound")
+        repo_id, action, revision = "/".join(parts[2:4]), parts[4], "/".join(parts[5:])
+        if repo_id not in self.repos:
+            return reply(404, {"error": "Repository not found"}, "RepoNotFound")
+        if action == "branch":
+            if revision in self.refs[repo_id]:
+                return reply(409, {"error": "branch exists"})
+            base = self.refs[repo_id].get("main")
+            self.add_repo(repo_id, self.repos[repo_id].get(base, {}) if base else {}, revision=revision)
+            return reply(200, {})
+        if action == "preupload":
+            assert isinstance(payload, dict)
+            files = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": None} for f in payload["files"]]
+            return reply(200, {"files": files})
+        if action == "commit":
+            assert isinstance(payload, list)
+            base = self.refs[repo_id].get(revision)
+            files = dict(self.repos[repo_id].get(base, {})) if base else {}
+            for item in payload:
+                if item["key"] == "file":
+                    files[item["value"]["path"]] = base64.b64decode(item["value"]["content"])
+            commit = self.add_repo(repo_id, files, revision=revision)
+            return reply(200, {"commitUrl": f"{self.endpoint}/{repo_id}/commit/{commit}", "commitOid": commit, "pullRequestUrl": None})
+        return reply(404, {"error": "not found"}, "EntryNotFound")

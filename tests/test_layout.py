@@ -33,6 +33,11 @@ STAGES = {
 UPWARD = {
     ("anatcl_infer.model.network", "anatcl_infer.encoding.encoder"),
     ("anatcl_infer.model.network", "anatcl_infer.weights.checkpoint"),
+    # Hub conventions (AnatCL.from_pretrained / push_to_hub, the PyTorchModelHubMixin API): loading goes
+    # through load_model (strict keys, safe formats, hashes) and publishing through weights.publish
+    ("anatcl_infer.model.network", "anatcl_infer.weights.loading"),
+    ("anatcl_infer.model.network", "anatcl_infer.weights.download"),
+    ("anatcl_infer.model.network", "anatcl_infer.weights.publish"),
 }
 
 

@@ -245,7 +245,7 @@ def load_model(
 
     Args:
         source: a registry name (``anatcl-global``, ``anatcl-local``, aliases ``global``,
-            ``g3``, ``local``, ``l3``); ``hf://org/name[@revision]``; an http(s) URL of an
+            ``g3``, ``local``, ``l3``); ``hf://org/name[@revision]`` (or timm's ``hf-hub:org/name``); an http(s) URL of an
             original ``.pth``; a local ``.pth``/``.pt``/``.safetensors`` file; or a
             directory holding ``config.json`` + ``model.safetensors``.
         fold: cross-validation fold (0-4) of a registry model. Folds are separate
@@ -279,6 +279,8 @@ def load_model(
     from ..model.devices import resolve_device
 
     text = os.fspath(source)
+    if text.startswith("hf-hub:"):  # timm's spelling of a Hub address: an alias of hf://
+        text = "hf://" + text[len("hf-hub:"):].lstrip("/")
     is_hf = text.startswith("hf://")
     is_url = text.startswith(("http://", "https://"))
     if revision is not None and not is_hf and (is_url or Path(text).expanduser().exists()):
