@@ -6,6 +6,7 @@ import logging
 import os
 from pathlib import Path
 
+from .._files import atomic_path
 from ..config import CONFIG_NAME, WEIGHTS_NAME, ModelConfig
 from ..errors import CheckpointError, DownloadError, UnknownModelError
 
@@ -56,7 +57,8 @@ def write_model_card(directory: str | os.PathLike[str], config: ModelConfig | No
     if path.exists() and not overwrite:
         return path
     cfg = config if config is not None else ModelConfig.load(directory)
-    path.write_text(_card_text(cfg), encoding="utf-8")
+    with atomic_path(path) as tmp:
+        tmp.write_text(_card_text(cfg), encoding="utf-8")
     return path
 
 
