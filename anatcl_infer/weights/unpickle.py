@@ -107,6 +107,10 @@ def _bad(message: str) -> pickle.UnpicklingError:
     return pickle.UnpicklingError(message)
 
 
+class _Refused(pickle.UnpicklingError):
+    """A bound of :data:`LIMITS` or a size check failed: the file asks for more than it holds."""
+
+
 # --------------------------------------------------------------------------- placeholders
 
 class Placeholder:
@@ -278,10 +282,10 @@ def _rebuild(storage: Any, storage_offset: Any, size: Any, stride: Any, dtype: t
     extent = 0
     for n, st in sorted(((n, st) for n, st in zip(size, stride) if n > 1), key=lambda p: p[1]):
         if st <= extent:
-            raise _bad(f"tensor of size {size} and stride {stride} overlaps itself (stride 0 or overlapping view)")
+            raise _Refused(f"tensor of size {size} and stride {stride} overlaps itself (stride 0 or overlapping view)")
         extent += (n - 1) * st
     if offset + extent >= storage_items:
-        raise _bad(f"tensor of size {size} and stride {stride} at offset {offset} does not fit its storage of {storage_items} elements")
+        raise _Refused(f"tensor of size {size} and stride {stride} at offset {offset} does not fit its storage of {storage_items} elements")
     return _PendingTensor(storage, offset, size, stride, dtype)
 
 
@@ -330,7 +334,7 @@ def _sized(kind: type) -> Callable[..., Any]:
 
     def build(*args: Any) -> Any:
         if args and isinstance(args[0], int) and not isinstance(args[0], bool) and not 0 <= args[0] <= LIMITS["object_bytes"]:
-            raise _bad(f"the checkpoint asks for a {kind.__name__} of {args[0]} bytes (limit {LIMITS['object_bytes']})")
+            raise _Refused(f"the checkpoint asks for a {kind.__name__} of {args[0]} bytes (limit {LIMITS['object_bytes']})")
         if args and not isinstance(args[0], (int, bytes, bytearray, str, list, tuple)):
             raise _bad(f"{kind.__name__} of a {type(args[0]).__name__} is not allowed")
         if len(args) > 1 and not all(isinstance(a, str) for a in args[1:]):
@@ -355,7 +359,7 @@ def _array_bytes(shape: Any, dtype: Any) -> None:
     dims = _ints(shape if isinstance(shape, (tuple, list)) else (shape,), "shape")
     itemsize = dtype.itemsize if isinstance(dtype, np.dtype) else 8
     if min(dims, default=0) < 0 or int(np.prod(dims, dtype=object)) * max(itemsize, 1) > LIMITS["object_bytes"]:
-        raise _bad(f"the checkpoint asks for a numpy array of shape {dims} (limit {LIMITS['object_bytes']} bytes)")
+        raise _Refused(f"the checkpoint asks for a numpy array of shape {dims} (limit {LIMITS['object_bytes']} bytes)")
 
 
 def _np_reconstruct(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
@@ -797,7 +801,7 @@ def _load_zip(path: Path, where: str) -> Any:
                 raise _bad(f"storage {name} is missing from the archive")
             nbytes = numel * _itemsize(dtype)
             if info.file_size != nbytes:
-                raise _bad(f"storage {name} holds {info.file_size} bytes, the pickle says {nbytes}")
+                raise _Refused(f"storage {name} holds {info.file_size} bytes, the pickle says {nbytes}")
             if info.compress_type == zipfile.ZIP_STORED:
                 raw.seek(info.header_offset)
                 header = raw.read(30)
@@ -855,7 +859,7 @@ def _load_legacy(path: Path, where: str) -> Any:
                 raise _bad(f"storage {key} has no data in the file")
             start, nbytes = offsets[key]
             if nbytes != numel * _itemsize(dtype):
-                raise _bad(f"storage {key} holds {nbytes} bytes, the pickle says {numel * _itemsize(dtype)}")
+                raise _Refused(f"storage {key} holds {nbytes} bytes, the pickle says {numel * _itemsize(dtype)}")
             return _read_into(fh, start, nbytes, dtype, swap)
 
         declared: dict[str, _Storage] = {}
@@ -947,6 +951,8 @@ def safe_load(path: str | os.PathLike[str]) -> Any:
             return _load_legacy(path, where)
     except (UnsafeCheckpointError, CheckpointError):
         raise
+    except _Refused as exc:
+        raise _refuse_sizes(where, str(exc)) from None
     except RecursionError:
         raise CheckpointError(f"{where}: the checkpoint is nested too deeply; refusing it", path=where) from None
     except MemoryError:
