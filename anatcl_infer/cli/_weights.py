@@ -108,7 +108,7 @@ def download(
     if offline:
         typer.echo(
             f"error: offline mode is on and {len(offline)} of {total} checkpoints are not cached ({_span(offline)}); "
-            + offline_hint(name if name != "all" else "all", fold),
+            + offline_hint(names[0] if len(names) == 1 else "all", fold),
             err=True,
         )
     if failed and total > 1:
