@@ -267,3 +267,27 @@ def test_build_cannot_modify_allowed_classes_or_loader_functions(tmp_path):
     path = tmp_path / "ok.pt"
     torch.save({"w": torch.arange(3.0)}, path)
     assert torch.equal(safe_load(path)["w"], torch.arange(3.0))
+
+
+def test_no_allowed_global_can_be_changed_by_a_file(tmp_path):
+    # BUILD with a dict state and with a slot state on every global a file may name: refused or
+    # without effect; a genuine file loads the same afterwards.
+    from anatcl_infer.weights import unpickle
+
+    genuine = tmp_path / "ok.pt"
+    torch.save({"w": torch.arange(3.0), "opts": argparse.Namespace(a=1)}, genuine)
+    before = safe_load(genuine)
+    names = list(unpickle._ALLOWED) + [("argparse", "Namespace"), ("models.estimators", "AgeEstimator")]
+    for module, name in names:
+        for build in (b"}X\x08\x00\x00\x00injectedK\x01sb", b"N}X\x08\x00\x00\x00injectedK\x01s\x86b"):
+            pkl = b"\x80\x02c" + module.encode() + b"\n" + name.encode() + b"\n" + build + b"."
+            path = _zip_with_pickle(tmp_path / "x.pth", pkl)
+            try:
+                safe_load(path)
+            except CheckpointError:
+                pass
+            target = unpickle._ALLOWED.get((module, name))
+            assert not hasattr(target, "injected"), (module, name)
+    assert not hasattr(argparse.Namespace, "injected")
+    after = safe_load(genuine)
+    assert torch.equal(after["w"], before["w"]) and vars(after["opts"]) == {"a": 1}

@@ -10,7 +10,8 @@ Sources, tried in this order of interpretation:
    a ``.safetensors`` file, or an original ``.pth``/``.pt`` (read safely);
 4. a registry name (``anatcl-global``, ``anatcl-local`` and their aliases) with a fold:
    the Hub mirror first when ``ANATCL_HUB_REPO`` is set, else (or on failure) the
-   original URLs, converted once into ``<cache>/models/<name>/fold<k>/``.
+   original URLs, converted once into ``<cache>/models/<name>/fold<k>/`` -- or
+   ``fold<k>-unverified/`` when the manifest knows no SHA-256 for the file used.
 """
 
 from __future__ import annotations
@@ -251,7 +252,8 @@ def _load_url(url: str, sha256: str | None) -> Path:
         _check_recorded_sha(target, sha256)
         return target
     name, variant, fold = guess_identity(url)
-    return _download_and_convert(url, target, ModelConfig(variant=variant, fold=fold, name=name), sha256)
+    hint = f"download {url} on a machine with network and load the file directly (load_model('fold0.pth'))"
+    return _download_and_convert(url, target, ModelConfig(variant=variant, fold=fold, name=name), sha256, hint=hint)
 
 
 def _load_local(path: Path, sha256: str | None) -> AnatCL:

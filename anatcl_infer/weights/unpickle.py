@@ -906,10 +906,13 @@ def _finish(obj: Any, unpickler: _SafeUnpickler, walker: _Walker) -> Any:
         )
     kept = walker.modules
     dropped = sorted(walker.dropped | (unpickler.placeholders - kept))
-    if kept:
-        logger.info("%s: recovered the state dict of pickled modules (%s)", walker.path, ", ".join(sorted(kept)))
+    parts = []
     if dropped:
-        logger.info("%s: dropped training-time objects of %s", walker.path, ", ".join(dropped))
+        parts.append(f"dropped training-time objects of {', '.join(dropped)}")
+    if kept:
+        parts.append(f"recovered the state dict of pickled modules ({', '.join(sorted(kept))})")
+    if parts:
+        logger.info("%s: %s", walker.path, "; ".join(parts))  # one line: what was not kept as it was
     return result
 
 
