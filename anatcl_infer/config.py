@@ -42,6 +42,21 @@ REFERENCE_AFFINE: tuple[tuple[float, ...], ...] = (
 )
 
 _INPUT_KINDS = ("gm", "t1")
+#: bounds of a plausible grid (voxels per axis, voxels in all): a config.json cannot ask for more memory
+MAX_GRID_DIM = 1024
+MAX_GRID_VOXELS = 1 << 28
+MAX_MODEL_VOXELS = 1 << 25
+_ARCHITECTURES = ("resnet18", "resnet34", "resnet50", "resnet101")
+
+
+def _dims(value: Any, what: str, n: int = 3) -> tuple[int, ...]:
+    """``n`` integers from JSON (no strings, no bools, no floats with a fraction), else a ConfigError."""
+    if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__iter__"):
+        raise ConfigError(f"{what} must be a list of {n} integers, got {value!r:.80}")
+    items = list(value)
+    if len(items) != n or any(isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v for v in items):
+        raise ConfigError(f"{what} must be a list of {n} integers, got {value!r:.80}")
+    return tuple(int(v) for v in items)
 _INTENSITY = ("none", "zscore", "robust")
 
 
@@ -88,21 +103,29 @@ class PreprocessConfig:
             raise ConfigError(f"input_kind must be one of {_INPUT_KINDS}, got {self.input_kind!r}")
         if self.intensity not in _INTENSITY:
             raise ConfigError(f"intensity must be one of {_INTENSITY}, got {self.intensity!r}")
-        shape = tuple(int(s) for s in self.grid_shape)
-        if len(shape) != 3 or min(shape) < 1:
-            raise ConfigError(f"grid_shape must be three positive integers, got {self.grid_shape!r}")
+        shape = _dims(self.grid_shape, "grid_shape")
+        if min(shape) < 1 or max(shape) > MAX_GRID_DIM or shape[0] * shape[1] * shape[2] > MAX_GRID_VOXELS:
+            raise ConfigError(f"grid_shape must be three integers in 1..{MAX_GRID_DIM} (at most {MAX_GRID_VOXELS} voxels), got {self.grid_shape!r}")
         object.__setattr__(self, "grid_shape", shape)
-        object.__setattr__(self, "grid_affine", _as_affine(self.grid_affine))
-        crop = tuple((int(a), int(b)) for a, b in self.crop)
+        try:
+            object.__setattr__(self, "grid_affine", _as_affine(self.grid_affine))
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"grid_affine must be a 4x4 (or 3x4) matrix of numbers, got {self.grid_affine!r:.80} ({exc})") from None
+        if isinstance(self.crop, (str, bytes, dict)) or not hasattr(self.crop, "__iter__"):
+            raise ConfigError(f"crop must be three (start, stop) pairs, got {self.crop!r:.80}")
+        crop = tuple(_dims(pair, "each crop pair", 2) for pair in self.crop)
         if len(crop) != 3 or any(not (0 <= a < b <= n) for (a, b), n in zip(crop, shape)):
             raise ConfigError(f"crop {self.crop!r} must be three (start, stop) pairs inside grid_shape {shape}")
         object.__setattr__(self, "crop", crop)
         if self.pad_to is not None:
-            pad = tuple(int(p) for p in self.pad_to)
+            pad = _dims(self.pad_to, "pad_to")
             cropped = tuple(b - a for a, b in crop)
-            if len(pad) != 3 or any(p < c for p, c in zip(pad, cropped)):
-                raise ConfigError(f"pad_to {self.pad_to!r} must be >= the cropped shape {cropped}")
+            if any(p < c for p, c in zip(pad, cropped)) or max(pad) > MAX_GRID_DIM:
+                raise ConfigError(f"pad_to {self.pad_to!r} must be >= the cropped shape {cropped} and <= {MAX_GRID_DIM}")
             object.__setattr__(self, "pad_to", pad)
+        m = self.model_input_shape
+        if m[0] * m[1] * m[2] > MAX_MODEL_VOXELS:
+            raise ConfigError(f"the model input {m} has more than {MAX_MODEL_VOXELS} voxels; check crop and pad_to")
 
     @property
     def model_input_shape(self) -> tuple[int, int, int]:
@@ -118,16 +141,13 @@ class PreprocessConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PreprocessConfig:
         """Build from :meth:`to_dict` output; unknown keys are an error."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"preprocess must be a JSON object, got {type(data).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - names
         if unknown:
             raise ConfigError(f"unknown preprocessing keys {sorted(unknown)}; valid keys are {sorted(names)}")
         kwargs = dict(data)
-        for key in ("grid_shape", "pad_to"):
-            if kwargs.get(key) is not None:
-                kwargs[key] = tuple(kwargs[key])
-        if "crop" in kwargs:
-            kwargs["crop"] = tuple(tuple(c) for c in kwargs["crop"])
         return cls(**kwargs)
 
 
@@ -157,6 +177,24 @@ class ModelConfig:
     projection_dim: int = 128
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
 
+    def __post_init__(self) -> None:
+        if self.architecture not in _ARCHITECTURES:
+            raise ConfigError(f"architecture must be one of {_ARCHITECTURES}, got {self.architecture!r:.80}")
+        for key in ("name", "variant"):
+            value = getattr(self, key)
+            if not isinstance(value, str) or not value or len(value) > 200 or any(c in value for c in "/\\\0") or value in (".", ".."):
+                raise ConfigError(f"{key} must be a short name without path separators, got {value!r:.80}")
+        if self.fold is not None and (isinstance(self.fold, bool) or not isinstance(self.fold, int) or not 0 <= self.fold < 1000):
+            raise ConfigError(f"fold must be an integer (0-4 for the published models) or null, got {self.fold!r:.80}")
+        for key in ("feature_dim", "projection_dim"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65536:
+                raise ConfigError(f"{key} must be an integer in 1..65536, got {value!r:.80}")
+        if not isinstance(self.source, str) or not (self.source_sha256 is None or isinstance(self.source_sha256, str)):
+            raise ConfigError("source must be text and source_sha256 text or null")
+        if not isinstance(self.preprocess, PreprocessConfig):
+            raise ConfigError(f"preprocess must be a preprocessing spec, got {type(self.preprocess).__name__}")
+
     def to_dict(self) -> dict[str, Any]:
         """The ``config.json`` content, with a version block."""
         data = dataclasses.asdict(self)
@@ -168,10 +206,12 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         """Read a ``config.json`` dict; warns when a newer package wrote it."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"a model config must be a JSON object, got {type(data).__name__}")
         data = dict(data)
         written_by = data.pop("anatcl_infer_version", None)
         data.pop("format", None)
-        if written_by and _version_tuple(written_by) > _version_tuple(__version__):
+        if written_by and isinstance(written_by, str) and _version_tuple(written_by) > _version_tuple(__version__):
             warnings.warn(
                 f"this config was written by anatcl-infer {written_by}, newer than the installed "
                 f"{__version__}; upgrade with `pip install -U anatcl-infer` if loading misbehaves",

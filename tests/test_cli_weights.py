@@ -119,9 +119,13 @@ def test_download_then_models_shows_cached(monkeypatch, pth):
         monkeypatch.setattr(registry, "load_manifest", lambda: manifest)
         code, stdout, stderr = _run("download", "g3", "--fold", "0")
         assert code == 0, stderr
-        assert str(registry_model_dir("anatcl-global", 0)) in stdout
+        # the manifest knows no hash for these sources: cached apart, and `models` says so
+        unverified = registry_model_dir("anatcl-global", 0, verified=False)
+        assert stdout.strip().endswith(str(unverified)) and not registry_model_dir("anatcl-global", 0).exists()
         rows = json.loads(_run("models", "--json")[1])
         assert [r["fold"] for r in rows if r["cached"]] == [0]
+        assert rows[0]["hash_verified"] is False and rows[0]["path"] == str(unverified)
+        assert "cached (not hash-verified)" in _run("models")[1]
         code, stdout, stderr = _run("download", "anatcl-global", "--fold", "2")
         assert code == 1 and "error: anatcl-global fold 2" in stderr and "HTTP 404" in stderr
         monkeypatch.setenv("ANATCL_OFFLINE", "1")
@@ -183,3 +187,40 @@ def test_push_then_load_from_the_hub(pth, tmp_path, monkeypatch):
         assert pushed.config.fold == 2
     code, _, stderr = _run("push", str(tmp_path), "lab/x")
     assert code == 1 and "anatcl convert" in stderr and "Traceback" not in stderr
+
+
+def test_download_all_offline_is_one_summary(monkeypatch):
+    monkeypatch.setenv("ANATCL_OFFLINE", "1")
+    code, stdout, stderr = _run("download", "all", "--fold", "all")
+    assert code == 1
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) <= 3, stderr
+    assert "10 of 10" in stderr and "anatcl-global folds 0, 1, 2, 3, 4" in stderr
+    assert "anatcl download all --fold all" in stderr
+    code, _, stderr = _run("download", "l3", "--fold", "3")
+    assert code == 1 and "anatcl download anatcl-local --fold 3" in stderr
+
+
+def test_push_without_network_is_one_line(pth, tmp_path, monkeypatch):
+    import socket
+
+    out = tmp_path / "m"
+    assert _run("convert", str(pth), str(out))[0] == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    code, _, stderr = _run("push", str(out), "lab/x")
+    assert code == 1 and "Traceback" not in stderr and "cannot reach the Hub" in stderr
+    assert len([line for line in stderr.splitlines() if line.strip()]) == 1, stderr
+    monkeypatch.setenv("ANATCL_OFFLINE", "1")
+    code, _, stderr = _run("push", str(out), "lab/x")
+    assert code == 1 and "offline mode is on" in stderr and "Traceback" not in stderr
+
+
+def test_convert_records_fold_of_a_local_file_without_warning(pth, tmp_path, recwarn):
+    out = tmp_path / "m3"
+    code, stdout, stderr = _run("convert", str(pth), str(out), "--fold", "3")
+    assert code == 0, stderr
+    assert json.loads((out / "config.json").read_text())["fold"] == 3
+    assert not [w for w in recwarn if "was not used" in str(w.message)]

@@ -120,3 +120,123 @@ def test_hub_cache_follows_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("HF_HUB_CACHE")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "home"))
     assert download._hub_cache_dir() == str(tmp_path / "home" / "hub")
+
+
+class _Misbehaving:
+    """A loopback server whose body stalls, drips or never ends (what the FileServer cannot do)."""
+
+    def __init__(self, mode: str, length: int | None = None) -> None:
+        import http.server
+        import threading
+        import time
+
+        self.mode, self.stop = mode, threading.Event()
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):  # noqa: N802
+                self.send_response(200)
+                if length is not None:
+                    self.send_header("Content-Length", str(length))
+                self.end_headers()
+                try:
+                    if outer.mode == "stall":  # half the body, then silence
+                        self.wfile.write(b"x" * 1000)
+                        self.wfile.flush()
+                        outer.stop.wait(30)
+                    elif outer.mode == "drip":  # one byte every 0.2 s, for ever
+                        while not outer.stop.is_set():
+                            self.wfile.write(b"x")
+                            self.wfile.flush()
+                            time.sleep(0.2)
+                    elif outer.mode == "endless":  # fast, never ends
+                        chunk = b"x" * (1 << 16)
+                        while not outer.stop.is_set():
+                            self.wfile.write(chunk)
+                except OSError:
+                    pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return f"http://127.0.0.1:{self.server.server_address[1]}/f.pth"
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_server_stalling_mid_body_ends_within_the_timeout(tmp_path):
+    import time
+
+    with _Misbehaving("stall", length=5000) as url:
+        started = time.monotonic()
+        with pytest.raises(DownloadError, match="broke off after 1000 bytes"):
+            download_url(url, tmp_path / "f.pth", timeout=1.0)
+        assert time.monotonic() - started < 10
+    assert _leftovers(tmp_path) == []
+
+
+def test_a_dripping_body_hits_the_deadline(tmp_path):
+    import time
+
+    with _Misbehaving("drip") as url:  # each read succeeds within the socket timeout
+        started = time.monotonic()
+        with pytest.raises(DownloadError, match="took more than 2 s"):
+            download_url(url, tmp_path / "f.pth", timeout=5.0, deadline=2.0)
+        assert time.monotonic() - started < 8
+    assert _leftovers(tmp_path) == []
+
+
+def test_an_endless_body_is_capped(tmp_path):
+    with _Misbehaving("endless") as url:
+        with pytest.raises(DownloadError, match="more than the 3000000 bytes expected"):
+            download_url(url, tmp_path / "f.pth", max_bytes=3_000_000)
+    with _Misbehaving("endless", length=10**12) as url:  # announced too big: refused before reading
+        with pytest.raises(DownloadError, match="announces 1000000000000 bytes"):
+            download_url(url, tmp_path / "f.pth")
+    assert _leftovers(tmp_path) == []
+
+
+def test_the_manifest_size_is_enforced(server, tmp_path):
+    with pytest.raises(DownloadError, match="more than the 1000 expected"):
+        download_url(server.url("/f.bin"), tmp_path / "f.bin", size=1000)
+    assert download_url(server.url("/f.bin"), tmp_path / "f.bin", size=len(BODY)) == BODY_SHA
+
+
+def test_downloads_get_the_umask_mode(server, tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        download_url(server.url("/f.bin"), tmp_path / "shared" / "f.bin")
+    finally:
+        os.umask(old)
+    mode = stat.S_IMODE((tmp_path / "shared" / "f.bin").stat().st_mode)
+    assert mode == 0o644, oct(mode)
+
+
+def test_hub_lookup_fails_at_once_when_the_host_is_unreachable(monkeypatch):
+    import time
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    started = time.monotonic()
+    with pytest.raises(DownloadError, match="cannot reach the Hub.*refused"):
+        download.hf_download("org/model", ("config.json",))
+    assert time.monotonic() - started < 5  # huggingface_hub alone retries for ~25 s
+
+
+def test_hints_name_the_model_and_fold_asked_for():
+    assert "anatcl download anatcl-local --fold 3" in download.prefetch_hint("anatcl-local", 3)
+    assert "anatcl download all --fold all" in download.offline_hint("all", "all")

@@ -361,3 +361,103 @@ def test_guess_identity_uses_only_the_file_and_its_folder():
     assert guess_identity("/usr/local/ckpts/resnet18-anatcl-g3/fold3.pth") == ("anatcl-global", "global", 3)
     assert guess_identity("https://h/x_subsetTrue_local_lambd1.0_fold4_splits5_trial0/weights.pth") == ("anatcl-local", "local", 4)
     assert guess_identity("/srv/weights.pth") == ("anatcl", "unknown", None)
+
+
+@pytest.mark.parametrize("damage, needle", [
+    (lambda s: s["encoder.conv1.weight"].view(-1).__setitem__(5, float("nan")), "non-finite"),
+    (lambda s: s["encoder.layer1.0.bn1.running_var"].__setitem__(0, -1.0), "negative BatchNorm"),
+    (lambda s: s.__setitem__("head.0.weight", s["head.0.weight"] > 0), "bool"),
+])
+def test_weights_that_would_give_nan_features_are_refused(tmp_path, state, damage, needle):
+    bad = {k: v.clone() for k, v in state.items()}
+    damage(bad)
+    write_author_checkpoint(tmp_path / "bad.pth", bad)
+    with pytest.raises(CheckpointError, match=needle):
+        load_model(tmp_path / "bad.pth", device="cpu")
+    from safetensors.torch import save_file
+
+    (tmp_path / "dir").mkdir()
+    save_file({k: v.contiguous() for k, v in bad.items()}, str(tmp_path / "dir" / "model.safetensors"))
+    ModelConfig().save(tmp_path / "dir")
+    with pytest.raises(CheckpointError, match=needle):
+        load_model(tmp_path / "dir", device="cpu")
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda c: c.update(preprocess=None), "preprocess must be a JSON object"),
+    (lambda c: c.update(preprocess=[1, 2]), "preprocess must be a JSON object"),
+    (lambda c: c.update(projection_dim=-5), "projection_dim"),
+    (lambda c: c["preprocess"].update(grid_shape="abc"), "grid_shape"),
+    (lambda c: c["preprocess"].update(grid_shape=[10**4] * 3), "grid_shape"),
+    (lambda c: c["preprocess"].update(pad_to=[10**4] * 3), "pad_to"),
+    (lambda c: c.update(name="../../etc"), "path separators"),
+    (lambda c: c.update(fold="0"), "fold must be an integer"),
+])
+def test_hostile_config_json_is_a_config_error(ckpt_dir, tmp_path, edit, needle):
+    out = tmp_path / "m"
+    load_model(ckpt_dir / "fold0.pth", device="cpu").save_pretrained(out)
+    config = json.loads((out / "config.json").read_text())
+    edit(config)
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=needle):
+        load_model(out, device="cpu")
+
+
+def test_safetensors_shapes_are_checked_before_reading(tmp_path, state):
+    from safetensors.torch import save_file
+
+    (tmp_path / "m").mkdir()
+    wrong = {k: v.contiguous() for k, v in state.items()}
+    wrong["head.0.weight"] = torch.zeros(4, 4)
+    save_file(wrong, str(tmp_path / "m" / "model.safetensors"))
+    ModelConfig().save(tmp_path / "m")
+    import safetensors.torch as st
+
+    calls = []
+    real = st.load_file
+    st.load_file = lambda *a, **k: calls.append(a) or real(*a, **k)
+    try:
+        with pytest.raises(StateDictMismatchError, match="head.0.weight"):
+            load_model(tmp_path / "m", device="cpu")
+    finally:
+        st.load_file = real
+    assert calls == []  # refused from the header alone
+
+
+def test_fold_must_be_an_integer_and_never_silently_ignored(ckpt_dir):
+    for bad in ("0", 1.5, True):
+        with pytest.raises(ConfigError, match="fold must be an integer"):
+            load_model("anatcl-global", fold=bad, device="cpu")
+    with pytest.warns(UserWarning, match="fold=3 was not used"):
+        model = load_model(ckpt_dir / "fold0.pth", fold=3, device="cpu")
+    assert model.config.fold == 0  # the file's own fold, as the warning says
+
+
+def test_unhashed_fallback_is_cached_apart_from_the_verified_name(monkeypatch, file_server, pth_bytes, caplog):
+    import os
+    import stat
+
+    # the hashed primary is gone (404); the fallback has no known hash
+    _route_registry(monkeypatch, file_server, primary_sha="1" * 64)
+    old = os.umask(0o022)
+    try:
+        with caplog.at_level(logging.WARNING, logger="anatcl_infer"):
+            model = load_model("anatcl-global", device="cpu")
+    finally:
+        os.umask(old)
+    assert "not hash-verified" in caplog.text
+    verified = registry_model_dir("anatcl-global", 0)
+    unverified = registry_model_dir("anatcl-global", 0, verified=False)
+    assert not verified.exists() and unverified.name == "fold0-unverified"
+    assert json.loads((unverified / "config.json").read_text())["source_sha256"] == hashlib.sha256(pth_bytes).hexdigest()
+    assert model.config.source_sha256 == hashlib.sha256(pth_bytes).hexdigest()
+    # shareable: the folder and files follow the umask, not mkdtemp's owner-only mode
+    assert stat.S_IMODE(unverified.stat().st_mode) == 0o755
+    assert stat.S_IMODE((unverified / "model.safetensors").stat().st_mode) == 0o644
+    # used again without the network, with the same warning; never promoted to the verified name
+    n = len(file_server.requests)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="anatcl_infer"):
+        load_model("anatcl-global", device="cpu")
+    assert len(file_server.requests) == n and "not hash-verified" in caplog.text
+    assert not verified.exists()

@@ -176,12 +176,23 @@ def test_truncated_checkpoint_is_a_checkpoint_error(tmp_path):
         safe_load(path)
 
 
-def test_legacy_format_says_how_to_resave(tmp_path):
+def test_legacy_format_is_read(tmp_path, state):
+    # torch < 1.6 wrote a stream of pickles followed by the raw storages; it loads like the zip format
     path = tmp_path / "old.pth"
-    torch.save({"model": {"w": torch.zeros(3)}}, path, _use_new_zipfile_serialization=False)
-    with pytest.raises(CheckpointError, match="legacy") as info:
-        safe_load(path)
-    assert "torch.save" in str(info.value)
+    opts = argparse.Namespace(lr=1e-4, crop=(121, 128, 121))
+    view = torch.arange(12.0).reshape(3, 4)[:, 1:3]  # a view into a shared storage
+    torch.save({"model": state, "opts": opts, "view": view, "half": torch.ones(3, dtype=torch.float16)},
+               path, _use_new_zipfile_serialization=False)
+    assert zipfile.is_zipfile(path) is False
+    out = safe_load(path)
+    assert out["model"].keys() == state.keys() and all(torch.equal(out["model"][k], v) for k, v in state.items())
+    assert torch.equal(out["view"], view) and out["half"].dtype == torch.float16
+    assert vars(out["opts"]) == vars(opts)
+    # cut short inside the storages: a clean error, not a short tensor
+    data = path.read_bytes()
+    (tmp_path / "cut.pth").write_bytes(data[: len(data) - 1000])
+    with pytest.raises(CheckpointError, match="cut.pth"):
+        safe_load(tmp_path / "cut.pth")
 
 
 def test_big_endian_archive_is_byteswapped(tmp_path):
@@ -246,7 +257,8 @@ def _zip_with_pickle(path, pkl: bytes):
 def test_build_cannot_modify_allowed_classes_or_loader_functions(tmp_path):
     # GLOBAL argparse.Namespace; BUILD (None, {'injected': 1}) -> setattr on whatever the global resolved to
     pkl = b"\x80\x02cargparse\nNamespace\nN}X\x08\x00\x00\x00injectedK\x01s\x86b."
-    safe_load(_zip_with_pickle(tmp_path / "a.pth", pkl))
+    with pytest.raises(CheckpointError, match="modify a class"):
+        safe_load(_zip_with_pickle(tmp_path / "a.pth", pkl))
     assert not hasattr(argparse.Namespace, "injected")
     # the same against a loader function: refused, nothing changed for the next load
     pkl = b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\nN}X\x0c\x00\x00\x00__defaults__)s\x86b."
@@ -255,3 +267,27 @@ def test_build_cannot_modify_allowed_classes_or_loader_functions(tmp_path):
     path = tmp_path / "ok.pt"
     torch.save({"w": torch.arange(3.0)}, path)
     assert torch.equal(safe_load(path)["w"], torch.arange(3.0))
+
+
+def test_no_allowed_global_can_be_changed_by_a_file(tmp_path):
+    # BUILD with a dict state and with a slot state on every global a file may name: refused or
+    # without effect; a genuine file loads the same afterwards.
+    from anatcl_infer.weights import unpickle
+
+    genuine = tmp_path / "ok.pt"
+    torch.save({"w": torch.arange(3.0), "opts": argparse.Namespace(a=1)}, genuine)
+    before = safe_load(genuine)
+    names = list(unpickle._ALLOWED) + [("argparse", "Namespace"), ("models.estimators", "AgeEstimator")]
+    for module, name in names:
+        for build in (b"}X\x08\x00\x00\x00injectedK\x01sb", b"N}X\x08\x00\x00\x00injectedK\x01s\x86b"):
+            pkl = b"\x80\x02c" + module.encode() + b"\n" + name.encode() + b"\n" + build + b"."
+            path = _zip_with_pickle(tmp_path / "x.pth", pkl)
+            try:
+                safe_load(path)
+            except CheckpointError:
+                pass
+            target = unpickle._ALLOWED.get((module, name))
+            assert not hasattr(target, "injected"), (module, name)
+    assert not hasattr(argparse.Namespace, "injected")
+    after = safe_load(genuine)
+    assert torch.equal(after["w"], before["w"]) and vars(after["opts"]) == {"a": 1}

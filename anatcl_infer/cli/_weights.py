@@ -29,20 +29,22 @@ def models(
     Example:  anatcl models
     """
     from ..weights.download import cache_dir, is_offline
-    from ..weights.loading import is_cached, registry_model_dir
+    from ..weights.loading import cached_state, registry_model_dir
     from ..weights.registry import list_models, resolve
 
     rows = []
     for name in list_models():
         for fold in range(5):
             resolved = resolve(name, fold)
+            state = cached_state(name, fold)
             rows.append(
                 {
                     "name": name,
                     "variant": resolved.variant,
                     "fold": fold,
-                    "cached": is_cached(name, fold),
-                    "path": str(registry_model_dir(name, fold)),
+                    "cached": state is not None,
+                    "hash_verified": state == "verified" if state else None,
+                    "path": str(registry_model_dir(name, fold, verified=state != "unverified")),
                     "hub_mirror": resolved.hub_repo,
                     "sources": [
                         {"url": s.url, "release": s.release, "sha256": s.sha256, "size": s.size} for s in resolved.sources
@@ -56,8 +58,10 @@ def models(
     for row in rows:
         primary = row["sources"][0]
         sha = (primary["sha256"] or "unknown")[:16]
-        state = "cached" if row["cached"] else "-"
+        state = "-" if not row["cached"] else "cached" if row["hash_verified"] else "cached (not hash-verified)"
         typer.echo(f"{row['name']:<14} ({row['variant']:<6}) fold {row['fold']}  {state:<6}  sha256 {sha:<16}  {primary['release']}")
+        if row["cached"] and not row["hash_verified"]:
+            typer.echo(f"    {row['path']}: its source has no SHA-256 in the manifest (format and shapes checked)")
         if row["hub_mirror"]:
             typer.echo(f"    hub mirror: hf://{row['hub_mirror']}")
         for source in row["sources"]:
@@ -76,7 +80,8 @@ def download(
     Example:  anatcl download all --fold all
     """
     setup_logging(quiet=quiet)
-    from ..errors import AnatCLError
+    from ..errors import AnatCLError, OfflineError
+    from ..weights.download import offline_hint
     from ..weights.loading import fetch_registry_model
     from ..weights.registry import canonical_name, list_models
 
@@ -85,18 +90,40 @@ def download(
         names = list_models() if name == "all" else [canonical_name(name)]
     except AnatCLError as exc:
         raise fail(str(exc), 2) from None
-    failed = 0
+    failed: list[str] = []
+    offline: list[str] = []
     for model_name in names:
         for k in folds:
             try:
-                path = fetch_registry_model(model_name, k)
+                path = fetch_registry_model(model_name, k, retry_verified=True)
+            except OfflineError:
+                offline.append(f"{model_name} fold {k}")  # summarised below, not one paragraph each
+                continue
             except AnatCLError as exc:
                 typer.echo(f"error: {model_name} fold {k}: {exc}", err=True)
-                failed += 1
+                failed.append(f"{model_name} fold {k}")
                 continue
             typer.echo(f"{model_name} fold {k}: {path}")
-    if failed:
+    total = len(names) * len(folds)
+    if offline:
+        typer.echo(
+            f"error: offline mode is on and {len(offline)} of {total} checkpoints are not cached ({_span(offline)}); "
+            + offline_hint(names[0] if len(names) == 1 else "all", fold),
+            err=True,
+        )
+    if failed and total > 1:
+        typer.echo(f"{len(failed)} of {total} downloads failed: {_span(failed)}", err=True)
+    if failed or offline:
         raise typer.Exit(1)
+
+
+def _span(items: list[str]) -> str:
+    """``anatcl-global fold 0, anatcl-global fold 1`` -> ``anatcl-global folds 0, 1``."""
+    groups: dict[str, list[str]] = {}
+    for item in items:
+        model, _, k = item.rpartition(" fold ")
+        groups.setdefault(model, []).append(k)
+    return "; ".join(f"{m} fold{'s' if len(ks) > 1 else ''} {', '.join(ks)}" for m, ks in groups.items())
 
 
 @app.command("convert")
@@ -123,7 +150,9 @@ def convert(
     if variant is not None and variant not in ("global", "local"):
         raise fail(f"--variant must be global or local, got {variant!r}", 2)
     try:
-        model = load_model(src, fold=0 if fold is None else fold, sha256=sha256, device="cpu")
+        # --fold picks the fold of a registry name; for a file it is only recorded (below)
+        registry = "://" not in src and not Path(src).expanduser().exists()
+        model = load_model(src, fold=fold if registry else None, sha256=sha256, device="cpu")
         cfg = model.config
         updates: dict[str, object] = {}
         if variant is not None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .._files import shareable
 from ..config import CONFIG_NAME, WEIGHTS_NAME, ModelConfig
 from ..errors import CheckpointError, StateDictMismatchError
 
@@ -25,11 +26,24 @@ __all__ = [
     "save_pretrained",
     "load_pretrained_dir",
     "model_with_weights",
+    "check_weights",
 ]
 
 logger = logging.getLogger(__name__)
 
 _PREFIXES = ("module.", "_orig_mod.")
+
+
+def clean_name(name: str) -> str:
+    """A state-dict key without DataParallel/compile prefixes."""
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _PREFIXES:
+            if name.startswith(prefix):
+                name = name[len(prefix):]
+                changed = True
+    return name
 
 
 def clean_state_dict(state_dict: Mapping[str, object]) -> dict[str, torch.Tensor]:
@@ -87,6 +101,7 @@ def load_state_dict_strict(
             unexpected=unexpected,
             mismatched=mismatched,
         )
+    check_weights(state_dict, expected, path=path)
     with torch.no_grad():
         if assign:
             # fresh, aligned allocations: kernels may take other paths on unaligned (mmap) memory
@@ -94,6 +109,31 @@ def load_state_dict_strict(
             model.load_state_dict(state, strict=True, assign=True)
         else:
             model.load_state_dict(dict(state_dict), strict=True)
+
+
+def check_weights(state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], *, path: str | None = None) -> None:
+    """Refuse weights that cannot give meaningful features.
+
+    A floating-point parameter or buffer stored with an integer/bool/complex dtype, a
+    non-finite value, or a negative BatchNorm running variance is a :class:`CheckpointError`
+    (each would silently give NaN or nonsense features).
+    """
+    where = f"{path}: " if path else ""
+    for key, ref in expected.items():
+        value = state_dict[key]
+        if ref.is_floating_point():
+            if not value.is_floating_point():
+                raise CheckpointError(f"{where}{key} holds {value.dtype} values where the network expects floating point; the file is damaged or not AnatCL weights", path=path)
+            # a float64 sum is NaN/inf exactly when a float32 value is (no float32 sum can overflow it);
+            # ~10x faster than isfinite(), which is only run to count when the sum says so
+            total = value.sum(dtype=torch.float64)
+            if not bool(torch.isfinite(total)) and not bool(torch.isfinite(value).all()):
+                bad = int((~torch.isfinite(value)).sum())
+                raise CheckpointError(f"{where}{key} holds {bad} non-finite values (NaN or inf); the weights are damaged, download or export them again", path=path)
+            if key.endswith("running_var") and bool((value < 0).any()):
+                raise CheckpointError(f"{where}{key} holds negative BatchNorm variances; the weights are damaged", path=path)
+        elif value.is_floating_point() or value.dtype == torch.bool or value.is_complex():
+            raise CheckpointError(f"{where}{key} holds {value.dtype} values where the network expects {ref.dtype}", path=path)
 
 
 def model_with_weights(config: ModelConfig, state_dict: Mapping[str, torch.Tensor], *, path: str | None = None) -> torch.nn.Module:
@@ -130,6 +170,8 @@ def save_pretrained(model: torch.nn.Module, directory: str | os.PathLike[str]) -
         state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         config.save(tmp)
+        for item in (tmp, tmp / WEIGHTS_NAME, tmp / CONFIG_NAME):
+            shareable(item)  # the process umask, not mkdtemp's 0700: a lab can share the cache
         if target.exists():
             # Replace file by file so an existing directory with other content survives.
             for name in (WEIGHTS_NAME, CONFIG_NAME):
@@ -154,8 +196,33 @@ def load_pretrained_dir(directory: str | os.PathLike[str], *, config: ModelConfi
     weights = directory / WEIGHTS_NAME
     if not weights.is_file():
         raise CheckpointError(f"{weights} not found: a model directory holds {CONFIG_NAME} and {WEIGHTS_NAME}", path=str(weights))
+    check_safetensors_header(weights, cfg)
     try:
         state = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{weights} is not a readable safetensors file ({exc}); re-create it with `anatcl convert`", path=str(weights)) from None
     return model_with_weights(cfg, state, path=str(weights))
+
+
+def check_safetensors_header(path: str | os.PathLike[str], config: ModelConfig) -> None:
+    """Compare the tensor names and shapes a ``.safetensors`` header declares with the network, before reading any.
+
+    Raises:
+        StateDictMismatchError: missing, unexpected or mis-shaped tensors (nothing was allocated).
+        CheckpointError: the header cannot be read.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    from ..model.network import AnatCL
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            shapes = {clean_name(k): tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({exc}); re-create it with `anatcl convert`", path=str(path)) from None
+    with torch.device("meta"):
+        model = AnatCL(config)
+    fake = {k: torch.empty(v, device="meta") for k, v in shapes.items()}
+    expected = model.state_dict()
+    if set(fake) != set(expected) or any(tuple(fake[k].shape) != tuple(expected[k].shape) for k in expected):
+        load_state_dict_strict(model, fake, path=str(path))  # raises with every offending key

@@ -46,9 +46,9 @@ def extract_state_dict(obj: Any, *, path: str | None = None) -> dict[str, torch.
         for key in _STATE_KEYS:
             inner = obj.get(key)
             if isinstance(inner, Mapping) and inner and any(isinstance(v, torch.Tensor) for v in inner.values()):
-                return clean_state_dict(inner)
+                return _unwrap(clean_state_dict(inner))
         if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-            return clean_state_dict(obj)
+            return _unwrap(clean_state_dict(obj))
         keys = ", ".join(repr(k) for k in list(obj)[:20])
         raise CheckpointError(
             f"{where}no state dict found: expected a dict of tensors under 'model' or 'state_dict' "
@@ -56,6 +56,13 @@ def extract_state_dict(obj: Any, *, path: str | None = None) -> dict[str, torch.
             path=path,
         )
     raise CheckpointError(f"{where}the checkpoint holds a {type(obj).__name__}, not a dict with a state dict; pass an AnatCL checkpoint", path=path)
+
+
+def _unwrap(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The network inside the authors' ``anatcl.AnatCL`` wrapper: every key under ``backbone.``."""
+    if state and all(k.startswith("backbone.") for k in state):
+        return {k[len("backbone."):]: v for k, v in state.items()}
+    return state
 
 
 def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
@@ -107,6 +114,10 @@ def model_from_checkpoint(path: str | os.PathLike[str], config: ModelConfig) -> 
     Example:
         >>> model = model_from_checkpoint("fold0.pth", ModelConfig(fold=0))  # doctest: +SKIP
     """
+    if Path(path).suffix == ".safetensors":
+        from .checkpoint import check_safetensors_header
+
+        check_safetensors_header(path, config)  # names and shapes checked before any tensor is read
     return model_with_weights(config, read_checkpoint(path), path=str(path))
 
 

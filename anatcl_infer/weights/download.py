@@ -16,11 +16,12 @@ import http.client
 import logging
 import os
 import sys
-import tempfile
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
+from .._files import atomic_path
 from ..errors import DownloadError, IntegrityError, OfflineError
 
 __all__ = [
@@ -32,6 +33,9 @@ __all__ = [
     "hf_download",
     "PREFETCH_HINT",
     "OFFLINE_HINT",
+    "prefetch_hint",
+    "offline_hint",
+    "MAX_DOWNLOAD_BYTES",
 ]
 
 logger = logging.getLogger(__name__)
@@ -46,6 +50,31 @@ PREFETCH_HINT = (
     "ANATCL_CACHE to it"
 )
 OFFLINE_HINT = PREFETCH_HINT + "; or unset ANATCL_OFFLINE/HF_HUB_OFFLINE to allow downloads"
+
+
+def prefetch_hint(name: str | None = None, fold: int | str | None = None) -> str:
+    """How to pre-fetch the model and fold actually asked for (the generic hint without a name).
+
+    Example:
+        >>> prefetch_hint("anatcl-local", 3)[:58]
+        'on a machine with network run `anatcl download anatcl-loc'
+    """
+    if not name:
+        return PREFETCH_HINT
+    folds = "all" if fold in (None, "all") else str(fold)
+    return (
+        f"on a machine with network run `anatcl download {name} --fold {folds}` and copy its cache directory "
+        "($ANATCL_CACHE, see `anatcl models`) to this machine, setting ANATCL_CACHE to it"
+    )
+
+
+def offline_hint(name: str | None = None, fold: int | str | None = None) -> str:
+    """:func:`prefetch_hint` plus how to leave offline mode."""
+    return offline_hint_from(prefetch_hint(name, fold))
+
+
+def offline_hint_from(hint: str) -> str:
+    return hint + "; or unset ANATCL_OFFLINE/HF_HUB_OFFLINE to allow downloads"
 
 
 def cache_dir() -> Path:
@@ -121,25 +150,53 @@ def _progress(total: int | None, desc: str):  # noqa: ANN202  (a tqdm bar)
     return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=not sys.stderr.isatty(), leave=False)
 
 
-def download_url(url: str, dest: str | os.PathLike[str], *, sha256: str | None = None, timeout: float = 60.0) -> str:
+#: the largest file a download may bring when the manifest records no size (a ResNet-101 training
+#: checkpoint with optimizer state is ~0.6 GB)
+MAX_DOWNLOAD_BYTES = 4 << 30
+#: socket timeout (connect, and each read) and overall deadline of one download, in seconds
+TIMEOUT = 60.0
+DEADLINE = 3600.0
+
+
+def download_url(
+    url: str,
+    dest: str | os.PathLike[str],
+    *,
+    sha256: str | None = None,
+    timeout: float = TIMEOUT,
+    deadline: float | None = DEADLINE,
+    max_bytes: int | None = None,
+    size: int | None = None,
+    hint: str = PREFETCH_HINT,
+) -> str:
     """Download ``url`` to ``dest`` atomically, verifying SHA-256 while streaming.
+
+    A small streaming loop on :mod:`urllib` rather than ``pooch``/``torch.hub``: neither
+    bounds the body's size nor the whole transfer's time (their read timeout restarts
+    with every byte, so a server dripping one byte per 20 s never times out).
 
     The body is written to a temporary file in ``dest``'s directory and renamed to
     ``dest`` only once it is complete and (when ``sha256`` is given) correct; on any
-    failure the temporary file is removed, so no partial or bad file is ever left.
+    failure the temporary file is removed, so no partial or bad file is ever left. The
+    file gets the process umask's mode (a lab can share the cache).
 
     Args:
         url: http(s) URL.
         dest: final path.
         sha256: expected hex SHA-256, or ``None`` to accept any content.
-        timeout: socket timeout in seconds.
+        timeout: connect and per-read socket timeout in seconds.
+        deadline: the whole transfer's time limit in seconds (``None``: no limit).
+        max_bytes: refuse bodies larger than this (default :data:`MAX_DOWNLOAD_BYTES`).
+        size: the exact size expected (the manifest's), checked as the body arrives.
+        hint: what to do when the network fails (quoted in the error).
 
     Returns:
         The SHA-256 of the downloaded file.
 
     Raises:
-        OfflineError: offline mode is on.
-        DownloadError: the server could not be reached or answered with an error.
+        OfflineError: offline mode is on (nothing is touched).
+        DownloadError: the server could not be reached, answered with an error, sent a
+            body of the wrong size, stalled, or ran past the deadline.
         IntegrityError: the content does not match ``sha256`` (nothing is kept).
 
     Example:
@@ -147,39 +204,47 @@ def download_url(url: str, dest: str | os.PathLike[str], *, sha256: str | None =
     """
     dest = Path(dest)
     if is_offline():
-        raise OfflineError(f"offline mode is on and {dest.name} is not in the cache ({url}); {OFFLINE_HINT}", url=url)
-    dest.parent.mkdir(parents=True, exist_ok=True)
+        raise OfflineError(f"offline mode is on and {dest.name} is not in the cache ({url}); {offline_hint_from(hint)}", url=url)
+    cap = MAX_DOWNLOAD_BYTES if max_bytes is None else int(max_bytes)
+    if size is not None:
+        cap = min(cap, int(size))
+    started = time.monotonic()
     digest = hashlib.sha256()
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_path(dest, suffix=".part") as tmp:
         request = urllib.request.Request(url, headers={"User-Agent": "anatcl-infer"})
         try:
             response = urllib.request.urlopen(request, timeout=timeout)  # noqa: S310 (http(s) checked by callers)
         except urllib.error.HTTPError as exc:
             raise DownloadError(f"{url} answered HTTP {exc.code} {exc.reason}; the file may have moved: check the URL or try another source", url=url) from None
-        except (urllib.error.URLError, OSError) as exc:
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
             reason = getattr(exc, "reason", exc)
-            raise DownloadError(f"cannot reach {url} ({reason}); check the network, or pre-fetch: {PREFETCH_HINT}", url=url) from None
-        with response, os.fdopen(fd, "wb") as out:
-            fd = -1
+            raise DownloadError(f"cannot reach {url} ({reason}); check the network, or pre-fetch: {hint}", url=url) from None
+        with response, open(tmp, "wb") as out:
             length = response.headers.get("Content-Length")
             total = int(length) if length and length.isdigit() else None
+            if total is not None and total > cap:
+                raise DownloadError(f"{url} announces {total} bytes, more than the {cap} expected; refusing it (check the URL)", url=url)
             received = 0
             with _progress(total, dest.name) as bar:
                 while True:
                     try:
-                        chunk = response.read(_CHUNK)
+                        chunk = response.read1(_CHUNK)  # returns what arrived: the deadline is checked per read
                     except (OSError, http.client.HTTPException) as exc:
-                        raise DownloadError(f"the download of {url} broke off after {received} bytes ({exc}); try again", url=url) from None
+                        raise DownloadError(f"the download of {url} broke off after {received} bytes ({exc or 'timed out'}); try again", url=url) from None
                     if not chunk:
                         break
+                    received += len(chunk)
+                    if received > cap:
+                        raise DownloadError(f"{url} sent more than the {cap} bytes expected; refusing it (check the URL)", url=url)
                     out.write(chunk)
                     digest.update(chunk)
-                    received += len(chunk)
                     bar.update(len(chunk))
+                    if deadline is not None and time.monotonic() - started > deadline:
+                        raise DownloadError(f"the download of {url} took more than {deadline:.0f} s ({received} bytes arrived); try again, or pre-fetch: {hint}", url=url)
             if total is not None and received != total:
                 raise DownloadError(f"the download of {url} stopped at {received} of {total} bytes; try again", url=url)
+            if size is not None and received != size:
+                raise DownloadError(f"{url} sent {received} bytes, the manifest records {size}; the file changed on the server", url=url)
         actual = digest.hexdigest()
         if sha256 and actual != sha256.lower():
             raise IntegrityError(
@@ -190,14 +255,25 @@ def download_url(url: str, dest: str | os.PathLike[str], *, sha256: str | None =
                 expected=sha256.lower(),
                 actual=actual,
             )
-        os.replace(tmp, dest)
-    except BaseException:
-        if fd >= 0:
-            os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
-    logger.info("downloaded %s (%d bytes, sha256 %s)", url, dest.stat().st_size, actual)
+    logger.info("downloaded %s (%d bytes, sha256 %s)", url, received, actual)
     return actual
+
+
+def _probe(endpoint: str, timeout: float = 5.0) -> str | None:
+    """Why the Hub's host cannot be reached (DNS, refused, timeout), or None when a TCP connection opens."""
+    import socket
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(endpoint)
+    host = parts.hostname
+    if not host:
+        return None
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        with socket.create_connection((host, port), timeout=timeout):
+            return None
+    except (OSError, ValueError) as exc:
+        return f"{host}: {getattr(exc, 'strerror', None) or exc}"
 
 
 def _hub_cache_dir() -> str | None:
@@ -254,6 +330,13 @@ def hf_download(repo_id: str, filenames: tuple[str, ...], *, revision: str | Non
     endpoint = os.environ.get("HF_ENDPOINT", "").strip() or None
     hub_cache = _hub_cache_dir()
     where = f"hf://{repo_id}" + (f"@{revision}" if revision else "")
+    hint = f"load {where} once on a machine with network and copy its Hub cache ($HF_HOME/hub) to this machine"
+    unreachable = None
+    if not offline:
+        # huggingface_hub retries a refused or unresolvable host for ~25 s; one quick probe instead
+        unreachable = _probe(endpoint or hf_constants.ENDPOINT)
+        if unreachable:
+            logger.info("the Hub (%s) cannot be reached (%s); using the Hub cache only", endpoint or hf_constants.ENDPOINT, unreachable)
     paths: dict[str, Path] = {}
     for filename in filenames:
         try:
@@ -263,14 +346,15 @@ def hf_download(repo_id: str, filenames: tuple[str, ...], *, revision: str | Non
                 revision=revision,
                 endpoint=endpoint,
                 cache_dir=hub_cache,
-                local_files_only=offline,
+                local_files_only=offline or bool(unreachable),
                 token=token,
                 library_name="anatcl-infer",
             )
         except LocalEntryNotFoundError:
             if offline:
-                raise OfflineError(f"offline mode is on and {filename} of {where} is not in the Hub cache; {OFFLINE_HINT}", url=where) from None
-            raise DownloadError(f"cannot reach the Hub for {filename} of {where}; check the network or HF_ENDPOINT, or pre-fetch: {PREFETCH_HINT}", url=where) from None
+                raise OfflineError(f"offline mode is on and {filename} of {where} is not in the Hub cache; {offline_hint_from(hint)}", url=where) from None
+            reason = f" ({unreachable})" if unreachable else ""
+            raise DownloadError(f"cannot reach the Hub for {filename} of {where}{reason}; check the network or HF_ENDPOINT, or {hint}", url=where) from None
         except RepositoryNotFoundError:
             raise DownloadError(f"{where}: repository not found on the Hub (or private: pass a token / run `hf auth login`)", url=where) from None
         except RevisionNotFoundError:

@@ -10,7 +10,8 @@ Sources, tried in this order of interpretation:
    a ``.safetensors`` file, or an original ``.pth``/``.pt`` (read safely);
 4. a registry name (``anatcl-global``, ``anatcl-local`` and their aliases) with a fold:
    the Hub mirror first when ``ANATCL_HUB_REPO`` is set, else (or on failure) the
-   original URLs, converted once into ``<cache>/models/<name>/fold<k>/``.
+   original URLs, converted once into ``<cache>/models/<name>/fold<k>/`` -- or
+   ``fold<k>-unverified/`` when the manifest knows no SHA-256 for the file used.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..config import CONFIG_NAME, WEIGHTS_NAME, ModelConfig
-from .download import OFFLINE_HINT, PREFETCH_HINT, cache_dir, download_url, hf_download, is_offline, verify_sha256
+from .download import cache_dir, download_url, hf_download, is_offline, offline_hint, prefetch_hint, verify_sha256
 from ..errors import CheckpointError, ConfigError, DownloadError, IntegrityError, OfflineError, UnsafeCheckpointError
 from .registry import canonical_name, find_by_sha256, resolve
 
@@ -32,7 +33,10 @@ if TYPE_CHECKING:
 
     from ..model.network import AnatCL
 
-__all__ = ["load_model", "fetch_registry_model", "registry_model_dir", "parse_hf_address", "is_cached"]
+__all__ = ["load_model", "fetch_registry_model", "registry_model_dir", "parse_hf_address", "is_cached", "cached_state", "UNVERIFIED_SUFFIX"]
+
+#: folder suffix of a registry model whose original file had no known SHA-256
+UNVERIFIED_SUFFIX = "-unverified"
 
 logger = logging.getLogger(__name__)
 
@@ -62,14 +66,33 @@ def parse_hf_address(address: str, revision: str | None = None) -> tuple[str, st
     return repo, rev or revision
 
 
-def registry_model_dir(name: str, fold: int) -> Path:
+def _check_fold(fold: object) -> int:
+    if isinstance(fold, bool) or not isinstance(fold, int):
+        try:
+            import numpy as np
+
+            if isinstance(fold, np.integer):
+                return int(fold)
+        except ImportError:  # pragma: no cover
+            pass
+        raise ConfigError(f"fold must be an integer (0-4 for the published models), got {fold!r:.40}")
+    return fold
+
+
+def registry_model_dir(name: str, fold: int, *, verified: bool = True) -> Path:
     """Where a registry model is kept once converted: ``<cache>/models/<name>/fold<k>``.
+
+    A model converted from a file whose SHA-256 the manifest does not know is kept
+    apart, in ``fold<k>-unverified``, so it is never taken for a verified copy.
 
     Example:
         >>> registry_model_dir("global", 0).parts[-2:]
         ('anatcl-global', 'fold0')
+        >>> registry_model_dir("global", 1, verified=False).name
+        'fold1-unverified'
     """
-    return cache_dir() / "models" / canonical_name(name) / f"fold{int(fold)}"
+    suffix = "" if verified else UNVERIFIED_SUFFIX
+    return cache_dir() / "models" / canonical_name(name) / f"fold{_check_fold(fold)}{suffix}"
 
 
 def _is_model_dir(path: Path) -> bool:
@@ -83,7 +106,21 @@ def is_cached(name: str, fold: int) -> bool:
         >>> is_cached("anatcl-global", 0)  # doctest: +SKIP
         False
     """
-    return _is_model_dir(registry_model_dir(name, fold))
+    return cached_state(name, fold) is not None
+
+
+def cached_state(name: str, fold: int) -> str | None:
+    """``"verified"``, ``"unverified"`` (no known SHA-256 for its source) or None (not cached).
+
+    Example:
+        >>> cached_state("anatcl-global", 0)  # doctest: +SKIP
+        'verified'
+    """
+    if _is_model_dir(registry_model_dir(name, fold)):
+        return "verified"
+    if _is_model_dir(registry_model_dir(name, fold, verified=False)):
+        return "unverified"
+    return None
 
 
 def _check_recorded_sha(directory: Path, sha256: str | None) -> None:
@@ -101,14 +138,14 @@ def _check_recorded_sha(directory: Path, sha256: str | None) -> None:
         )
 
 
-def _download_and_convert(url: str, target: Path, config: ModelConfig, sha256: str | None) -> Path:
+def _download_and_convert(url: str, target: Path, config: ModelConfig, sha256: str | None, *, size: int | None = None, hint: str | None = None) -> Path:
     """Download an original ``.pth``, convert it into ``target`` and delete the ``.pth``."""
     from .convert import convert_checkpoint
 
     downloads = cache_dir() / "downloads"
     # one name per process: a concurrent conversion of the same URL never deletes this file
     pth = downloads / f"{hashlib.sha256(url.encode()).hexdigest()[:16]}.{os.getpid()}.pth"
-    actual = download_url(url, pth, sha256=sha256)
+    actual = download_url(url, pth, sha256=sha256, size=size, hint=hint or prefetch_hint())
     try:
         config = dataclasses.replace(config, source=url, source_sha256=actual)
         convert_checkpoint(pth, target, config)
@@ -118,18 +155,22 @@ def _download_and_convert(url: str, target: Path, config: ModelConfig, sha256: s
     return target
 
 
-def fetch_registry_model(name: str, fold: int = 0, *, sha256: str | None = None, revision: str | None = None) -> Path:
+def fetch_registry_model(name: str, fold: int = 0, *, sha256: str | None = None, revision: str | None = None, retry_verified: bool = False) -> Path:
     """Make sure a registry model is available locally and return its directory.
 
     With ``ANATCL_HUB_REPO`` set the Hub mirror is tried first (files stay in the
     Hub's cache); on failure a warning is logged and the original URLs are used, each
-    in turn, converted once into ``<cache>/models/<name>/fold<k>/``.
+    in turn, converted once into ``<cache>/models/<name>/fold<k>/``. A source whose
+    SHA-256 is not known (neither the manifest's nor ``sha256``) is checked for format
+    and shapes only and kept in ``fold<k>-unverified/``, never under the verified name.
 
     Args:
         name: registry name or alias.
         fold: 0-4.
         sha256: expected SHA-256 of the original file (overrides the manifest's).
         revision: Hub revision of the mirror.
+        retry_verified: with a not hash-verified copy cached, try the hash-verified
+            sources again first (``anatcl download`` does).
 
     Raises:
         OfflineError: offline and not cached.
@@ -140,7 +181,9 @@ def fetch_registry_model(name: str, fold: int = 0, *, sha256: str | None = None,
         >>> fetch_registry_model("anatcl-global", 0)  # doctest: +SKIP
         PosixPath('/home/me/.cache/anatcl/models/anatcl-global/fold0')
     """
+    fold = _check_fold(fold)
     resolved = resolve(name, fold)
+    hint = prefetch_hint(resolved.name, fold)
     if revision is not None and not resolved.hub_repo:
         raise ConfigError(
             f"revision={revision!r} applies only to a Hub mirror; set ANATCL_HUB_REPO (e.g. myorg/{{name}}-fold{{fold}}) "
@@ -156,23 +199,44 @@ def fetch_registry_model(name: str, fold: int = 0, *, sha256: str | None = None,
     if _is_model_dir(target):
         _check_recorded_sha(target, sha256)
         return target
+    unverified = registry_model_dir(resolved.name, fold, verified=False)
+    hashed = [s for s in resolved.sources if sha256 or s.sha256]
+    if _is_model_dir(unverified) and (not retry_verified or not hashed or is_offline()):
+        _check_recorded_sha(unverified, sha256)
+        logger.warning(
+            "%s fold %d: using %s, converted from a file whose SHA-256 is not known to the manifest "
+            "(not hash-verified; its hash is recorded in config.json)", resolved.name, fold, unverified,
+        )
+        return unverified
     if is_offline():
-        raise OfflineError(f"offline mode is on and {resolved.name} fold {fold} is not in the cache ({target}); {OFFLINE_HINT}", url=resolved.sources[0].url)
+        raise OfflineError(f"offline mode is on and {resolved.name} fold {fold} is not in the cache ({target}); {offline_hint(resolved.name, fold)}", url=resolved.sources[0].url)
     config = ModelConfig(architecture=resolved.architecture, variant=resolved.variant, fold=fold, name=resolved.name)
     failures = []
     for source in resolved.sources:
+        expected = sha256 or source.sha256
+        into = target if expected else unverified
         try:
-            return _download_and_convert(source.url, target, config, sha256 or source.sha256)
+            path = _download_and_convert(source.url, into, config, expected, size=source.size, hint=hint)
         except (OfflineError, UnsafeCheckpointError):
             raise
-        except (DownloadError, CheckpointError) as exc:
+        except (DownloadError, CheckpointError, ConfigError) as exc:
             # a dead link, or a server answering with something else (an HTML sign-in page...)
-            reason = str(exc).replace(f"; check the network, or pre-fetch: {PREFETCH_HINT}", "")
+            reason = str(exc).replace(f"; check the network, or pre-fetch: {hint}", "")
             logger.warning("%s source of %s fold %d failed: %s", source.release or "a", resolved.name, fold, reason)
             failures.append(f"{source.release or 'source'}: {reason}")
+            continue
+        if not expected:
+            logger.warning(
+                "%s fold %d: the manifest has no SHA-256 for %s; the file passed the format and shape checks and "
+                "is cached as not hash-verified in %s", resolved.name, fold, source.url, path,
+            )
+        return path
+    if _is_model_dir(unverified):
+        logger.warning("%s fold %d: the hash-verified source failed; using the not hash-verified copy %s", resolved.name, fold, unverified)
+        return unverified
     raise DownloadError(
         f"could not download {resolved.name} fold {fold} from any source:\n  " + "\n  ".join(failures) + "\n"
-        f"Check the network, or pre-fetch: {PREFETCH_HINT}. If you have the original .pth, load it directly "
+        f"Check the network, or pre-fetch: {hint}. If you have the original .pth, load it directly "
         "(load_model('fold0.pth')) or run `anatcl convert`; if a Hub mirror exists, set ANATCL_HUB_REPO "
         "(e.g. myorg/{name}-fold{fold}).",
         url=resolved.sources[0].url,
@@ -188,7 +252,8 @@ def _load_url(url: str, sha256: str | None) -> Path:
         _check_recorded_sha(target, sha256)
         return target
     name, variant, fold = guess_identity(url)
-    return _download_and_convert(url, target, ModelConfig(variant=variant, fold=fold, name=name), sha256)
+    hint = f"download {url} on a machine with network and load the file directly (load_model('fold0.pth'))"
+    return _download_and_convert(url, target, ModelConfig(variant=variant, fold=fold, name=name), sha256, hint=hint)
 
 
 def _load_local(path: Path, sha256: str | None) -> AnatCL:
@@ -236,7 +301,7 @@ def _load_local(path: Path, sha256: str | None) -> AnatCL:
 def load_model(
     source: str | os.PathLike[str] = "anatcl-global",
     *,
-    fold: int = 0,
+    fold: int | None = None,
     revision: str | None = None,
     sha256: str | None = None,
     device: str | torch.device | None = None,
@@ -248,8 +313,9 @@ def load_model(
             ``g3``, ``local``, ``l3``); ``hf://org/name[@revision]`` (or timm's ``hf-hub:org/name``); an http(s) URL of an
             original ``.pth``; a local ``.pth``/``.pt``/``.safetensors`` file; or a
             directory holding ``config.json`` + ``model.safetensors``.
-        fold: cross-validation fold (0-4) of a registry model. Folds are separate
-            models: never average their embeddings.
+        fold: cross-validation fold (0-4) of a registry model (default 0). Folds are
+            separate models: never average their embeddings. A file, URL or Hub
+            repository holds one fold: a different ``fold`` there is a warning.
         revision: Hub branch, tag or commit (``hf://`` sources and the registry's Hub
             mirror only).
         sha256: expected SHA-256 of the file read: the original ``.pth`` for URLs,
@@ -278,6 +344,8 @@ def load_model(
     from .checkpoint import load_pretrained_dir
     from ..model.devices import resolve_device
 
+    if fold is not None:
+        fold = _check_fold(fold)
     text = os.fspath(source)
     if text.startswith("hf-hub:"):  # timm's spelling of a Hub address: an alias of hf://
         text = "hf://" + text[len("hf-hub:"):].lstrip("/")
@@ -304,8 +372,19 @@ def load_model(
                 path=str(path),
             )
         else:
-            model = load_pretrained_dir(fetch_registry_model(text, fold, sha256=sha256, revision=revision))
-    model = model.to(resolve_device(device)).eval()
+            model = load_pretrained_dir(fetch_registry_model(text, 0 if fold is None else fold, sha256=sha256, revision=revision))
+            fold = None  # used
     cfg = model.config
+    if fold not in (None, 0, cfg.fold):
+        # a file is one fold: say so instead of silently loading another one
+        own = f"its config says fold {cfg.fold}" if cfg.fold is not None else "it does not record a fold"
+        logger.warning(
+            "fold=%d applies to registry models (anatcl-global, anatcl-local); %s was loaded as it is (%s)",
+            fold, text, own,
+        )
+        import warnings
+
+        warnings.warn(f"fold={fold} was not used: {text} holds one model ({own})", UserWarning, stacklevel=2)
+    model = model.to(resolve_device(device)).eval()
     logger.info("loaded %s (variant %s, fold %s) from %s", cfg.name, cfg.variant, cfg.fold, cfg.source or text)
     return model  # type: ignore[return-value]

@@ -6,8 +6,9 @@ import logging
 import os
 from pathlib import Path
 
+from .._files import atomic_path
 from ..config import CONFIG_NAME, WEIGHTS_NAME, ModelConfig
-from ..errors import CheckpointError, DownloadError, UnknownModelError
+from ..errors import CheckpointError, DownloadError, OfflineError, UnknownModelError
 
 __all__ = ["CARD_NAME", "write_model_card", "push_to_hub"]
 
@@ -56,7 +57,8 @@ def write_model_card(directory: str | os.PathLike[str], config: ModelConfig | No
     if path.exists() and not overwrite:
         return path
     cfg = config if config is not None else ModelConfig.load(directory)
-    path.write_text(_card_text(cfg), encoding="utf-8")
+    with atomic_path(path) as tmp:
+        tmp.write_text(_card_text(cfg), encoding="utf-8")
     return path
 
 
@@ -109,6 +111,15 @@ def push_to_hub(
     config = ModelConfig.load(directory)
     write_model_card(directory, config)
     endpoint = os.environ.get("HF_ENDPOINT", "").strip() or None
+    from huggingface_hub import constants as hf_constants
+
+    from .download import _probe, is_offline
+
+    if is_offline() or hf_constants.HF_HUB_OFFLINE:
+        raise OfflineError(f"offline mode is on: cannot push {directory} to {repo_id}; unset ANATCL_OFFLINE/HF_HUB_OFFLINE on a machine with network", url=repo_id)
+    unreachable = _probe(endpoint or hf_constants.ENDPOINT)
+    if unreachable:
+        raise DownloadError(f"cannot reach the Hub to push {directory} to {repo_id} ({unreachable}); check the network or HF_ENDPOINT", url=repo_id)
     api = HfApi(endpoint=endpoint, token=token)
     message = commit_message or f"{config.name} fold {config.fold} ({config.variant}) converted by anatcl-infer"
     try:
@@ -123,7 +134,9 @@ def push_to_hub(
             commit_message=message,
             allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, "README.md"],
         )
-    except (HfHubHTTPError, OSError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 (the Hub client's HTTP stack raises its own types: httpx, requests)
+        if not isinstance(exc, (HfHubHTTPError, OSError, ValueError)) and type(exc).__module__.split(".")[0] not in {"httpx", "requests", "urllib3", "huggingface_hub", "httpcore"}:
+            raise
         raise DownloadError(
             f"pushing {directory} to {repo_id} failed ({exc}); check your token (`hf auth login` or --token) "
             "and that you may write to that organisation",
