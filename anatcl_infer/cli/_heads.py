@@ -77,8 +77,6 @@ def predict_cmd(
 ) -> None:
     """Apply a head to features: one row per input with `<target>_pred` (and brain-age gaps)."""
     setup_logging(quiet=quiet, verbose=verbose)
-    import os
-
     from ..errors import AnatCLError
     from ..downstream.features import read_features, read_labels, write_parquet_atomic
     from ..downstream.heads import Head
@@ -93,10 +91,10 @@ def predict_cmd(
     provenance = {"head": {k: h.config.get(k) for k in ("target", "kind", "units", "model", "package_version")},
                   "head_dir": str(head), "features": str(features), "features_metadata": meta}
     if str(out).endswith(".csv"):
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-        pred.to_csv(tmp, index=False)
-        os.replace(tmp, out)
+        from .._files import atomic_path
+
+        with atomic_path(out) as tmp:
+            pred.to_csv(tmp, index=False)
     else:
         write_parquet_atomic(pred, out, provenance)
     typer.echo(f"wrote {len(pred)} predictions ({h.pred_column}) to {out}")
