@@ -27,7 +27,7 @@ _PREDICT_EPILOG = (
 
 @app.command("fit-head", epilog=_FIT_EPILOG)
 def fit_head_cmd(
-    features: Path = typer.Argument(..., help="Features table from `anatcl embed` (.parquet or .csv).", show_default=False),
+    features: Path = typer.Argument(..., help="Features table from `anatcl embed` (.parquet or .csv), or its folder of parts (--shard).", show_default=False),
     labels: Path = typer.Argument(..., help="Labels table (.csv, .tsv, .parquet) with `path` or `subject` and the target.", show_default=False),
     target: str = typer.Option(..., "--target", "-t", help="Label column to predict."),
     out: Path = typer.Option(..., "--out", "-o", help="Head directory to write (head.json + head.safetensors)."),
@@ -68,7 +68,7 @@ def fit_head_cmd(
 
 @app.command("predict", epilog=_PREDICT_EPILOG)
 def predict_cmd(
-    features: Path = typer.Argument(..., help="Features table from `anatcl embed`.", show_default=False),
+    features: Path = typer.Argument(..., help="Features table from `anatcl embed`, or its folder of parts (--shard).", show_default=False),
     head: Path = typer.Option(..., "--head", help="Head directory from `anatcl fit-head`."),
     out: Path = typer.Option(..., "--out", "-o", help="Predictions table (.parquet or .csv), written atomically."),
     labels: Optional[Path] = typer.Option(None, "--labels", help="Labels with chronological age (for brain-age gaps)."),
