@@ -951,7 +951,7 @@ def _run_locked(
     except KeyboardInterrupt as exc:
         signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
         stopped.setdefault("signum", signum)
-        logger.error("interrupted (%s): %d inputs of this run kept in %s; rerun with --resume to continue",
+        logger.info("interrupted (%s): %d inputs of this run kept in %s; rerun with --resume to continue",
                      signal.Signals(signum).name, n_written, partial_dir)
         raise exc if isinstance(exc, Interrupted) else Interrupted(signum) from None
     finally:
