@@ -100,7 +100,7 @@ class EmbedSummary:
     failures: list[dict[str, Any]] = field(default_factory=list)
     #: inputs re-embedded on ``--resume`` because their file changed since the earlier run
     changed: list[str] = field(default_factory=list)
-    #: rows dropped on ``--resume`` because their input is no longer among the inputs
+    #: inputs whose rows were dropped on ``--resume`` because they are no longer among the inputs
     n_dropped: int = 0
     #: number of rows in the table written
     n_rows: int = 0
@@ -847,9 +847,10 @@ def run_embed(
             try:
                 return _run_locked(
                     records, models, layout, meta, dim, dev, stopped,
-                    batch_size=batch_size, num_workers=num_workers, resume=resume, overwrite=overwrite,
-                    strict=strict, progress=progress, amp=amp, qc=qc, head=head, prior_failures=prior_failures,
-                    iter_encoded=iter_encoded,
+                    resume=resume, overwrite=overwrite, progress=progress, qc=qc, head=head,
+                    prior_failures=prior_failures, iter_encoded=iter_encoded,
+                    # passed through to iter_encoded as they are:
+                    batch_size=batch_size, num_workers=num_workers, amp=amp, strict=strict,
                 )
             except Interrupted:
                 raise
@@ -866,10 +867,11 @@ def run_embed(
 
 def _run_locked(
     records: Sequence[InputRecord], models: Sequence[AnatCL], layout: OutputLayout, meta: dict[str, Any],
-    dim: int, dev: Any, stopped: dict[str, int], *, batch_size: int, num_workers: int | None, resume: bool,
-    overwrite: bool, strict: bool, progress: bool, amp: bool | str, qc: bool, head: Any,
-    prior_failures: Sequence[dict[str, Any]], iter_encoded: Any,
+    dim: int, dev: Any, stopped: dict[str, int], *, resume: bool, overwrite: bool, progress: bool, qc: bool,
+    head: Any, prior_failures: Sequence[dict[str, Any]], iter_encoded: Any, **encode_kwargs: Any,
 ) -> EmbedSummary:
+    """The body of :func:`run_embed`, run while holding the output's lock; ``encode_kwargs`` go to ``iter_encoded``."""
+    batch_size = int(encode_kwargs.get("batch_size", 8))
     out, fmt, partial_dir, errors_path = layout.out, layout.fmt, layout.partial_dir, layout.errors_path
     if out.exists() and not (resume or overwrite):
         raise ConfigError(f"{out} already exists; pass --resume to add what is missing, or --overwrite to replace it")
@@ -933,8 +935,7 @@ def _run_locked(
     try:
         if todo:
             for batch in iter_encoded(
-                runner, [r.path for r in todo], batch_size=batch_size, device=dev, num_workers=num_workers,  # type: ignore[arg-type]
-                progress=progress, amp=amp, strict=strict, extra_info=extra,
+                runner, [r.path for r in todo], device=dev, progress=progress, extra_info=extra, **encode_kwargs,
             ):
                 for f in batch.failures:
                     rec = {"path": f.path, "fold": "all" if len(fold_ids) > 1 else fold_ids[0], "stage": f.stage, "message": f.message}
