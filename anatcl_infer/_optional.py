@@ -9,13 +9,20 @@ from .errors import MissingDependencyError
 __all__ = ["require"]
 
 
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a parent package missing, or a module blocked in sys.modules
+        return False
+
+
 def require(extra: str, *modules: str) -> None:
     """Raise :class:`MissingDependencyError` naming the extra when a module is not installed.
 
     Example:
         >>> require("sklearn", "numpy")  # installed: returns quietly
     """
-    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    missing = [m for m in modules if not _installed(m)]
     if missing:
         names = ", ".join(missing)
         raise MissingDependencyError(

@@ -24,6 +24,7 @@ __all__ = [
     "InputKindError",
     "HeadError",
     "MissingDependencyError",
+    "OutputError",
 ]
 
 
@@ -142,3 +143,19 @@ class MissingDependencyError(AnatCLError, ImportError):
         super().__init__(message)
         self.package = package
         self.extra = extra
+
+
+class OutputError(AnatCLError, OSError):
+    """An output cannot be written: the disk is full, the folder is read-only or not writable,
+    or another run holds its lock.
+
+    Attributes:
+        path: the file or folder that could not be written.
+    """
+
+    def __init__(self, message: str, *, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+
+    def __str__(self) -> str:
+        return str(self.args[0])

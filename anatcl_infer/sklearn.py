@@ -3,6 +3,10 @@
 The implementation lives in :mod:`anatcl_infer.downstream.transformer`.
 """
 
-from .downstream.transformer import AnatCLEncoder
+from ._optional import require
+
+require("sklearn", "sklearn")  # a bare install: MissingDependencyError (an ImportError) naming the extra
+
+from .downstream.transformer import AnatCLEncoder  # noqa: E402
 
 __all__ = ["AnatCLEncoder"]

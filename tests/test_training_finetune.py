@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -118,9 +120,18 @@ def test_cli_train_then_finetune(setup, tmp_path):
     assert res.exit_code == 2 and "exactly one of" in res.output
     args = ["train", "--manifest", str(manifest), "--out", str(tmp_path / "run"), "--preprocess", str(spec),
             "--device", "cpu", "--epochs", "1", "--batch-size", "3", "--descriptor", "none", "-q"]
-    res = runner.invoke(app, args)
+    old_umask = os.umask(0o022)  # a lab shares its runs: the export is readable as the umask allows
+    try:
+        res = runner.invoke(app, args)
+    finally:
+        os.umask(old_umask)
     assert res.exit_code == 0, res.output
     assert (tmp_path / "run" / "export" / "model.safetensors").is_file()
+    export = tmp_path / "run" / "export"
+    assert stat.S_IMODE(export.stat().st_mode) == 0o755
+    assert {stat.S_IMODE(p.stat().st_mode) for p in [*export.iterdir(), *(tmp_path / "run" / "checkpoints").iterdir()]} == {0o644}
+    res = runner.invoke(app, args)  # the same command again never overwrites the run silently
+    assert res.exit_code == 2 and "--resume" in res.output
     assert load_pretrained_dir(tmp_path / "run" / "export").config.variant == "y-aware"
     res = runner.invoke(app, ["finetune", "--model", str(tmp_path / "run" / "export"), "--manifest", str(manifest),
                               "--target", "age", "--out", str(tmp_path / "ft"), "--epochs", "2", "--device", "cpu", "-q"])

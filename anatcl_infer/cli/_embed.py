@@ -63,14 +63,14 @@ def _t1_to_gm_records(records: list, prep_dir: Path, device: str, quiet: bool) -
 @app.command("embed", epilog=_EPILOG)
 def embed(
     inputs: list[str] = typer.Argument(..., help="NIfTI files, directories (searched recursively), glob patterns, a .txt list of paths, or a BIDS root.", show_default=False),
-    out: Path = typer.Option(..., "--out", "-o", help="Output table (.parquet or .csv). With --shard or torchrun: a directory that receives one part per shard."),
+    out: str = typer.Option(..., "--out", "-o", help="Output table: feats.parquet or feats.csv (the suffix sets the format), or a folder (feats/, or any --shard) that receives one Parquet part per shard; errors and unfinished work go beside it."),
     model: str = typer.Option("anatcl-global", "--model", "-m", help="Registry name (anatcl-global, anatcl-local), hf://org/name[@rev], URL, .pth/.safetensors file or model directory."),
     fold: str = typer.Option("0", "--fold", help="Fold 0-4 of a registry model, or 'all' for one row per input and fold (never average embeddings across folds)."),
     batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, help="Volumes per forward pass (does not change the result)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, mps."),
     workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Loader processes (default: chosen from the device)."),
-    fmt: str = typer.Option("parquet", "--format", help="parquet or csv."),
-    resume: bool = typer.Option(False, "--resume", help="Keep what an earlier (interrupted) run wrote and embed only the rest."),
+    fmt: Optional[str] = typer.Option(None, "--format", help="parquet or csv (default: from the --out suffix; a contradiction is an error)."),
+    resume: bool = typer.Option(False, "--resume", help="Keep what an earlier (interrupted) run wrote and embed only the rest; inputs whose file changed are re-embedded, rows of inputs no longer given dropped; the model must be the same (SHA-256 of its weights)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
     strict: bool = typer.Option(False, "--strict", help="Fail inputs that do not look like what the model expects (instead of warning)."),
     qc: bool = typer.Option(False, "--qc", help="Add QC metrics as qc_* columns (template correlation, coverage, value range...)."),
@@ -84,13 +84,13 @@ def embed(
 ) -> None:
     """Embed brain maps into 512-d AnatCL features, one row per input (and fold).
 
-    Rows are written as batches finish; the output appears atomically at the end. A bad input never stops the run: it is reported on stderr and in an errors file beside the output (feats.errors.csv for feats.parquet), and the exit status is 1.
+    Rows are written as batches finish; the output appears atomically at the end. A bad input never stops the run: it is reported on stderr and in an errors file beside the output (feats.errors.csv for feats.parquet, feats.errors/ for a folder), and the exit status is 1. SIGTERM or Ctrl-C keeps the finished batches: rerun with --resume. Two runs on one output are refused (a lock file beside it). Off a terminal, progress lines (count, rate, ETA) go to the log.
     """
     setup_logging(quiet=quiet, verbose=verbose)
     import logging
 
     from ..inputs.discovery import discover_inputs
-    from ..jobs.embed import distributed_shard, run_embed, shard_records
+    from ..jobs.embed import Interrupted, distributed_shard, output_layout, run_embed
     from ..errors import AnatCLError
     from ..weights.loading import load_model
 
@@ -98,7 +98,7 @@ def embed(
 
     log = logging.getLogger("anatcl_infer.cli")
     retain_freed_memory()  # this process only embeds: reuse activation memory between volumes
-    if fmt not in ("parquet", "csv"):
+    if fmt is not None and fmt not in ("parquet", "csv"):
         raise fail(f"--format must be parquet or csv, got {fmt!r}", 2)
     part: tuple[int, int] | None = _parse_shard(shard) if shard else None
     dist = distributed_shard()
@@ -110,6 +110,10 @@ def embed(
 
             if torch.cuda.is_available():
                 device = f"cuda:{local_rank}"
+    try:
+        layout = output_layout(out, fmt, part)
+    except AnatCLError as exc:
+        raise fail(str(exc), 2) from None
     try:
         if fold == "all":
             from ..weights.registry import canonical_name, load_manifest
@@ -127,28 +131,38 @@ def embed(
         prep_failures: list[dict] = []
         if from_t1:
             records = discover_inputs(inputs, input_kind="t1")
-            records, prep_failures = _t1_to_gm_records(records, prep_dir or out.with_name(out.name + ".prep"), device, quiet)
+            base = layout.dataset or layout.out
+            records, prep_failures = _t1_to_gm_records(records, prep_dir or base.with_name(base.name + ".prep"), device, quiet)
         else:
             records = discover_inputs(inputs, input_kind=models[0].config.preprocess.input_kind)
-        target = out
-        if part is not None:
-            records = shard_records(records, *part)
-            suffix = ".parquet" if fmt == "parquet" else ".csv"
-            target = out / f"part-{part[0]:05d}-of-{part[1]:05d}{suffix}"
-            log.info("shard %d/%d: %d inputs -> %s", part[0], part[1], len(records), target)
+        if layout.shard is not None:
+            log.info("shard %d/%d of %d inputs -> %s", layout.shard[0], layout.shard[1], len(records), layout.out)
         summary = run_embed(
-            records, models, target, fmt=fmt, batch_size=batch_size,
+            records, models, out, fmt=layout.fmt, batch_size=batch_size,
             device=None if device == "auto" else device, num_workers=workers, resume=resume,
             overwrite=overwrite, strict=strict, progress=not quiet, amp=amp, qc=qc, head=head,
-            prior_failures=prep_failures,
+            prior_failures=prep_failures, shard=layout.shard,
         )
     except AnatCLError as exc:
         raise fail(str(exc), 2) from None
-    except KeyboardInterrupt:
-        raise fail("interrupted; rerun the same command with --resume to continue", 130) from None
-    msg = f"wrote {summary.out} ({summary.n_written} new inputs"
+    except KeyboardInterrupt as exc:
+        import signal
+
+        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+        kept = layout.partial_dir if layout.partial_dir.is_dir() else None
+        raise fail(
+            f"interrupted by {signal.Signals(signum).name}"
+            + (f"; the finished batches are kept in {kept}" if kept else "")
+            + "; rerun the same command with --resume to continue",
+            128 + int(signum),
+        ) from None
+    msg = f"wrote {summary.out} ({summary.n_rows} rows; {summary.n_written} inputs embedded now"
     if summary.n_skipped:
         msg += f", {summary.n_skipped} already there"
+    if summary.changed:
+        msg += f", {len(summary.changed)} re-embedded because their file changed"
+    if summary.n_dropped:
+        msg += f", rows of {summary.n_dropped} inputs no longer given dropped"
     msg += ")"
     if not quiet:
         typer.echo(msg, err=True)

@@ -27,7 +27,7 @@ _PREDICT_EPILOG = (
 
 @app.command("fit-head", epilog=_FIT_EPILOG)
 def fit_head_cmd(
-    features: Path = typer.Argument(..., help="Features table from `anatcl embed` (.parquet or .csv).", show_default=False),
+    features: Path = typer.Argument(..., help="Features table from `anatcl embed` (.parquet or .csv), or its folder of parts (--shard).", show_default=False),
     labels: Path = typer.Argument(..., help="Labels table (.csv, .tsv, .parquet) with `path` or `subject` and the target.", show_default=False),
     target: str = typer.Option(..., "--target", "-t", help="Label column to predict."),
     out: Path = typer.Option(..., "--out", "-o", help="Head directory to write (head.json + head.safetensors)."),
@@ -68,7 +68,7 @@ def fit_head_cmd(
 
 @app.command("predict", epilog=_PREDICT_EPILOG)
 def predict_cmd(
-    features: Path = typer.Argument(..., help="Features table from `anatcl embed`.", show_default=False),
+    features: Path = typer.Argument(..., help="Features table from `anatcl embed`, or its folder of parts (--shard).", show_default=False),
     head: Path = typer.Option(..., "--head", help="Head directory from `anatcl fit-head`."),
     out: Path = typer.Option(..., "--out", "-o", help="Predictions table (.parquet or .csv), written atomically."),
     labels: Optional[Path] = typer.Option(None, "--labels", help="Labels with chronological age (for brain-age gaps)."),
@@ -77,8 +77,6 @@ def predict_cmd(
 ) -> None:
     """Apply a head to features: one row per input with `<target>_pred` (and brain-age gaps)."""
     setup_logging(quiet=quiet, verbose=verbose)
-    import os
-
     from ..errors import AnatCLError
     from ..downstream.features import read_features, read_labels, write_parquet_atomic
     from ..downstream.heads import Head
@@ -93,10 +91,10 @@ def predict_cmd(
     provenance = {"head": {k: h.config.get(k) for k in ("target", "kind", "units", "model", "package_version")},
                   "head_dir": str(head), "features": str(features), "features_metadata": meta}
     if str(out).endswith(".csv"):
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-        pred.to_csv(tmp, index=False)
-        os.replace(tmp, out)
+        from .._files import atomic_path
+
+        with atomic_path(out) as tmp:
+            pred.to_csv(tmp, index=False)
     else:
         write_parquet_atomic(pred, out, provenance)
     typer.echo(f"wrote {len(pred)} predictions ({h.pred_column}) to {out}")

@@ -26,6 +26,30 @@ _TRAIN_EPILOG = (
 )
 
 
+_RUN_FILES = ("train_config.json", "log.jsonl", "checkpoints", "export")
+
+
+def _refuse_existing_run(out: Path, overwrite: bool) -> None:
+    """An existing run folder is never silently overwritten: --resume continues it, --overwrite starts over."""
+    import shutil
+
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return
+    if not out.is_dir():
+        raise fail(f"--out {out} is a file; give a run directory", 2)
+    found = [n for n in _RUN_FILES if (out / n).exists()]
+    if not found:
+        raise fail(f"--out {out} is a non-empty folder that is not a training run; choose a new or empty directory", 2)
+    if not overwrite:
+        raise fail(
+            f"{out} already holds a training run ({', '.join(found)}); pass --resume {out} to continue it, "
+            "or --overwrite to start over (its checkpoints and export are deleted)", 2,
+        )
+    for n in found:
+        target = out / n
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+
+
 @app.command("train", epilog=_TRAIN_EPILOG)
 def train_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="Run directory: checkpoints/, log.jsonl, train_config.json and export/."),
@@ -52,6 +76,7 @@ def train_cmd(
     save_every: int = typer.Option(10, "--save-every", min=1, help="Checkpoint every N epochs (the last one is always saved)."),
     probe_every: int = typer.Option(1, "--probe-every", min=0, help="Validation linear probe every N epochs (0: never); needs split=val rows."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue from a run directory (its checkpoints/last.pt) or a checkpoint file."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start over in an existing run directory (its checkpoints, log and export are deleted)."),
     seed: int = typer.Option(0, "--seed", help="Random seed."),
     name: str = typer.Option("anatcl-trained", "--name", help="Model name written into export/config.json."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Warnings and errors only."),
@@ -66,11 +91,20 @@ def train_cmd(
 
     setup_logging(quiet=quiet or int(os.environ.get("RANK", "0")) > 0, verbose=verbose)  # rank 0 speaks
 
+    from .._optional import require
     from ..config import PreprocessConfig
     from ..errors import AnatCLError
 
     if (manifest is None) == (openbhb is None):
         raise fail("give exactly one of --manifest M.csv or --openbhb DIR", 2)
+    if resume is not None and overwrite:
+        raise fail("--resume and --overwrite contradict each other; give one", 2)
+    if resume is None and int(os.environ.get("RANK", "0")) == 0:  # rank 0 decides (torchrun stops the others if it fails)
+        _refuse_existing_run(out, overwrite)
+    try:
+        require("train", "pandas", "sklearn")
+    except AnatCLError as exc:
+        raise fail(str(exc)) from None
     if augment not in ("none", "predecessors"):
         raise fail(f"--augment must be none or predecessors, got {augment!r}", 2)
     try:
@@ -156,8 +190,13 @@ def finetune_cmd(
     setup_logging(quiet=quiet, verbose=verbose)
     from ..errors import AnatCLError
 
+    from .._optional import require
+
     try:
+        require("train", "pandas", "sklearn")
         from ..training.finetune import FinetuneConfig, finetune
+    except AnatCLError as exc:
+        raise fail(str(exc)) from None
     except ImportError as exc:
         raise fail(f"fine-tuning needs the [train] extra ({exc}); run `pip install 'anatcl-infer[train]'`") from None
     try:

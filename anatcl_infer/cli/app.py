@@ -8,12 +8,68 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import Any
 
 import typer
+from typer.core import TyperCommand
 
 __all__ = ["app", "setup_logging", "fail"]
 
-app = typer.Typer(
+
+class _NoRepeatsCommand(TyperCommand):
+    """A command that refuses an option given twice with different values.
+
+    Click keeps the last of a repeated single-value option silently (``--model a --model b``
+    embeds with ``b``); here that is a usage error naming both values.
+    """
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        opts: dict[str, Any] = {}
+        for param in self.params:
+            if getattr(param, "param_type_name", "") != "option" or getattr(param, "multiple", False) or getattr(param, "count", False):
+                continue
+            for name in [*param.opts, *getattr(param, "secondary_opts", [])]:
+                opts[name] = param
+        seen: dict[str, list[str]] = {}
+        tokens = list(args)
+        i = 0
+        while i < len(tokens):
+            tok = tokens[i]
+            if tok == "--":
+                break
+            name, _, inline = tok.partition("=") if tok.startswith("--") else (tok, "", "")
+            param = opts.get(name)
+            if param is None:
+                i += 1
+                continue
+            if getattr(param, "is_flag", False):
+                value = name
+            elif inline or "=" in tok:
+                value = inline
+            else:
+                value = tokens[i + 1] if i + 1 < len(tokens) else ""
+                i += 1
+            seen.setdefault(param.name, []).append(value)
+            i += 1
+        for pname, values in seen.items():
+            if len(set(values)) > 1:
+                param = next(p for p in self.params if p.name == pname)
+                shown = " and ".join(repr(v) for v in values)
+                raise typer.BadParameter(
+                    f"given {len(values)} times ({shown}); give it once", ctx=ctx, param=param,
+                )
+        return super().parse_args(ctx, args)
+
+
+class _Typer(typer.Typer):
+    """``typer.Typer`` whose commands refuse repeated options (see :class:`_NoRepeatsCommand`)."""
+
+    def command(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("cls", _NoRepeatsCommand)
+        return super().command(*args, **kwargs)
+
+
+app = _Typer(
     name="anatcl",
     help=(
         "AnatCL brain-MRI foundation models: embed grey-matter maps, fit and apply heads, "

@@ -25,7 +25,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from sklearn.base import BaseEstimator, TransformerMixin
+
+from .._optional import require
+
+require("sklearn", "sklearn")  # without scikit-learn: MissingDependencyError naming the extra, not a bare traceback
+
+from sklearn.base import BaseEstimator, TransformerMixin  # noqa: E402
 
 from ..errors import ConfigError, InputError
 from .features import feature_names
@@ -322,12 +327,10 @@ class AnatCLEncoder(TransformerMixin, BaseEstimator):
 
     @staticmethod
     def _write_cached(path: Path, vector: np.ndarray) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npy")
+        from .._files import atomic_path
+
         try:
-            np.save(tmp, np.asarray(vector, dtype=np.float32), allow_pickle=False)
-            os.replace(tmp, path)
+            with atomic_path(path, suffix=".tmp.npy") as tmp:  # umask modes: a shared cache stays shareable
+                np.save(tmp, np.asarray(vector, dtype=np.float32), allow_pickle=False)
         except OSError as exc:
             logger.warning("could not write the embedding cache entry %s: %s", path, exc)
-            if tmp.exists():
-                tmp.unlink()

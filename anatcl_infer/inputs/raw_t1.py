@@ -252,17 +252,13 @@ def _save_nifti(data: np.ndarray, affine: np.ndarray, out: Path) -> Path:
     """Write a float32 NIfTI atomically (temporary name in the same folder, then rename)."""
     import nibabel as nib
 
-    out.parent.mkdir(parents=True, exist_ok=True)
+    from .._files import atomic_path
+
     img = nib.Nifti1Image(np.asarray(data, dtype=np.float32), np.asarray(affine, dtype=np.float64))
     img.header.set_qform(img.affine, code=4)
     img.header.set_sform(img.affine, code=4)
-    tmp = out.with_name(f".tmp-{os.getpid()}-{out.name}")
-    try:
+    with atomic_path(out, suffix=".tmp" + ("".join(out.suffixes[-2:]) if out.name.endswith(".nii.gz") else out.suffix)) as tmp:
         nib.save(img, str(tmp))
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return out
 
 
@@ -278,10 +274,11 @@ def _write_sidecar(nifti: Path, record: dict[str, Any]) -> Path:
         "anatcl_infer_version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
+    from .._files import atomic_path
+
     path = _sidecar_path(nifti)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
     return path
 
 

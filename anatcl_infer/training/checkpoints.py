@@ -63,11 +63,11 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike[str]) -> Path
     Example:
         >>> save_checkpoint({"epoch": 3}, "run/checkpoints/last.pt")  # doctest: +SKIP
     """
+    from .._files import atomic_path
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({"format": FORMAT, **state}, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save({"format": FORMAT, **state}, tmp)
     return path
 
 

@@ -460,10 +460,13 @@ def train(
     load_state_dict_strict(final, clean_state_dict({k: v.detach().cpu() for k, v in model.state_dict().items()}))
     final.eval()
     if dist_info.is_main:
-        save_pretrained(final, export_dir)
-        (export_dir / "training.json").write_text(
-            json.dumps({"train": config.to_dict(), "epochs_done": config.epochs, "history_tail": history[-1:]}, indent=2) + "\n"
-        )
+        from .._files import atomic_dir
+
+        with atomic_dir(export_dir) as tmp:  # appears whole, readable as the umask allows (a lab can share it)
+            save_pretrained(final, tmp)
+            (tmp / "training.json").write_text(
+                json.dumps({"train": config.to_dict(), "epochs_done": config.epochs, "history_tail": history[-1:]}, indent=2) + "\n"
+            )
         logger.info("exported the trained model to %s (load it with anatcl_infer.load_model)", export_dir)
     if dist_info.enabled:
         torch.distributed.barrier()
