@@ -250,8 +250,18 @@ def test_binary_classification_head_matches_logistic_regression():
     ref = make_pipeline(StandardScaler(), LogisticRegression(C=C, class_weight="balanced", max_iter=5000))
     ref.fit(X.astype(np.float32), y)
     pred = head.predict(_table(X))
-    np.testing.assert_allclose(pred["dx_proba_CN"], ref.predict_proba(X.astype(np.float32))[:, 1], atol=1e-4)
-    assert list(pred["dx_pred"]) == list(ref.predict(X.astype(np.float32)))
+    fh = head.folds[0]
+    Xf = X.astype(np.float32)
+    np.testing.assert_allclose(fh.proba(fh.decision(Xf), calibrated=False)[:, 1], ref.predict_proba(Xf)[:, 1], atol=1e-4)
+    assert list(pred["dx_pred"]) == list(ref.predict(Xf))  # the label is the balanced classifier's
+    # The probabilities are CalibratedClassifierCV's (sigmoid on out-of-fold decisions, same CV splits).
+    from sklearn.calibration import CalibratedClassifierCV
+    from sklearn.model_selection import StratifiedKFold
+
+    cal = CalibratedClassifierCV(ref, method="sigmoid", cv=StratifiedKFold(5, shuffle=True, random_state=0), ensemble=False)
+    cal.fit(Xf, (y == "CN").astype(int))
+    np.testing.assert_allclose(pred["dx_proba_CN"], cal.predict_proba(Xf)[:, 1], atol=1e-4)
+    assert head.config["folds"][0]["calibration"]["oof_brier_calibrated"] <= head.config["folds"][0]["calibration"]["oof_brier_uncalibrated"]
 
 
 def test_multiclass_head_probabilities_sum_to_one():
