@@ -526,7 +526,7 @@ class Head:
             >>> head.check_model(meta)  # doctest: +SKIP
         """
         if feature_dim is not None and int(feature_dim) != int(self.config["feature_dim"]):
-            raise HeadError(f"the head expects {self.config['feature_dim']}-d features, this model gives {feature_dim}")
+            raise HeadError(f"the head expects {self.config['feature_dim']}-d features, this model gives {feature_dim}-d features")
         folds = list((metadata.get("model") or {}).get("folds") or [])
         self._check_folds(folds or [None], has_fold_column=bool(folds))
         for fold in folds or [None]:

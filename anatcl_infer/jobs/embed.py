@@ -295,6 +295,7 @@ def run_embed(
     qc: bool = False,
     head: str | os.PathLike[str] | None = None,
     prior_failures: Sequence[dict[str, Any]] = (),
+    coverage: float | None = 0.9,
 ) -> EmbedSummary:
     """Embed ``records`` with one model per fold and write one table.
 
@@ -306,7 +307,8 @@ def run_embed(
         resume: keep what an earlier run of the same job wrote and embed only the rest.
         overwrite: replace an existing output (otherwise an existing output is an error).
         qc: add the QC metrics of :func:`anatcl_infer.qc.qc_metrics` as columns.
-        head: a head directory whose predictions are added as columns.
+        head: a head directory whose predictions are added as columns (checked against ``models`` first).
+        coverage: the head's prediction-interval coverage (``None``: no interval columns).
         prior_failures: failures of earlier stages (e.g. the raw-T1 route) to report with these.
 
     Returns:
@@ -324,6 +326,8 @@ def run_embed(
     errors_path = errors_path_for(out)
     dev = resolve_device(device)
     meta = _metadata(models, str(dev))
+    if head is not None:
+        check_head(head, models)  # before any embedding
 
     if out.exists() and not (resume or overwrite):
         raise ConfigError(f"{out} already exists; pass --resume to add what is missing, or --overwrite to replace it")
@@ -395,7 +399,7 @@ def run_embed(
         final = _build_table([], fold_ids, models[0].config.name, [], np.zeros((0, models[0].config.feature_dim * len(models)), np.float32), [])
     final = _dedupe(_sort_table(final))
     if head is not None:
-        final = _add_head_columns(final, head, meta)
+        final = _add_head_columns(final, head, meta, coverage)
     _write_final(final, out, fmt, meta)
     shutil.rmtree(partial_dir, ignore_errors=True)
     _write_errors(errors_path, failures)
@@ -417,14 +421,21 @@ def _dedupe(table: pa.Table) -> pa.Table:
     return table.take(keep)
 
 
-def _add_head_columns(table: pa.Table, head_dir: str | os.PathLike[str], meta: dict[str, Any]) -> pa.Table:
+def check_head(head_dir: str | os.PathLike[str], models: Sequence[AnatCL]) -> None:
+    """Raise :class:`HeadError` unless the head was fitted on these models' weights (SHA-256, else name) and folds."""
+    from ..downstream.heads import Head
+
+    Head.load(head_dir).check_model(_metadata(models, "-"), feature_dim=models[0].config.feature_dim)
+
+
+def _add_head_columns(table: pa.Table, head_dir: str | os.PathLike[str], meta: dict[str, Any], coverage: float | None = 0.9) -> pa.Table:
     import pyarrow as pa
 
     from ..downstream.heads import Head
 
     head = Head.load(head_dir)
     df = table.to_pandas()
-    preds = head.predict_frame(df, metadata=meta)  # checks model name, sha256 and folds
+    preds = head.predict_frame(df, metadata=meta, coverage=coverage)  # checks model sha256 (else name) and folds
     for name in preds.columns:
         if name in table.column_names:
             continue
