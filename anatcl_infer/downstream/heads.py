@@ -661,10 +661,13 @@ class Head:
         """
         if coverage is not None and not 0.5 <= coverage < 1:
             raise ConfigError(f"coverage must be in [0.5, 1), got {coverage!r}")
-        if not hasattr(features, "columns"):
+        if hasattr(features, "columns"):
+            self.check_features(features, metadata)
+            self._warn_in_sample(features)
+        else:  # a bare array carries no provenance: only its width and fold are checked
             features = self._as_frame(features, fold)
-        self.check_features(features, metadata)
-        self._warn_in_sample(features)
+            if features.shape[1] - 1 != int(self.config["feature_dim"]):
+                raise HeadError(f"the head expects {self.config['feature_dim']}-d features, this array has {features.shape[1] - 1}")
         X = feature_matrix(features)
         keys = _input_keys(features)
         folds = _fold_values(features)
@@ -991,7 +994,7 @@ def fit_head(
             fh.info = info
             fold_heads.append(fh)
             oof_by_fold[fold] = (keys[mask], y, oof)
-            logger.info("fold %s: n=%d, %s, CV %s", fold, len(y), strength,
+            logger.info("fold %s: n=%d, %s, CV %s", fold, len(y), ", ".join(f"{k}={v:g}" for k, v in strength.items()),
                         ", ".join(f"{k}={v:.3f}" for k, v in info["cv_metrics"].items()))
 
     id_key, id_hashes = _id_hashes(df)
