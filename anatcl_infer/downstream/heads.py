@@ -994,7 +994,7 @@ def fit_head(
             fh.info = info
             fold_heads.append(fh)
             oof_by_fold[fold] = (keys[mask], y, oof)
-            logger.info("fold %s: n=%d, %s, CV %s", fold, len(y), ", ".join(f"{k}={v:g}" for k, v in strength.items()),
+            logger.info("fold %s: n=%d, %s, CV %s", fold, len(y), ", ".join(f"{k}={v:g}" for k, v in strength.items() if k in ("alpha", "C")),
                         ", ".join(f"{k}={v:.3f}" for k, v in info["cv_metrics"].items()))
 
     id_key, id_hashes = _id_hashes(df)
