@@ -169,3 +169,75 @@ def test_embed_with_head_adds_the_prediction_columns(tmp_path, runner):
     assert res.exit_code == 0, res.output
     pred = pd.read_parquet(tmp_path / "p.parquet")
     np.testing.assert_allclose(embedded["age_pred"], pred["age_pred"], rtol=1e-6)
+
+
+def test_brain_age_cli_out_of_fold_gaps_and_intervals(tmp_path, runner):
+    """fit-head --oof-out gives honest training-set gaps; predict on the same subjects warns; --coverage works."""
+    rng = np.random.default_rng(11)
+    n, w = 300, rng.normal(size=D)
+    age = rng.uniform(20, 85, n)
+    X = np.outer(age - 50, w) / 20 + rng.normal(size=(n, D)) * 2
+    df = pd.DataFrame(X.astype(np.float32), columns=feature_names(D))
+    df.insert(0, "path", [f"/data/sub-{i:03d}_mwp1.nii.gz" for i in range(n)])
+    df.insert(1, "subject", [f"{i:03d}" for i in range(n)])
+    df.insert(2, "model", "anatcl-global")
+    df.insert(3, "fold", pd.array([0] * n, dtype="Int64"))
+    meta = {"model": {"name": "anatcl-global", "source_sha256": "a" * 64, "folds": [0]}, "preprocess": {}}
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    pq.write_table(table.replace_schema_metadata({METADATA_KEY: json.dumps(meta)}), tmp_path / "feats.parquet")
+    pd.DataFrame({"participant_id": [f"sub-{i:03d}" for i in range(n)], "age": age}).to_csv(
+        tmp_path / "participants.tsv", sep="\t", index=False)
+
+    res = runner.invoke(app, ["fit-head", str(tmp_path / "feats.parquet"), str(tmp_path / "participants.tsv"),
+                              "-t", "age", "-o", str(tmp_path / "head"), "--oof-out", str(tmp_path / "oof.parquet")])
+    assert res.exit_code == 0, res.output
+    assert "out-of-fold predictions of the 300 training inputs" in res.output
+    oof = pd.read_parquet(tmp_path / "oof.parquet")
+    assert len(oof) == n and {"age", "age_pred", "age_pred_corrected", "brain_age_gap_corrected"} <= set(oof.columns)
+    assert abs(np.corrcoef(oof["brain_age_gap_corrected"], oof["age"])[0, 1]) < 0.1
+    assert np.corrcoef(oof["brain_age_gap"], oof["age"])[0, 1] < -0.2  # the raw gap carries the age bias
+
+    res = runner.invoke(app, ["predict", str(tmp_path / "feats.parquet"), "--head", str(tmp_path / "head"),
+                              "--out", str(tmp_path / "p80.csv"), "--coverage", "0.8"])
+    assert res.exit_code == 0, res.output
+    assert "300 of 300 subjects here are ones this head was fitted on" in res.output
+    p80 = pd.read_csv(tmp_path / "p80.csv")
+    assert runner.invoke(app, ["predict", str(tmp_path / "feats.parquet"), "--head", str(tmp_path / "head"),
+                               "--out", str(tmp_path / "p95.parquet"), "--coverage", "0.95", "-q"]).exit_code == 0
+    p95 = pd.read_parquet(tmp_path / "p95.parquet")
+    assert ((p95["age_pred_hi"] - p95["age_pred_lo"]) > (p80["age_pred_hi"] - p80["age_pred_lo"])).all()
+    res = runner.invoke(app, ["predict", str(tmp_path / "feats.parquet"), "--head", str(tmp_path / "head"),
+                              "--out", str(tmp_path / "x.csv"), "--coverage", "1.2"])
+    assert res.exit_code == 2
+
+
+def test_embed_with_a_mismatched_head_fails_before_embedding(tmp_path, runner, monkeypatch):
+    import importlib.util
+    from pathlib import Path
+
+    import anatcl_infer.encoding.encoder as encoder
+
+    spec = importlib.util.spec_from_file_location(
+        "_anatcl_examples_synthetic_cli2", Path(__file__).resolve().parents[1] / "examples" / "_synthetic.py")
+    syn = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(syn)
+    model_dir = syn.make_demo_model(tmp_path / "model")
+    syn.make_cohort(tmp_path / "maps", 2, seed=3)
+    rng = np.random.default_rng(0)
+    feats = pd.DataFrame(rng.normal(size=(40, 512)).astype(np.float32), columns=feature_names(512))
+    feats.insert(0, "subject", [f"{i}" for i in range(40)])
+    from anatcl_infer.downstream.heads import fit_head
+
+    meta = {"model": {"name": "anatcl-local", "source_sha256": "c" * 64, "folds": [None]}}
+    fit_head(feats, pd.DataFrame({"subject": feats["subject"], "age": rng.uniform(20, 80, 40)}), "age",
+             metadata=meta).save(tmp_path / "head")
+
+    def never(*args, **kwargs):
+        raise AssertionError("embedding started before the head was checked")
+
+    monkeypatch.setattr(encoder, "iter_encoded", never)
+    res = runner.invoke(app, ["embed", str(tmp_path / "maps"), "--model", str(model_dir), "--device", "cpu",
+                              "--out", str(tmp_path / "f.parquet"), "--head", str(tmp_path / "head"), "-q"])
+    assert res.exit_code == 2, res.output
+    assert "anatcl-local" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "f.parquet").exists()

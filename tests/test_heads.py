@@ -250,8 +250,18 @@ def test_binary_classification_head_matches_logistic_regression():
     ref = make_pipeline(StandardScaler(), LogisticRegression(C=C, class_weight="balanced", max_iter=5000))
     ref.fit(X.astype(np.float32), y)
     pred = head.predict(_table(X))
-    np.testing.assert_allclose(pred["dx_proba_CN"], ref.predict_proba(X.astype(np.float32))[:, 1], atol=1e-4)
-    assert list(pred["dx_pred"]) == list(ref.predict(X.astype(np.float32)))
+    fh = head.folds[0]
+    Xf = X.astype(np.float32)
+    np.testing.assert_allclose(fh.proba(fh.decision(Xf), calibrated=False)[:, 1], ref.predict_proba(Xf)[:, 1], atol=1e-4)
+    assert list(pred["dx_pred"]) == list(ref.predict(Xf))  # the label is the balanced classifier's
+    # The probabilities are CalibratedClassifierCV's (sigmoid on out-of-fold decisions, same CV splits).
+    from sklearn.calibration import CalibratedClassifierCV
+    from sklearn.model_selection import StratifiedKFold
+
+    cal = CalibratedClassifierCV(ref, method="sigmoid", cv=StratifiedKFold(5, shuffle=True, random_state=0), ensemble=False)
+    cal.fit(Xf, (y == "CN").astype(int))
+    np.testing.assert_allclose(pred["dx_proba_CN"], cal.predict_proba(Xf)[:, 1], atol=1e-4)
+    assert head.config["folds"][0]["calibration"]["oof_brier_calibrated"] <= head.config["folds"][0]["calibration"]["oof_brier_uncalibrated"]
 
 
 def test_multiclass_head_probabilities_sum_to_one():
@@ -329,3 +339,164 @@ def test_join_falls_back_to_subject_and_resolves_relative_paths(tmp_path, monkey
     joined, key = join_labels(_table(X, prefix=f"{tmp_path}/s"), relative, columns=["age"])
     assert key == "path"
     np.testing.assert_allclose(joined["age"], age)
+
+
+# --------------------------------------------------------------------------- intervals, calibration, OOF (#14, #16)
+
+
+def _linear_cohort(n: int, rng: np.random.Generator, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """512-d features linear in age plus noise."""
+    age = rng.uniform(20, 85, n)
+    return np.outer(age - 50, w) / 40 + rng.normal(size=(n, 512)), age
+
+
+def test_prediction_intervals_cover_the_nominal_level_on_held_out_subjects():
+    rng = np.random.default_rng(42)
+    w = rng.normal(size=512)
+    X, age = _linear_cohort(400, rng, w)
+    Xn, age_n = _linear_cohort(400, rng, w)
+    head = fit_head(_table(X), _labels(age), "age")
+    pred = head.predict(Xn)  # a plain (N, 512) array
+    assert len(pred) == 400 and "path" not in pred
+    inside = (pred["age_pred_lo"] <= age_n) & (age_n <= pred["age_pred_hi"])
+    assert abs(inside.mean() - 0.90) <= 0.03, inside.mean()
+    inside_c = (pred["age_pred_corrected_lo"] <= age_n) & (age_n <= pred["age_pred_corrected_hi"])
+    assert abs(inside_c.mean() - 0.90) <= 0.03, inside_c.mean()
+    np.testing.assert_allclose(pred["age_pred_hi"] + pred["age_pred_lo"], 2 * pred["age_pred"])
+    # another coverage: wider and still honest; no interval on request
+    wide = head.predict(Xn, coverage=0.98)
+    assert ((wide["age_pred_hi"] - wide["age_pred_lo"]) > (pred["age_pred_hi"] - pred["age_pred_lo"])).all()
+    assert ((wide["age_pred_lo"] <= age_n) & (age_n <= wide["age_pred_hi"])).mean() >= 0.95
+    assert "age_pred_lo" not in head.predict(Xn, coverage=None)
+    with pytest.raises(Exception, match="coverage"):
+        head.predict(Xn, coverage=1.5)
+    # the array route gives what the table route gives
+    np.testing.assert_allclose(pred["age_pred"], head.predict(_table(Xn, prefix="/n/s"))["age_pred"], rtol=1e-12)
+    conf = head.config["folds"][0]["conformal"]
+    assert conf["n"] == 400 and len(conf["levels"]) == len(conf["abs_residual_quantiles"])
+
+
+def test_several_folds_give_the_spread_and_an_ensemble_interval():
+    X, age = _attenuated(n=150, seed=2)
+    rot = np.linalg.qr(np.random.default_rng(5).normal(size=(16, 16)))[0]
+    df = pd.concat([_table(X, fold=0), _table(X @ rot + np.random.default_rng(6).normal(0, 0.5, X.shape), fold=1)],
+                   ignore_index=True)
+    head = fit_head(df, _labels(age), "age")
+    pred = head.predict(df)
+    spread = np.std(pred[["age_pred_fold0", "age_pred_fold1"]].to_numpy(), axis=1, ddof=1)
+    np.testing.assert_allclose(pred["age_pred_fold_sd"], spread)
+    assert "conformal" in head.config["ensemble"]
+    half = (pred["age_pred_hi"] - pred["age_pred"]).to_numpy()
+    assert np.allclose(half, half[0]) and half[0] > 0
+    with pytest.raises(HeadError, match="fold=..."):
+        head.predict(X)  # an array of a two-fold head needs the fold
+    np.testing.assert_allclose(head.predict(X, fold=0)["age_pred"], pred["age_pred_fold0"])
+
+
+def test_classification_probabilities_are_calibrated():
+    """Balanced class weights push probabilities towards 50/50; the stored ones match the prevalence."""
+    rng = np.random.default_rng(3)
+
+    def cohort(n):
+        y = np.where(rng.random(n) < 0.2, "AD", "CN")
+        return rng.normal(size=(n, 16)) + (y == "AD")[:, None] * 0.35, y
+
+    X, y = cohort(400)
+    head = fit_head(_table(X), pd.DataFrame({"subject": [f"{i:03d}" for i in range(400)], "dx": y}), "dx")
+    Xn, yn = cohort(3000)
+    pred = head.predict(Xn)
+    fh = head.folds[0]
+    raw = fh.proba(fh.decision(Xn.astype(np.float32)), calibrated=False)[:, 0]
+    cal = pred["dx_proba_AD"].to_numpy()
+    truth = (yn == "AD").astype(float)
+    assert abs(cal.mean() - truth.mean()) < 0.03 and raw.mean() - truth.mean() > 0.15
+    assert np.mean((cal - truth) ** 2) < np.mean((raw - truth) ** 2)
+    for lo, hi in ((0.0, 0.2), (0.2, 0.5)):  # reliability: observed frequency follows the stated probability
+        sel = (cal >= lo) & (cal < hi)
+        assert sel.sum() > 100 and abs(truth[sel].mean() - cal[sel].mean()) < 0.05
+    np.testing.assert_allclose(pred[["dx_proba_AD", "dx_proba_CN"]].sum(axis=1), 1.0)
+
+
+def test_out_of_fold_predictions_of_the_training_subjects():
+    X, age = _attenuated(n=200, seed=8)
+    head = fit_head(_table(X), _labels(age), "age")
+    oof = head.oof_
+    assert list(oof["subject"]) == [f"{i:03d}" for i in range(200)]
+    np.testing.assert_allclose(oof["age"], age)
+    # they are the cross-validation models' predictions on the subjects each left out
+    from sklearn.linear_model import Ridge
+    from sklearn.model_selection import KFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    alpha = head.config["folds"][0]["alpha"]
+    ref = cross_val_predict(make_pipeline(StandardScaler(), Ridge(alpha=alpha)), X.astype(np.float32), age,
+                            cv=KFold(5, shuffle=True, random_state=0))
+    np.testing.assert_allclose(oof["age_pred"], ref, rtol=1e-6)
+    assert abs(np.corrcoef(oof["brain_age_gap_corrected"], age)[0, 1]) < 0.1
+    assert np.corrcoef(oof["brain_age_gap"], age)[0, 1] < -0.3
+    in_sample = head.predict(_table(X))["age_pred"]
+    assert np.mean(np.abs(in_sample - age)) < np.mean(np.abs(oof["age_pred"] - age)) - 0.1
+
+
+def test_predict_warns_on_the_subjects_the_head_was_fitted_on(caplog):
+    X, age = _attenuated(n=60, seed=9)
+    head = fit_head(_table(X), _labels(age), "age")
+    assert len(head.config["training_ids"]["sha256_16"]) == 60 and "000" not in json.dumps(head.config["training_ids"])
+    with caplog.at_level("WARNING", logger="anatcl_infer"):
+        head.predict(_table(X[:10]))
+    assert "10 of 10 subjects" in caplog.text and "--oof-out" in caplog.text
+    caplog.clear()
+    new = _table(X[:10])
+    new["subject"] = [f"new{i}" for i in range(10)]
+    with caplog.at_level("WARNING", logger="anatcl_infer"):
+        head.predict(new)
+    assert "fitted on" not in caplog.text
+
+
+def test_labels_join_on_subject_and_session():
+    X, _ = _attenuated(n=40)
+    df = _table(X)
+    df["subject"] = [f"{i // 2:03d}" for i in range(40)]
+    df["session"] = ["1" if i % 2 == 0 else "2" for i in range(40)]
+    labels = pd.DataFrame({"subject": [f"sub-{i // 2:03d}" for i in range(40)][::-1],
+                           "session": ["ses-1" if i % 2 == 0 else "ses-2" for i in range(40)][::-1],
+                           "age": np.arange(40.0)[::-1]})
+    joined, key = join_labels(df, labels, columns=["age"])
+    assert key == "subject+session"
+    np.testing.assert_allclose(joined["age"], np.arange(40.0))
+    with pytest.raises(HeadError, match="session"):  # per-session labels without sessions in the features
+        join_labels(df.drop(columns="session"), labels, columns=["age"])
+
+
+def test_model_identity_is_the_sha256_names_only_a_fallback():
+    X, age = _attenuated(n=60)
+    meta_file = {"model": {"name": "fold0", "source": "/w/fold0.pth", "source_sha256": SHA0, "folds": [0]}}
+    head = fit_head(_table(X, model="fold0"), _labels(age), "age", metadata=meta_file)
+    by_name = {"model": {"name": "anatcl-global", "source": "https://x/fold0.pth", "source_sha256": SHA0, "folds": [0]}}
+    head.predict(_table(X, model="anatcl-global"), metadata=by_name)  # identical weights, another name: accepted
+    head.check_model(by_name, feature_dim=16)
+    with pytest.raises(HeadError, match="sha256"):
+        head.check_model({"model": {"name": "fold0", "source_sha256": SHA1, "folds": [0]}})
+    with pytest.raises(HeadError, match="anatcl-local"):  # no sha256 on one side: the names decide
+        head.check_model({"model": {"name": "anatcl-local", "source_sha256": None, "folds": [0]}})
+    with pytest.raises(HeadError, match="fold 1"):
+        head.check_model({"model": {"name": "fold0", "source_sha256": [SHA0, SHA1], "folds": [0, 1]}})
+    with pytest.raises(HeadError, match="512-d"):
+        head.check_model(by_name, feature_dim=512)
+
+
+def test_head_files_get_the_umask_modes(tmp_path):
+    import os
+    import stat
+
+    X, age = _attenuated(n=40)
+    old = os.umask(0o022)
+    try:
+        fit_head(_table(X), _labels(age), "age").save(tmp_path / "h")
+    finally:
+        os.umask(old)
+    for name in ("head.json", "head.safetensors"):
+        assert stat.S_IMODE((tmp_path / "h" / name).stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "h").stat().st_mode) == 0o755
+    assert sorted(p.name for p in (tmp_path / "h").iterdir()) == ["head.json", "head.safetensors"]

@@ -89,3 +89,45 @@ def test_classification_with_a_class_as_small_as_the_fold_count_still_runs():
     X[y == "b", 0] += 4.0
     result = linear_probe(X, y, task="classification", cv=3)
     assert len(result.metrics["balanced_accuracy"]) == 3
+
+
+def _twins(n_subjects: int = 60, dim: int = 300, seed: int = 0):
+    """Two near-identical sessions per subject, a target that is pure noise per subject."""
+    rng = np.random.default_rng(seed)
+    base = rng.normal(size=(n_subjects, dim))
+    X = np.repeat(base, 2, axis=0) + rng.normal(0, 0.05, (2 * n_subjects, dim))
+    y = np.repeat(rng.normal(50, 10, n_subjects), 2)
+    return X, y, np.repeat(np.arange(n_subjects), 2)
+
+
+def test_groups_reach_the_inner_alpha_search(monkeypatch):
+    """No split, outer or inner (alpha search), puts one subject's sessions on both sides."""
+    from sklearn.model_selection import _split
+
+    seen = []
+    original = _split.BaseCrossValidator.split
+
+    def spy(self, X, y=None, groups=None):
+        for train, test in original(self, X, y, groups):
+            subj = np.asarray(X)[:, 0]  # the first feature is the subject id
+            seen.append((len(X), set(subj[train]) & set(subj[test])))
+            yield train, test
+
+    monkeypatch.setattr(_split.BaseCrossValidator, "split", spy)
+    X, y, g = _twins(dim=20)
+    X[:, 0] = g
+    linear_probe(X, y, groups=g, cv=5)
+    sizes = {n for n, _ in seen}
+    assert len(y) in sizes and len(sizes) > 1  # outer and inner splits were both seen
+    assert all(not shared for _, shared in seen)  # the hand-written probe's inner KFold split subjects
+
+
+def test_grouped_outer_split_follows_the_seed():
+    X, y, g = _twins(dim=20)
+    a = linear_probe(X, y, groups=g, seed=1).predictions
+    b = linear_probe(X, y, groups=g, seed=2).predictions
+    np.testing.assert_array_equal(a, linear_probe(X, y, groups=g, seed=1).predictions)
+    assert np.abs(a - b).max() > 1e-3  # the hand-written probe ignored seed with groups (GroupKFold unshuffled)
+    # and a subject's sessions are never split across outer folds: both are predicted by the same model
+    res = linear_probe(X, y, groups=g, cv=5, seed=3)
+    assert res.n == len(y)

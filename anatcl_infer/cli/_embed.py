@@ -75,6 +75,7 @@ def embed(
     strict: bool = typer.Option(False, "--strict", help="Fail inputs that do not look like what the model expects (instead of warning)."),
     qc: bool = typer.Option(False, "--qc", help="Add QC metrics as qc_* columns (template correlation, coverage, value range...)."),
     head: Optional[Path] = typer.Option(None, "--head", help="A head directory (anatcl fit-head): add its prediction columns."),
+    coverage: float = typer.Option(0.9, "--coverage", min=0.5, max=0.999, help="With --head: coverage of the prediction interval columns (<target>_pred_lo/_hi)."),
     shard: Optional[str] = typer.Option(None, "--shard", help="I/N: embed only block I of N of the sorted inputs (SLURM arrays); --out is then a directory."),
     amp: bool = typer.Option(False, "--amp", help="bf16/fp16 mixed precision on CUDA."),
     from_t1: bool = typer.Option(False, "--from-t1", help="Inputs are raw T1s: make mwp1 grey-matter maps with deepmriprep first (extra [prep]), then embed them."),
@@ -128,6 +129,10 @@ def embed(
             except ValueError:
                 raise fail(f"--fold must be a number or 'all', got {fold!r}", 2) from None
         models = [load_model(model, fold=f, device=None if device == "auto" else device) for f in folds]
+        if head is not None:
+            from ..jobs.embed import check_head
+
+            check_head(head, models)  # a mismatched head fails now, not after embedding everything
         prep_failures: list[dict] = []
         if from_t1:
             records = discover_inputs(inputs, input_kind="t1")
@@ -141,7 +146,7 @@ def embed(
             records, models, out, fmt=layout.fmt, batch_size=batch_size,
             device=None if device == "auto" else device, num_workers=workers, resume=resume,
             overwrite=overwrite, strict=strict, progress=not quiet, amp=amp, qc=qc, head=head,
-            prior_failures=prep_failures, shard=layout.shard,
+            prior_failures=prep_failures, shard=layout.shard, coverage=coverage,
         )
     except AnatCLError as exc:
         raise fail(str(exc), 2) from None

@@ -4,7 +4,9 @@ Frozen features, standardised, then Ridge regression (alpha tuned over 10^-2..10
 an inner cross-validation) for continuous targets, or logistic regression with
 balanced class weights (C tuned likewise) for categorical ones, scored by k-fold
 cross-validation: MAE and R² for regression; balanced accuracy and ROC-AUC for
-classification.
+classification. It is scikit-learn's nested CV, ``cross_validate(GridSearchCV(
+make_pipeline(StandardScaler(), Ridge())))``; with ``groups`` the groups reach both the
+outer and the inner splits (metadata routing), and every split follows ``seed``.
 
 Example::
 
@@ -16,6 +18,7 @@ Example::
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,9 +29,6 @@ from ..errors import ConfigError, HeadError
 __all__ = ["ProbeResult", "linear_probe"]
 
 logger = logging.getLogger(__name__)
-
-_GRID = tuple(float(a) for a in np.logspace(-2, 2, 5))
-
 
 @dataclass(frozen=True)
 class ProbeResult:
@@ -109,8 +109,9 @@ def linear_probe(
         task: ``"auto"`` (floats or many distinct integers -> regression), ``"regression"``
             or ``"classification"``.
         cv: number of outer folds (shuffled, stratified for classification).
-        groups: optional N group ids (e.g. subjects with several scans) kept in one fold.
-        seed: seed of the fold shuffling.
+        groups: optional N group ids (e.g. subjects with several scans): a group never
+            straddles an outer fold nor an inner (alpha-search) fold.
+        seed: seed of the fold shuffling (outer and grouped inner splits).
 
     Returns:
         :class:`ProbeResult` with per-fold metrics (``mae``, ``r2`` or
@@ -129,25 +130,11 @@ def linear_probe(
 
     require("sklearn", "sklearn")
 
-    from sklearn.base import clone
-    from sklearn.linear_model import LogisticRegression, Ridge
-    from sklearn.metrics import (
-        balanced_accuracy_score,
-        mean_absolute_error,
-        r2_score,
-        roc_auc_score,
-    )
-    from sklearn.model_selection import (
-        GridSearchCV,
-        GroupKFold,
-        KFold,
-        StratifiedGroupKFold,
-        StratifiedKFold,
-    )
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
+    import sklearn
+    from sklearn.exceptions import UndefinedMetricWarning
+    from sklearn.model_selection import GridSearchCV, cross_validate
 
-    from .heads import single_threaded
+    from .heads import ALPHAS, _grid_param, _pipeline, _scoring, _splitter, single_threaded
 
     Xm = _as_matrix(X)
     y_arr = np.asarray(y.to_numpy() if hasattr(y, "to_numpy") else y)
@@ -165,59 +152,45 @@ def linear_probe(
         y_arr = y_arr.astype(np.float64)
         if n < 2 * cv:
             raise HeadError(f"{n} samples are too few for {cv}-fold CV with an inner alpha search; need at least {2 * cv}")
-        outer = (GroupKFold(cv) if g is not None else KFold(cv, shuffle=True, random_state=seed))
-        est, param = Ridge(), "ridge__alpha"
+        scoring = {"mae": "neg_mean_absolute_error", "r2": "r2"}
     else:
         classes, counts = np.unique(y_arr.astype(str), return_counts=True)
         if len(classes) < 2:
             raise HeadError(f"a single class {list(classes)}; classification needs at least two")
         if counts.min() < cv:
             raise HeadError(f"class {classes[np.argmin(counts)]!r} has {counts.min()} sample(s); {cv}-fold CV needs at least {cv} per class")
-        outer = (StratifiedGroupKFold(cv, shuffle=True, random_state=seed) if g is not None
-                 else StratifiedKFold(cv, shuffle=True, random_state=seed))
-        est, param = LogisticRegression(class_weight="balanced", max_iter=5000), "logisticregression__C"
-    pipe = make_pipeline(StandardScaler(), est)
-    metrics: dict[str, list[float]] = {}
-    params: list[float] = []
+        scoring = {"balanced_accuracy": "balanced_accuracy", "roc_auc": "roc_auc" if len(classes) == 2 else "roc_auc_ovr"}
+    outer = _splitter(task, cv, seed, g is not None)
+    inner = min(cv, *(_inner_capacity(task, y_arr[train], None if g is None else g[train])
+                      for train, _ in outer.split(Xm, y_arr, g)))
+    param = _grid_param(task)
+    if inner >= 2:  # the inner alpha/C search; with groups, sessions of one subject never straddle inner folds
+        est = GridSearchCV(_pipeline(task), {param: list(ALPHAS)}, scoring=_scoring(task),
+                           cv=inner if g is None else _splitter(task, inner, seed, True))
+    else:  # too few samples per class for an inner search: the default strength
+        logger.debug("too few usable samples per class for an inner search: %s=1", param)
+        est = _pipeline(task, 1.0)
+    with single_threaded(), sklearn.config_context(enable_metadata_routing=True), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UndefinedMetricWarning)  # R² of a one-sample fold is NaN, as reported
+        res = cross_validate(est, Xm, y_arr, cv=outer, params=None if g is None else {"groups": g}, scoring=scoring,
+                             return_estimator=True, return_indices=True)
     preds = np.empty(n, dtype=np.float64 if task == "regression" else object)
-
-    def add(name: str, value: float) -> None:
-        metrics.setdefault(name, []).append(float(value))
-
-    with single_threaded():
-        for train, test in outer.split(Xm, y_arr if task == "classification" else None, g):
-            if task == "classification":
-                available = int(np.unique(y_arr[train].astype(str), return_counts=True)[1].min())
-            else:
-                available = len(train) // 2
-            inner_splits = min(cv, available)
-            if inner_splits >= 2:
-                grid = GridSearchCV(pipe, {param: list(_GRID)}, cv=inner_splits,
-                                    scoring="neg_mean_absolute_error" if task == "regression" else "balanced_accuracy")
-                grid.fit(Xm[train], y_arr[train])
-                params.append(float(grid.best_params_[param]))
-            else:  # too few samples for an inner search: the default strength
-                logger.debug("fold with %d usable samples per class: no inner search, %s=1", available, param)
-                grid = clone(pipe).set_params(**{param: 1.0}).fit(Xm[train], y_arr[train])
-                params.append(1.0)
-            if task == "regression":
-                p = grid.predict(Xm[test])
-                preds[test] = p
-                add("mae", mean_absolute_error(y_arr[test], p))
-                add("r2", r2_score(y_arr[test], p) if len(test) > 1 else np.nan)
-            else:
-                p = grid.predict(Xm[test])
-                preds[test] = p
-                add("balanced_accuracy", balanced_accuracy_score(y_arr[test], p))
-                proba = grid.predict_proba(Xm[test])
-                model_classes = list(grid.classes_)
-                try:
-                    if len(model_classes) == 2:
-                        add("roc_auc", roc_auc_score((y_arr[test] == model_classes[1]).astype(int), proba[:, 1]))
-                    else:
-                        add("roc_auc", roc_auc_score(y_arr[test], proba, multi_class="ovr", labels=model_classes))
-                except ValueError:
-                    add("roc_auc", np.nan)
+    for fitted, test in zip(res["estimator"], res["indices"]["test"]):
+        preds[test] = fitted.predict(Xm[test])
+    params = [float(e.best_params_[param]) if inner >= 2 else 1.0 for e in res["estimator"]]
+    metrics = {k: [float(-v if k == "mae" else v) for v in res[f"test_{k}"]] for k in scoring}
     result = ProbeResult(task=task, metrics=metrics, n=n, cv=cv, predictions=preds, params=params)
     logger.info("%s", result)
     return result
+
+
+def _inner_capacity(task: str, y: np.ndarray, groups: np.ndarray | None) -> int:
+    """How many inner folds one outer training set allows (samples, or groups, per class)."""
+    if task == "regression":
+        return len(y) // 2 if groups is None else len(np.unique(groups))
+    if groups is None:
+        return int(np.unique(y.astype(str), return_counts=True)[1].min())
+    per_class = {}
+    for label, group in zip(y.astype(str), groups):
+        per_class.setdefault(label, set()).add(group)
+    return min(len(v) for v in per_class.values())

@@ -785,6 +785,7 @@ def run_embed(
     head: str | os.PathLike[str] | None = None,
     prior_failures: Sequence[dict[str, Any]] = (),
     shard: tuple[int, int] | None = None,
+    coverage: float | None = 0.9,
 ) -> EmbedSummary:
     """Embed ``records`` with one model per fold and write one table.
 
@@ -800,7 +801,8 @@ def run_embed(
         overwrite: replace an existing output (otherwise an existing output is an error).
         qc: add the QC metrics of :func:`anatcl_infer.qc.qc_metrics` as columns, plus ``qc_flag`` and
             ``qc_reasons`` (:func:`anatcl_infer.qc.metrics.add_qc_flags`), equal to ``anatcl qc``'s.
-        head: a head directory whose predictions are added as columns.
+        head: a head directory whose predictions are added as columns (checked against ``models`` first).
+        coverage: the head's prediction-interval coverage (``None``: no interval columns).
         prior_failures: failures of earlier stages (e.g. the raw-T1 route) to report with these.
         shard: ``(i, n)``: embed block ``i`` of ``n`` of ``records`` into ``out/part-i-of-n``.
 
@@ -837,6 +839,8 @@ def run_embed(
     errors_path = layout.errors_path
     dev = resolve_device(device)
     meta = _metadata(models, str(dev))
+    if head is not None:
+        check_head(head, models)  # before any embedding
     if layout.shard is not None:
         meta["shard"] = {"index": layout.shard[0], "count": layout.shard[1], "n_inputs": n_total}
     dim = models[0].config.feature_dim
@@ -848,7 +852,7 @@ def run_embed(
             try:
                 return _run_locked(
                     records, models, layout, meta, dim, dev, stopped,
-                    resume=resume, overwrite=overwrite, progress=progress, qc=qc, head=head,
+                    resume=resume, overwrite=overwrite, progress=progress, qc=qc, head=head, coverage=coverage,
                     prior_failures=prior_failures, iter_encoded=iter_encoded,
                     # passed through to iter_encoded as they are:
                     batch_size=batch_size, num_workers=num_workers, amp=amp, strict=strict,
@@ -869,7 +873,7 @@ def run_embed(
 def _run_locked(
     records: Sequence[InputRecord], models: Sequence[AnatCL], layout: OutputLayout, meta: dict[str, Any],
     dim: int, dev: Any, stopped: dict[str, int], *, resume: bool, overwrite: bool, progress: bool, qc: bool,
-    head: Any, prior_failures: Sequence[dict[str, Any]], iter_encoded: Any, **encode_kwargs: Any,
+    head: Any, coverage: float | None, prior_failures: Sequence[dict[str, Any]], iter_encoded: Any, **encode_kwargs: Any,
 ) -> EmbedSummary:
     """The body of :func:`run_embed`, run while holding the output's lock; ``encode_kwargs`` go to ``iter_encoded``."""
     batch_size = int(encode_kwargs.get("batch_size", 8))
@@ -978,7 +982,7 @@ def _run_locked(
         final = add_qc_flags(final, expected_kind=models[0].config.preprocess.input_kind)
     final = final.select([c for c in final.column_names if c not in _FINGERPRINT_COLUMNS] + list(_FINGERPRINT_COLUMNS))
     if head is not None:
-        final = _add_head_columns(final, head, meta)
+        final = _add_head_columns(final, head, meta, coverage)
     with _writing(out, kept=partial_dir):
         _write_final(final, out, fmt, meta)
         _write_errors(errors_path, failures)
@@ -1007,14 +1011,21 @@ def _dedupe(table: pa.Table) -> pa.Table:
     return table.take(keep)
 
 
-def _add_head_columns(table: pa.Table, head_dir: str | os.PathLike[str], meta: dict[str, Any]) -> pa.Table:
+def check_head(head_dir: str | os.PathLike[str], models: Sequence[AnatCL]) -> None:
+    """Raise :class:`HeadError` unless the head was fitted on these models' weights (SHA-256, else name) and folds."""
+    from ..downstream.heads import Head
+
+    Head.load(head_dir).check_model(_metadata(models, "-"), feature_dim=models[0].config.feature_dim)
+
+
+def _add_head_columns(table: pa.Table, head_dir: str | os.PathLike[str], meta: dict[str, Any], coverage: float | None = 0.9) -> pa.Table:
     import pyarrow as pa
 
     from ..downstream.heads import Head
 
     head = Head.load(head_dir)
     df = table.to_pandas()
-    preds = head.predict_frame(df, metadata=meta)  # checks model name, sha256 and folds
+    preds = head.predict_frame(df, metadata=meta, coverage=coverage)  # checks model sha256 (else name) and folds
     for name in preds.columns:
         if name in table.column_names:
             continue
