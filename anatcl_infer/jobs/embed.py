@@ -1013,8 +1013,10 @@ def _dedupe(table: pa.Table) -> pa.Table:
 
 def check_head(head_dir: str | os.PathLike[str], models: Sequence[AnatCL]) -> None:
     """Raise :class:`HeadError` unless the head was fitted on these models' weights (SHA-256, else name) and folds."""
+    from .._optional import require
     from ..downstream.heads import Head
 
+    require("sklearn", "sklearn", "pandas")  # applying a head needs the [sklearn] extra: say so first
     Head.load(head_dir).check_model(_metadata(models, "-"), feature_dim=models[0].config.feature_dim)
 
 
