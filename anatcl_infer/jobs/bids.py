@@ -27,7 +27,6 @@ array over subjects needs no coordination. Embedding is done by :func:`anatcl_in
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -42,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 from .._files import atomic_path
 from .._version import __version__
 from ..errors import ConfigError, InputError
+from .embed import weights_sha256
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -333,19 +333,6 @@ def write_dataset_description(
     return path
 
 
-def _weights_sha256(model: torch.nn.Module) -> str:
-    """SHA-256 of the weights themselves (names and bytes, in name order): the same for the same tensors."""
-    import torch
-
-    digest = hashlib.sha256()
-    state = model.state_dict()
-    for key in sorted(state):
-        t = state[key].detach().to("cpu").contiguous()
-        digest.update(key.encode() + b"\0" + str(t.dtype).encode() + str(tuple(t.shape)).encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
 def _identity(models: Sequence[AnatCL]) -> dict[str, Any]:
     """What must match for an existing output to count as done: model, weights, folds, preprocessing."""
     cfg = models[0].config
@@ -356,7 +343,7 @@ def _identity(models: Sequence[AnatCL]) -> dict[str, Any]:
             "Variant": cfg.variant,
             "Source": [m.config.source for m in models],
             "SourceSHA256": [m.config.source_sha256 for m in models],
-            "WeightsSHA256": [_weights_sha256(m) for m in models],
+            "WeightsSHA256": [weights_sha256(m) for m in models],
             "Folds": [m.config.fold for m in models],
             "FeatureDim": cfg.feature_dim,
         },
