@@ -129,7 +129,9 @@ def embed(
             records = discover_inputs(inputs, input_kind="t1")
             records, prep_failures = _t1_to_gm_records(records, prep_dir or out.with_name(out.name + ".prep"), device, quiet)
         else:
-            records = discover_inputs(inputs, input_kind=models[0].config.preprocess.input_kind)
+            problems: list[tuple[str, str, str]] = []
+            records = discover_inputs(inputs, input_kind=models[0].config.preprocess.input_kind, problems=problems)
+            prep_failures = [{"path": p, "fold": None, "stage": st, "message": m} for p, st, m in problems]
         target = out
         if part is not None:
             records = shard_records(records, *part)
@@ -152,6 +154,12 @@ def embed(
     msg += ")"
     if not quiet:
         typer.echo(msg, err=True)
+    if summary.n_warned:
+        typer.echo(
+            f"warning: {summary.n_warned} of {summary.n_inputs} inputs look wrong for this model; "
+            f"see {summary.out.name} qc_warnings or run anatcl qc",
+            err=True,
+        )
     if summary.failures:
         typer.echo(
             f"error: {len(summary.failures)} of {summary.n_inputs} inputs failed; see {summary.errors_path}",

@@ -52,6 +52,7 @@ class EmbedSummary:
     n_written: int
     n_skipped: int
     failures: list[dict[str, Any]] = field(default_factory=list)
+    n_warned: int = 0  # inputs written with a warning (wrong kind, odd position...), each logged once
 
     @property
     def ok(self) -> bool:
@@ -363,6 +364,7 @@ def run_embed(
     runner = models[0] if len(models) == 1 else _FoldStack(models)
     failures: list[dict[str, Any]] = list(prior_failures)
     n_written = 0
+    n_warned = 0
     try:
         for batch in iter_encoded(
             runner, [r.path for r in todo], batch_size=batch_size, device=dev, num_workers=num_workers,  # type: ignore[arg-type]
@@ -372,6 +374,10 @@ def run_embed(
                 rec = {"path": f.path, "fold": "all" if len(fold_ids) > 1 else fold_ids[0], "stage": f.stage, "message": f.message}
                 failures.append(rec)
                 logger.error("%s [%s]: %s", f.path, f.stage, f.message)
+            for idx, info in zip(batch.indices, batch.infos):
+                if info.get("warnings"):  # one WARNING line per doubtful input, with every reason
+                    n_warned += 1
+                    logger.warning("%s: %s", todo[idx].path, "; ".join(info["warnings"]))
             if batch.indices:
                 table = _build_table(todo, fold_ids, models[0].config.name, batch.indices, batch.features, batch.infos)
                 parts.write(table, meta)
@@ -400,7 +406,7 @@ def run_embed(
     shutil.rmtree(partial_dir, ignore_errors=True)
     _write_errors(errors_path, failures)
     n_inputs = len(records) + len(prior_failures)
-    return EmbedSummary(out, errors_path if failures else None, n_inputs, n_written, skipped, failures)
+    return EmbedSummary(out, errors_path if failures else None, n_inputs, n_written, skipped, failures, n_warned)
 
 
 def _dedupe(table: pa.Table) -> pa.Table:
