@@ -73,7 +73,7 @@ def test_bad_input_in_the_middle_is_reported_and_the_rest_processed(scans, tmp_p
     assert len(srcs) == 3 + 1 and all(s.startswith("data:image/png;base64,") for s in srcs)
     # every input listed; failed ones first, then the flagged T1, then the good ones
     order = [page.index(f"<h3>{p}") for p in (
-        str(tmp_path / "missing.nii.gz"), str(scans / "sub-02_mwp1.nii.gz"), str(scans / "sub-04_mwp1.nii.gz"),
+        str(scans / "sub-02_mwp1.nii.gz"), str(tmp_path / "missing.nii.gz"), str(scans / "sub-04_mwp1.nii.gz"),
         str(scans / "sub-01_mwp1.nii.gz"), str(scans / "sub-03_mwp1.nii.gz"),
     )]
     assert order == sorted(order)
