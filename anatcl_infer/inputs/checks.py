@@ -299,9 +299,9 @@ def guess_input_kind(
     Rules: fewer than 100 positive voxels (one voxel, all negative) -> ``"other"``;
     noticeably negative values (``min < -5% p99``) -> ``"other"`` (already normalised
     data); ``roughness > 0.85``, or ``> 0.5`` with under 5% background -> ``"other"``
-    (noise, no spatial structure); ``wm_ratio > 0.5`` -> ``"t1"``; otherwise a grey-matter
-    pattern, ``"other"`` if ``p99`` exceeds 2 (not a density) or ``max`` exceeds 20 times
-    ``p99`` (values far outside any mwp1 range), ``"gm"`` if ``roughness`` >= 0.08,
+    (noise, no spatial structure) — checked after ``max`` above both 2 and 20 times ``p99``
+    -> ``"other"`` (values far outside any mwp1 range); ``wm_ratio > 0.5`` -> ``"t1"``;
+    otherwise a grey-matter pattern, ``"other"`` if ``p99`` exceeds 2 (not a density), ``"gm"`` if ``roughness`` >= 0.08,
     else ``"smoothed-gm"``. ``"other"`` guesses carry a plain-language ``reason``. ``confidence`` grows with the distance of the deciding
     statistic from its threshold.
 
@@ -357,6 +357,9 @@ def guess_input_kind(
 
     if vmin < -0.05 * p99:
         return KindGuess("other", conf(-vmin / p99, 0.1), evidence, f"it has clearly negative values (minimum {vmin:.3g})")
+    if vmax > _MAX_VALUE_RATIO * max(p99, 1e-6) and vmax > _MAX_GM_VALUE:
+        return KindGuess("other", 0.9, evidence,
+                         f"some values (up to {vmax:.3g}) are far outside the range of a grey-matter density (0 to about 1)")
     if roughness > _NOISE_ROUGHNESS or (roughness > _NOISE_ROUGHNESS_NO_BACKGROUND and background < _NOISE_BACKGROUND):
         return KindGuess("other", conf(roughness - _NOISE_ROUGHNESS_NO_BACKGROUND, 0.2), evidence,
                          "its values have no spatial structure (it looks like noise)")
@@ -367,9 +370,6 @@ def guess_input_kind(
     if p99 > _MAX_GM_VALUE:
         return KindGuess("other", conf(np.log(p99 / _MAX_GM_VALUE), 0.5), evidence,
                          f"its values (99th percentile {p99:.3g}) are far above a grey-matter density (0 to about 1)")
-    if vmax > _MAX_VALUE_RATIO * max(p99, 1e-6):
-        return KindGuess("other", 0.9, evidence,
-                         f"some values (up to {vmax:.3g}) are far outside the range of a grey-matter density (0 to about 1)")
     confidence = min(conf(wm_ratio - _WM_RATIO_T1, 0.15), conf(np.log(max(roughness, 1e-6) / _ROUGHNESS_GM), 0.5))
     return KindGuess("gm" if roughness >= _ROUGHNESS_GM else "smoothed-gm", confidence, evidence)
 

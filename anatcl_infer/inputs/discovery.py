@@ -126,6 +126,8 @@ def _walk_nifti(root: Path, problems: list[tuple[str, str, str]] | None = None) 
         seen.add(real)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         found.extend(os.path.join(dirpath, f) for f in filenames if is_nifti_name(f))
+        # a folder named like an image (x.nii.gz) is listed too: reading reports it, nothing vanishes
+        found.extend(os.path.join(dirpath, d) for d in dirnames if is_nifti_name(d))
     return found
 
 
