@@ -68,7 +68,7 @@ def _is_torchio_subject(item: Any) -> bool:
 
 
 def _is_torchio_image(item: Any) -> bool:
-    return hasattr(item, "affine") and hasattr(item, "spatial_shape") and hasattr(item, "data") and not isinstance(item, dict)
+    return hasattr(item, "affine") and hasattr(item, "spatial_shape") and hasattr(item, "data") and not hasattr(item, "get_images")
 
 
 def _is_metatensor(item: Any) -> bool:
