@@ -118,7 +118,7 @@ def build_corpus(base: Path) -> Corpus:
     # --- lying headers
     fail("nan-sform_mwp1.nii", "NaN or infinite numbers in its sform").write_bytes(_raw_nifti(gm, srow_x=[np.nan, 0, 0, 90]))
     fail("neg-dim_mwp1.nii", "dimension below 1").write_bytes(_raw_nifti(gm, dim=[3, 61, -73, 61, 1, 1, 1, 1]))
-    fail("zero-dims_mwp1.nii", "declares 0 dimensions").write_bytes(_raw_nifti(gm, dim=[0, 61, 73, 61, 1, 1, 1, 1]))
+    fail("zero-dims_mwp1.nii", "number of dimensions (dim[0]) is not between 1 and 7").write_bytes(_raw_nifti(gm, dim=[0, 61, 73, 61, 1, 1, 1, 1]))
     fail("huge-dims_mwp1.nii", "more than any brain volume").write_bytes(_raw_nifti(gm, dim=[3, 3000, 3000, 3000, 1, 1, 1, 1]))
     fail("slope-inf_mwp1.nii", "infinite scale factor").write_bytes(_raw_nifti(gm, scl_slope=np.inf))
     fail("slope-denormal_mwp1.nii", "denormal scale factor").write_bytes(_raw_nifti(gm, scl_slope=1e-40))

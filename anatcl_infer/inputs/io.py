@@ -238,7 +238,7 @@ def validate_header(head: bytes, path: str | None = None) -> HeaderInfo:
     dim = [int(d) for d in np.asarray(hdr["dim"]).tolist()]
     ndim = dim[0]
     if not 1 <= ndim <= 7:
-        raise refuse(f"has a corrupt header: it declares {ndim} dimensions (dim[0] must be 1-7); re-export the image")
+        raise refuse("has a corrupt header: its number of dimensions (dim[0]) is not between 1 and 7; re-export the image")
     shape = tuple(dim[1: ndim + 1])
     if any(d < 1 for d in shape):
         raise refuse(f"has a corrupt header: it declares the shape {shape}, with a dimension below 1; re-export the image")
