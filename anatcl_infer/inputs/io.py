@@ -377,7 +377,8 @@ def read_nifti(path: str | os.PathLike[str]) -> SpatialImage:
             if not head:
                 raise InputError("is an empty file (0 bytes); the image was not written completely — recreate it", path=name, stage="read")
             if head[:2] == _GZIP_MAGIC:
-                raw = head + fh.read()
+                fh.seek(0)
+                raw = fh.read()  # one read, no copy (a regular file: checked above)
                 try:
                     peek = _peek_gzip(raw)
                 except Exception as exc:  # zlib.error, isal's IsalError, ...
@@ -404,7 +405,8 @@ def read_nifti(path: str | os.PathLike[str]) -> SpatialImage:
                 raise InputError("is named .gz but is not gzip-compressed; rename it to .nii if it is an uncompressed NIfTI", path=name, stage="read")
             if lower.endswith(".nii") or _nifti_version(head) is not None:
                 info = validate_header(head, name)
-                buffer = head + fh.read(max(info.data_bytes - len(head), 0))
+                fh.seek(0)
+                buffer = fh.read(info.data_bytes)  # never more than the header declares
                 return _from_nifti_bytes(buffer, name)
     except InputError:
         raise
