@@ -98,6 +98,11 @@ def parse_entities(path: str | os.PathLike[str]) -> dict[str, str | None]:
     return found
 
 
+def _printable(name: str) -> str:
+    """``name`` with undecodable bytes shown as ``\\xNN`` (safe to print and store)."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _record(path: str) -> InputRecord:
     """An :class:`InputRecord` for one absolute path."""
     return InputRecord(path=path, **parse_entities(path))
@@ -112,7 +117,7 @@ def _walk_nifti(root: Path, problems: list[tuple[str, str, str]] | None = None) 
     seen: set[str] = set()
 
     def unlistable(exc: OSError) -> None:
-        where = os.fspath(exc.filename) if exc.filename else str(root)
+        where = _printable(os.fsdecode(exc.filename) if exc.filename else str(root))
         message = f"folder cannot be listed ({exc.strerror or exc}); its images were not searched — check its permissions"
         logger.warning("%s: %s", where, message)
         if problems is not None:
@@ -287,8 +292,8 @@ def discover_inputs(
                 + (", no CAT12/deepmriprep mwp1 map" if input_kind == "gm" else "")
                 + " found there); check the path"
             )
-            logger.warning("%s: %s", spec, message)
-            problems.append((spec, "discover", message))
+            logger.warning("%s: %s", _printable(spec), message)
+            problems.append((_printable(spec), "discover", message))
         for found in found_here:
             paths.setdefault(os.path.abspath(found), None)
     if not paths:
