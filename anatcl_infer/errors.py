@@ -25,6 +25,10 @@ __all__ = [
     "HeadError",
     "MissingDependencyError",
     "OutputError",
+    "AnatCLWarning",
+    "InputWarning",
+    "InputKindWarning",
+    "InputFailureWarning",
 ]
 
 
@@ -159,3 +163,29 @@ class OutputError(AnatCLError, OSError):
 
     def __str__(self) -> str:
         return str(self.args[0])
+
+
+class AnatCLWarning(UserWarning):
+    """Base class of every warning anatcl-infer emits through the :mod:`warnings` module.
+
+    Filter them all with ``warnings.simplefilter("ignore", anatcl_infer.AnatCLWarning)``,
+    or turn them into errors with ``"error"``.
+    """
+
+
+class InputWarning(AnatCLWarning):
+    """An input was embedded, but something about it is doubtful (position, field of view...).
+
+    Emitted once per input; the message starts with the input's path.
+    """
+
+
+class InputKindWarning(InputWarning):
+    """An input does not look like what the model was trained on (a T1, a smoothed map...).
+
+    ``strict=True`` (``--strict``) turns it into an :class:`InputKindError`.
+    """
+
+
+class InputFailureWarning(AnatCLWarning):
+    """Inputs could not be used and got NaN rows (``on_error="warn"``); the message names each."""

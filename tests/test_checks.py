@@ -222,3 +222,43 @@ def test_strict_raises_input_kind_error():
 def test_unknown_expected_kind():
     with pytest.raises(InputError, match="unknown expected input kind"):
         check_kind(KindGuess("gm", 0.9, {}), "flair")
+
+
+# ---------------------------------------------------------------- content that cannot be a grey-matter map
+
+
+def _other_cases() -> dict[str, tuple[np.ndarray, str]]:
+    from anatomy import mni_gm_on_grid
+
+    gm = mni_gm_on_grid()
+    one = np.zeros_like(gm)
+    one[60, 70, 60] = 1.0
+    hot = gm.copy()
+    hot[60, 80, 60] = 3e38
+    return {
+        "noise": (np.random.default_rng(0).random(gm.shape, dtype=np.float32), "no spatial structure"),
+        "one voxel": (one, "only 1 voxels are above zero"),
+        "all negative": (-gm, "only 0 voxels are above zero"),
+        "values far out": (gm * 1000.0, "far above a grey-matter density"),
+        "one hot voxel": (hot, "far outside the range of a grey-matter density"),
+        "normalised (z-scored)": ((gm - gm.mean()) / gm.std(), "clearly negative values"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_other_cases()))
+def test_content_that_cannot_be_a_gm_map_is_kind_other_with_a_reason(case):
+    data, reason = _other_cases()[case]
+    guess = guess_input_kind(data)
+    assert guess.kind == "other" and reason in guess.reason
+    message = check_kind(guess, "gm", path="x.nii")
+    assert message is not None and reason in message
+    with pytest.raises(InputKindError, match="drop --strict"):
+        check_kind(guess, "gm", strict=True, path="x.nii")
+
+
+def test_real_maps_are_not_taken_for_noise():
+    from anatomy import mni_gm_on_grid
+
+    assert guess_input_kind(mni_gm_on_grid()).kind == "gm"
+    grid3 = np.array([[-3.0, 0, 0, 90], [0, 3.0, 0, -126], [0, 0, 3.0, -72], [0, 0, 0, 1]])
+    assert guess_input_kind(mni_gm_on_grid()[::2, ::2, ::2], grid3).kind == "gm"  # rougher on a coarse grid

@@ -47,7 +47,7 @@ def test_bad_input_in_the_middle_is_reported_and_the_rest_processed(scans, tmp_p
     res = runner.invoke(app, ["qc", str(scans), str(tmp_path / "missing.nii.gz"), "--out", str(out), "--quiet"])
     assert res.exit_code == 1, res.output
     assert "sub-02_mwp1.nii.gz: failed at read: " in res.output  # path, stage, message
-    assert "missing.nii.gz: failed at discover: does not exist" in res.output
+    assert "missing.nii.gz: failed at read: file not found" in res.output  # one failed input, not an abort
     assert "2 of 5 inputs failed" in res.output
     rows = _rows(out)
     assert rows["sub-02_mwp1.nii.gz"]["status"] == "failed" and rows["sub-02_mwp1.nii.gz"]["stage"] == "read"
@@ -76,7 +76,7 @@ def test_bad_input_in_the_middle_is_reported_and_the_rest_processed(scans, tmp_p
     assert [rows["sub-01_mwp1.nii.gz"][f"slice_{a}_mm"] for a in "xyz"] == ["0", "-18", "18"]
     # every input listed; failed ones first, then the flagged T1, then the good ones
     order = [page.index(f"<h3>{p}") for p in (
-        str(tmp_path / "missing.nii.gz"), str(scans / "sub-02_mwp1.nii.gz"), str(scans / "sub-04_mwp1.nii.gz"),
+        str(scans / "sub-02_mwp1.nii.gz"), str(tmp_path / "missing.nii.gz"), str(scans / "sub-04_mwp1.nii.gz"),
         str(scans / "sub-01_mwp1.nii.gz"), str(scans / "sub-03_mwp1.nii.gz"),
     )]
     assert order == sorted(order)

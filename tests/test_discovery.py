@@ -71,9 +71,37 @@ def test_cat12_output_folder_keeps_the_unsmoothed_gm_maps(tmp_path):
     assert len(discover_inputs(tmp_path, input_kind="t1")) == 6
 
 
-def test_only_smoothed_maps_are_still_found(tmp_path):
+def test_only_smoothed_maps_are_still_found_and_said_out_loud(tmp_path, caplog):
     _touch(tmp_path, "s6mwp1sub-01.nii", "p0sub-01.nii")
-    assert [Path(p).name for p in _paths(discover_inputs(tmp_path))] == ["s6mwp1sub-01.nii"]
+    with caplog.at_level("WARNING", logger="anatcl_infer"):
+        assert [Path(p).name for p in _paths(discover_inputs(tmp_path))] == ["s6mwp1sub-01.nii"]
+    [record] = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert "only smoothed grey-matter maps" in record.getMessage() and str(tmp_path) in record.getMessage()
+
+
+def test_what_cannot_be_searched_is_reported_not_skipped(tmp_path, monkeypatch):
+    good = _touch(tmp_path, "scans/mwp1sub-01.nii", "scans/locked/mwp1sub-02.nii")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "scans" / "mwp1sub-03.nii.gz").mkdir()  # a folder named like an image: listed, so reading reports it
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if os.fspath(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)  # root can list any folder: simulate an unreadable one
+    problems: list[tuple[str, str, str]] = []
+    records = discover_inputs(
+        [str(tmp_path / "scans"), str(tmp_path / "empty"), str(tmp_path / "missing.nii.gz")], problems=problems
+    )
+    assert _paths(records) == sorted([good[0], str(tmp_path / "missing.nii.gz"), str(tmp_path / "scans" / "mwp1sub-03.nii.gz")])
+    assert [(Path(p).name, stage) for p, stage, _ in problems] == [("locked", "discover"), ("empty", "discover")]
+    assert "cannot be listed (Permission denied)" in problems[0][2]
+    assert "yields no input image" in problems[1][2]
+    # without a problems list, a missing explicit path still raises (the Python API's contract)
+    with pytest.raises(InputError, match="does not exist"):
+        discover_inputs([str(tmp_path / "missing.nii.gz")])
 
 
 def test_glob_pattern(tmp_path):

@@ -83,8 +83,8 @@ def _bad_inputs(directory: Path) -> list[Path]:
 def test_encode_matches_per_item_and_ignores_batch_size(model):
     gm = _gm3()
     vols = [gm, gm * 0.9, gm * 0.8]
-    one = np.concatenate([encode(model, v, batch_size=1, progress=False, num_workers=0) for v in vols])
-    three = encode(model, vols, batch_size=3, progress=False, num_workers=0)
+    one = np.concatenate([encode(model, v, batch_size=1, progress=False, num_workers=0, assume_reference_grid=True) for v in vols])
+    three = encode(model, vols, batch_size=3, progress=False, num_workers=0, assume_reference_grid=True)
     assert one.shape == (3, 512) and one.dtype == np.float32
     np.testing.assert_array_equal(three, one)  # bit-identical on CPU
     # the model sees exactly the crop of the on-grid array
@@ -105,7 +105,7 @@ def test_encode_mixed_inputs_in_order_with_workers(model, tmp_path):
 
 
 def test_extract_features_accepts_model_instance_and_rejects_unknown_kwargs(model):
-    feats = extract_features(_gm3(), model=model, progress=False)
+    feats = extract_features(_gm3(), model=model, progress=False, assume_reference_grid=True)
     assert feats.shape == (1, 512)
     with pytest.raises(TypeError, match="valid ones"):
         extract_features(_gm3(), model=model, batchsize=2)
@@ -114,7 +114,7 @@ def test_extract_features_accepts_model_instance_and_rejects_unknown_kwargs(mode
 def test_encode_bad_input_raises_with_path(model, tmp_path):
     bad = _bad_inputs(tmp_path)[0]
     with pytest.raises(InputError) as info:
-        encode(model, [_gm3(), str(bad)], progress=False, num_workers=0)
+        encode(model, [_gm3(), str(bad)], progress=False, num_workers=0, assume_reference_grid=True)
     assert str(bad) in str(info.value)
 
 

@@ -215,3 +215,125 @@ def test_truncated_gzip_without_isal(tmp_path, monkeypatch):
     path.write_bytes(raw[: len(raw) - 10])  # only the trailer is missing
     monkeypatch.setitem(sys.modules, "isal", None)
     assert "truncated or corrupt gzip" in str(_read_error(path))
+
+
+# ---------------------------------------------------------------- validation before allocation
+
+
+def _nifti_bytes(data: np.ndarray, **fields) -> bytes:
+    img = nib.Nifti1Image(data, np.diag([1.5, 1.5, 1.5, 1.0]))
+    img.update_header()
+    header = img.header
+    header.set_data_offset(352)
+    for key, value in fields.items():
+        header.structarr[key] = value
+    return header.binaryblock + b"\0" * 4 + data.tobytes(order="F")
+
+
+def test_gzip_bomb_costs_at_most_one_volume(tmp_path):
+    import tracemalloc
+    import zlib
+
+    head = _nifti_bytes(_arange())[:352]  # declares 5x7x9 float32 = 1260 bytes of data
+    member = zlib.compressobj(1, zlib.DEFLATED, 31)
+    zeros = member.compress(b"\0" * (32 << 20)) + member.flush()
+    path = tmp_path / "bomb.nii.gz"
+    path.write_bytes(gzip.compress(head) + zeros * 8)  # inflates to 256 MiB
+    tracemalloc.start()
+    try:
+        with pytest.raises(InputError, match="decompresses to more data than its header declares") as info:
+            read_nifti(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert info.value.stage == "read"
+    assert peak < 4 * path.stat().st_size + (2 << 20), peak  # the file and a header's worth, never the 256 MiB
+
+
+def test_scl_slope_nan_or_zero_means_unscaled_as_nibabel_writes_it(tmp_path):
+    data = _arange()
+    for slope in (np.nan, 0.0):
+        path = tmp_path / f"slope-{slope}.nii"
+        path.write_bytes(_nifti_bytes(data, scl_slope=slope, scl_inter=np.nan))
+        np.testing.assert_array_equal(load_volume(path)[0], data)
+    assert np.isnan(nib.Nifti1Image(data, np.eye(4)).header["scl_slope"])  # nibabel's own convention
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"scl_slope": np.inf}, "infinite scale factor"),
+        ({"scl_slope": 1e-42}, "denormal scale factor"),
+        ({"scl_slope": 2.0, "scl_inter": np.inf}, "non-finite intercept"),
+        ({"bitpix": 16}, "bitpix 16 contradicts its datatype float32"),
+        ({"datatype": 32, "bitpix": 64}, "complex64"),
+        ({"datatype": 128, "bitpix": 24}, "RGB"),
+        ({"datatype": 1, "bitpix": 1}, "unknown or unsupported"),
+        ({"dim": [3, 5, 0, 9, 1, 1, 1, 1]}, "dimension below 1"),
+        ({"dim": [9, 5, 7, 9, 1, 1, 1, 1]}, "number of dimensions \\(dim\\[0\\]\\) is not between 1 and 7"),
+        ({"dim": [3, 5000, 5000, 5000, 1, 1, 1, 1]}, "more than any brain volume"),
+        ({"srow_y": [0, np.nan, 0, 0]}, "NaN or infinite numbers in its sform"),
+        ({"sform_code": 0, "qform_code": 1, "quatern_b": np.nan}, "NaN or infinite numbers in its qform"),
+    ],
+)
+def test_lying_headers_are_refused_before_reading_data(tmp_path, fields, message):
+    path = tmp_path / "liar.nii"
+    path.write_bytes(_nifti_bytes(_arange(), **fields))
+    with pytest.raises(InputError, match=message) as info:
+        read_nifti(path)
+    assert info.value.stage == "read" and info.value.path == str(path)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_special_files_are_refused_without_blocking(tmp_path):
+    import signal
+
+    fifo = tmp_path / "pipe.nii"
+    os.mkfifo(fifo)
+    (tmp_path / "zero.nii").symlink_to("/dev/zero")
+    (tmp_path / "dangling.nii.gz").symlink_to(tmp_path / "gone.nii.gz")
+    (tmp_path / "a.nii").symlink_to(tmp_path / "b.nii")
+    (tmp_path / "b.nii").symlink_to(tmp_path / "a.nii")
+    (tmp_path / "folder.nii.gz").mkdir()
+    signal.alarm(20)  # a blocking open would hang the test: fail it instead
+    try:
+        for name, message in (
+            ("pipe.nii", "named pipe"),
+            ("zero.nii", "is a device"),
+            ("dangling.nii.gz", "broken symbolic link"),
+            ("a.nii", "symbolic link loop"),
+            ("folder.nii.gz", "is a directory"),
+        ):
+            with pytest.raises(InputError, match=message):
+                read_nifti(tmp_path / name)
+    finally:
+        signal.alarm(0)
+
+
+def test_undecodable_file_name_is_one_clear_failure(tmp_path):
+    good = save_nifti(tmp_path / "good.nii.gz", _arange(), REF_AFFINE)
+    bad = os.fsencode(str(tmp_path)) + b"/sub-\xff.nii.gz"
+    with open(bad, "wb") as fh:
+        fh.write(Path(good).read_bytes())
+    with pytest.raises(InputError, match="not valid UTF-8") as info:
+        read_nifti(os.fsdecode(bad))
+    assert info.value.path.endswith("sub-\\xff.nii.gz")
+    str(info.value).encode("utf-8")  # printable and storable
+
+
+def test_permission_denied_and_deleted_files(tmp_path, monkeypatch):
+    path = Path(save_nifti(tmp_path / "x.nii.gz", _arange(), REF_AFFINE))
+    real_open = os.open
+
+    def denied(p, *args, **kwargs):
+        if os.fspath(p) == str(path):
+            raise PermissionError(13, "Permission denied", os.fspath(p))
+        return real_open(p, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", denied)  # root reads everything: simulate a protected file
+    with pytest.raises(InputError, match="cannot be opened \\(Permission denied\\)"):
+        read_nifti(path)
+    monkeypatch.undo()
+    path.unlink()  # deleted after it was listed
+    with pytest.raises(InputError, match="file not found"):
+        read_nifti(path)

@@ -38,7 +38,8 @@ def test_every_error_derives_from_the_package_error():
 
     for name in errors.__all__:
         cls = getattr(errors, name)
-        assert issubclass(cls, errors.AnatCLError), name
+        assert issubclass(cls, errors.AnatCLWarning if issubclass(cls, Warning) else errors.AnatCLError), name
+        assert not issubclass(cls, Warning) or issubclass(cls, UserWarning), name
 
 
 def test_ci_runs_exactly_the_readme_test_command():

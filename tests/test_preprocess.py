@@ -117,21 +117,21 @@ def test_1mm_input_is_resampled_close_to_the_grid_map(tmp_path, reference):
 
 def test_in_memory_inputs_agree(reference):
     grid = mni_gm_on_grid()
-    assert prepare(grid).method == "identity"
-    np.testing.assert_array_equal(prepare(grid).array, reference)
+    assert prepare(grid, assume_reference_grid=True).method == "identity"
+    np.testing.assert_array_equal(prepare(grid, assume_reference_grid=True).array, reference)
     np.testing.assert_array_equal(prepare((grid, REF_AFFINE)).array, reference)
     np.testing.assert_array_equal(prepare(nib.Nifti1Image(grid, REF_AFFINE)).array, reference)
-    np.testing.assert_array_equal(prepare(grid[None]).array, reference)  # OpenBHB (1, 121, 145, 121)
-    cropped = prepare(grid[CROP])
+    np.testing.assert_array_equal(prepare(grid[None], assume_reference_grid=True).array, reference)  # OpenBHB (1, 121, 145, 121)
+    cropped = prepare(grid[CROP], assume_reference_grid=True)
     assert cropped.method == "cropped" and cropped.kind.kind == "gm"
     np.testing.assert_array_equal(cropped.array, reference)
-    assert prepare(grid).source.startswith("<array")
+    assert prepare(grid, assume_reference_grid=True).source.startswith("<array")
 
 
 def test_npy_file_like_openbhb(tmp_path, reference):
     path = tmp_path / "sub-1_preproc-cat12vbm_desc-gm_T1w.npy"
     np.save(path, mni_gm_on_grid()[None])
-    prepared = prepare(path)
+    prepared = prepare(path, assume_reference_grid=True)
     np.testing.assert_array_equal(prepared.array, reference)
     assert prepared.source == str(path)
 
@@ -149,7 +149,7 @@ def test_pad_and_zscore_config(gm_file):
     assert float(prepared.array.mean()) == pytest.approx(0.0, abs=1e-4)
     # already-cropped-and-padded arrays are accepted as such
     padded = prepare(gm_file, PreprocessConfig(pad_to=(128, 128, 128))).array[0]
-    again = prepare(padded, PreprocessConfig(pad_to=(128, 128, 128)))
+    again = prepare(padded, PreprocessConfig(pad_to=(128, 128, 128)), assume_reference_grid=True)
     assert again.method == "cropped" and again.kind.kind == "gm"
     np.testing.assert_array_equal(again.array[0], padded)
 
@@ -174,7 +174,7 @@ def test_brain_shifted_out_of_the_crop_warns():
 
 
 def test_smoothed_map_warns():
-    prepared = prepare(mni_gm_smoothed_on_grid(6.0))
+    prepared = prepare(mni_gm_smoothed_on_grid(6.0), assume_reference_grid=True)
     assert prepared.kind.kind == "smoothed-gm"
     assert any("smoothed grey-matter map" in w for w in prepared.warnings)
 

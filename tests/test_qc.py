@@ -169,7 +169,7 @@ def test_template_metrics_are_nan_on_another_grid():
     affine = [[-3.0, 0, 0, 90], [0, 3.0, 0, -126], [0, 0, 3.0, -72], [0, 0, 0, 1]]
     cfg = PreprocessConfig(grid_shape=(61, 73, 61), crop=((0, 61), (4, 68), (0, 61)), grid_affine=affine)
     data = np.ascontiguousarray(mni_gm_on_grid()[::2, ::2, ::2])
-    m = qc_metrics(prepare(data, cfg), config=cfg)
+    m = qc_metrics(prepare(data, cfg, assume_reference_grid=True), config=cfg)
     assert np.isnan(m["qc_template_corr"]) and np.isnan(m["qc_brain_coverage"])
     assert m["qc_orientation"] == "unknown"
     assert m["qc_min"] == 0.0 and 0.9 < m["qc_max"] <= 1.0

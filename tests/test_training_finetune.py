@@ -60,7 +60,7 @@ def test_frozen_regression_trains_head_only(setup, tmp_path):
     x = torch.stack([torch.from_numpy(np.load(manifest.parent / f"sub-{k}.npy")) for k in range(2)])
     from anatcl_infer.inputs.preprocess import prepare
 
-    batch = torch.stack([torch.from_numpy(prepare(v.numpy(), SMALL).array) for v in x])
+    batch = torch.stack([torch.from_numpy(prepare(v.numpy(), SMALL, assume_reference_grid=True).array) for v in x])
     with torch.no_grad():
         torch.testing.assert_close(reloaded(batch), model(batch))
     preds = reloaded.predict([str(manifest.parent / "sub-0.npy"), str(manifest.parent / "sub-1.npy")], device="cpu", progress=False)

@@ -139,7 +139,10 @@ def embed(
             base = layout.dataset or layout.out
             records, prep_failures = _t1_to_gm_records(records, prep_dir or base.with_name(base.name + ".prep"), device, quiet)
         else:
-            records = discover_inputs(inputs, input_kind=models[0].config.preprocess.input_kind)
+            problems: list[tuple[str, str, str]] = []
+            records = discover_inputs(inputs, input_kind=models[0].config.preprocess.input_kind, problems=problems)
+            if layout.shard is None or layout.shard[0] == 0:  # report what discovery could not use once, not in every shard
+                prep_failures = [{"path": p, "fold": None, "stage": st, "message": m} for p, st, m in problems]
         if layout.shard is not None:
             log.info("shard %d/%d of %d inputs -> %s", layout.shard[0], layout.shard[1], len(records), layout.out)
         summary = run_embed(
@@ -171,6 +174,12 @@ def embed(
     msg += ")"
     if not quiet:
         typer.echo(msg, err=True)
+    if summary.n_warned:
+        typer.echo(
+            f"warning: {summary.n_warned} of {summary.n_inputs} inputs look wrong for this model; "
+            f"see {summary.out.name} qc_warnings or run anatcl qc",
+            err=True,
+        )
     if summary.failures:
         typer.echo(
             f"error: {len(summary.failures)} of {summary.n_inputs} inputs failed; see {summary.errors_path}",

@@ -61,7 +61,9 @@ def qc(
     failures: list[tuple[str, str, str]] = []
     for spec in inputs:  # one spec at a time, so a missing one is reported and the others still run
         try:
-            paths.extend(r.path for r in discover_inputs([spec], input_kind=config.input_kind))  # type: ignore[attr-defined]
+            problems: list[tuple[str, str, str]] = []
+            paths.extend(r.path for r in discover_inputs([spec], input_kind=config.input_kind, problems=problems))  # type: ignore[attr-defined]
+            failures.extend(problems)
         except InputError as exc:
             failures.append((spec, exc.stage, str(exc.args[0])))
     paths = list(dict.fromkeys(paths))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 
 from ..model.devices import resolve_device
-from ..errors import AnatCLError, ConfigError, InputError
+from ..errors import AnatCLError, ConfigError, InputError, InputFailureWarning
 
 if TYPE_CHECKING:
     from ..config import PreprocessConfig
@@ -29,7 +30,7 @@ __all__ = ["encode", "extract_features", "iter_encoded", "EncodedBatch", "Failur
 
 logger = logging.getLogger(__name__)
 
-_ENCODE_KWARGS = ("batch_size", "device", "num_workers", "progress", "amp", "strict")
+_ENCODE_KWARGS = ("batch_size", "device", "num_workers", "progress", "amp", "strict", "on_error", "assume_reference_grid")
 
 
 @dataclass(frozen=True)
@@ -73,20 +74,21 @@ def default_num_workers(device: torch.device, n_inputs: int) -> int:
 
 
 def _describe(item: Any) -> str:
-    if isinstance(item, (str, os.PathLike)):
-        return os.fspath(item)
-    filename = getattr(item, "get_filename", lambda: None)()
-    if filename:
-        return str(filename)
-    if isinstance(item, np.ndarray):
-        return f"<array {item.shape}>"
-    if isinstance(item, tuple):
-        return "<(array, affine)>"
-    return f"<{type(item).__name__}>"
+    from ..inputs.preprocess import describe_item
+
+    try:
+        return describe_item(item)
+    except Exception:  # never let naming an input fail the run
+        return f"<{type(item).__name__}>"
 
 
 class _PrepareDataset(torch.utils.data.Dataset):
-    """Prepares one item per index; errors become :class:`Failure` records, never exceptions."""
+    """Prepares one item per index; errors become :class:`Failure` records, never exceptions.
+
+    Whatever goes wrong inside a loader worker (any exception type, including ones that
+    cannot be pickled) is turned into a plain :class:`Failure` of strings there, so it
+    always reaches the main process.
+    """
 
     def __init__(
         self,
@@ -94,27 +96,34 @@ class _PrepareDataset(torch.utils.data.Dataset):
         config: PreprocessConfig,
         strict: bool,
         extra: Callable[[Any], dict[str, Any]] | None,
+        assume_reference_grid: bool = False,
     ) -> None:
         self.items = items
         self.config = config
         self.strict = strict
         self.extra = extra
+        self.assume_reference_grid = assume_reference_grid
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, index: int) -> tuple[int, np.ndarray | None, dict[str, Any] | None, Failure | None]:
-        from ..inputs.preprocess import prepare
-
         item = self.items[index]
         try:
+            from ..inputs.preprocess import prepare
+
             # QC (`embed --qc`) needs the conformed grid for qc_signal_outside_crop; it is freed with `prepared`
-            prepared = prepare(item, self.config, strict=self.strict, keep_grid=self.extra is not None)
+            prepared = prepare(
+                item, self.config, strict=self.strict, keep_grid=self.extra is not None,
+                assume_reference_grid=self.assume_reference_grid, emit_warnings=False,
+            )
             info: dict[str, Any] = {
                 "method": prepared.method,
                 "warnings": list(prepared.warnings),
                 "kind": prepared.kind.kind,
                 "kind_confidence": float(prepared.kind.confidence),
+                "kind_warning": prepared.kind_warning,
+                "source": prepared.source,
             }
             if self.extra is not None:
                 info.update(self.extra(prepared))
@@ -123,8 +132,14 @@ class _PrepareDataset(torch.utils.data.Dataset):
             return index, None, None, Failure(index, _describe(item), exc.stage, str(exc.args[0]))
         except AnatCLError as exc:
             return index, None, None, Failure(index, _describe(item), "prepare", str(exc))
-        except (OSError, ValueError, MemoryError, RuntimeError) as exc:
-            return index, None, None, Failure(index, _describe(item), "read", f"{type(exc).__name__}: {exc}")
+        except MemoryError:
+            return index, None, None, Failure(index, _describe(item), "read", "MemoryError: the input does not fit in memory")
+        except Exception as exc:  # anything else, as plain text: it must pickle back from a worker
+            try:
+                text = f"{type(exc).__name__}: {exc}"
+            except Exception:
+                text = type(exc).__name__
+            return index, None, None, Failure(index, _describe(item), "read", text)
 
 
 _WORKER_LIMITS: list[Any] = []
@@ -157,6 +172,25 @@ def _collate(samples: list[tuple[int, np.ndarray | None, dict[str, Any] | None, 
     return indices, batch, infos, failures  # type: ignore[return-value]
 
 
+def _drop_non_finite(
+    indices: list[int], feats: np.ndarray, infos: list[dict[str, Any]], failures: list[Failure], items: Sequence[Any]
+) -> tuple[list[int], np.ndarray, list[dict[str, Any]], list[Failure]]:
+    """Rows with NaN/inf features become failures of their inputs, never written rows."""
+    finite = np.isfinite(feats).all(axis=1)
+    if finite.all():
+        return indices, feats, infos, failures
+    failures = list(failures)
+    for row in np.flatnonzero(~finite):
+        n_bad = int(np.count_nonzero(~np.isfinite(feats[row])))
+        failures.append(Failure(
+            indices[row], _describe(items[indices[row]]), "encode",
+            f"the model's output has {n_bad} non-finite values (NaN/inf): the input's values are far outside the "
+            "range the model was trained on (see its qc_kind warning); check that it is a CAT12 mwp1 map",
+        ))
+    keep = np.flatnonzero(finite)
+    return [indices[i] for i in keep], feats[keep], [infos[i] for i in keep], failures
+
+
 def _autocast(device: torch.device, amp: bool | str) -> Any:
     if not amp:
         return nullcontext()
@@ -186,24 +220,30 @@ def _forward(model: Any, x: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def _as_items(inputs: Any) -> list[Any]:
-    """Normalise one input or many into a list of items."""
+    """Normalise one input or many into a list of single-volume items.
+
+    A 4D in-memory input (an array or tensor stack, an ``(array, affine)`` tuple with
+    volumes last, a 4D nibabel image, a multi-channel TorchIO/MONAI image) becomes one item
+    per volume, in order; a path is always one item.
+    """
+    from ..inputs.preprocess import split_volumes
+
     if isinstance(inputs, (str, os.PathLike)):
         return [inputs]
-    if isinstance(inputs, tuple) and len(inputs) == 2 and isinstance(inputs[0], np.ndarray):
-        return [inputs]
-    if isinstance(inputs, np.ndarray):
-        if inputs.ndim == 3:
-            return [inputs]
-        if inputs.ndim == 4:
-            return list(inputs)
-        if inputs.ndim == 5 and inputs.shape[1] == 1:
-            return list(inputs[:, 0])
-        raise InputError(f"a numpy input must be 3D (one volume) or 4D (N volumes), got shape {inputs.shape}", path="<array>")
-    if hasattr(inputs, "get_fdata") or hasattr(inputs, "dataobj"):
-        return [inputs]
+    if isinstance(inputs, tuple) and len(inputs) == 2 and hasattr(inputs[0], "shape") and hasattr(inputs[1], "shape"):
+        return split_volumes(inputs)
+    if isinstance(inputs, np.ndarray) or isinstance(inputs, torch.Tensor):
+        if inputs.ndim in (3, 4) or (inputs.ndim == 5 and inputs.shape[1] == 1):
+            return split_volumes(inputs)
+        raise InputError(f"an array input must be 3D (one volume) or 4D (N volumes), got shape {tuple(inputs.shape)}", path="<array>")
+    if hasattr(inputs, "get_fdata") or hasattr(inputs, "dataobj") or hasattr(inputs, "spatial_shape") or hasattr(inputs, "get_images"):
+        return split_volumes(inputs)
     if hasattr(inputs, "tolist") and not isinstance(inputs, list):  # pandas Series, numpy object array
-        return list(inputs.tolist())
-    return list(inputs)
+        inputs = inputs.tolist()
+    out: list[Any] = []
+    for item in inputs:
+        out.extend(split_volumes(item))
+    return out
 
 
 def iter_encoded(
@@ -218,12 +258,16 @@ def iter_encoded(
     strict: bool = False,
     extra_info: Callable[[Any], dict[str, Any]] | None = None,
     progress_desc: str = "embedding",
+    assume_reference_grid: bool = False,
 ) -> Iterator[EncodedBatch]:
     """Yield :class:`EncodedBatch` objects in input order; bad inputs are reported, not raised.
 
     This is the engine under :func:`encode` and ``anatcl embed``. ``extra_info`` is
     called on each :class:`~anatcl_infer.inputs.preprocess.Prepared` inside the worker and
-    its dict merged into the row's info (used for QC metrics).
+    its dict merged into the row's info (used for QC metrics). Each row's info carries its
+    ``warnings`` (plain sentences) and ``kind_warning``; nothing is emitted here — callers
+    show them (:func:`encode` through :mod:`warnings`, ``anatcl embed`` on stderr). A row
+    whose features are not finite is turned into a failure (``stage="encode"``).
     """
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size!r}")
@@ -233,7 +277,7 @@ def iter_encoded(
         model.to(dev)
     model.eval()
     workers = default_num_workers(dev, len(items)) if num_workers is None else int(num_workers)
-    dataset = _PrepareDataset(items, model.config.preprocess, strict, extra_info)
+    dataset = _PrepareDataset(items, model.config.preprocess, strict, extra_info, assume_reference_grid)
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
@@ -257,6 +301,7 @@ def iter_encoded(
                     with _autocast(dev, amp):
                         out = _forward(model, x, dev)
                     feats = out.float().cpu().numpy()
+                    indices, feats, infos, failures = _drop_non_finite(indices, feats, infos, failures, items)
                 bar.update(len(indices) + len(failures))
                 yield EncodedBatch(indices, feats, infos, failures)
     finally:
@@ -273,49 +318,93 @@ def encode(
     progress: bool = True,
     amp: bool | str = False,
     strict: bool = False,
+    on_error: str = "raise",
+    assume_reference_grid: bool = False,
 ) -> np.ndarray:
     """Embed inputs into an (N, 512) float32 array, in input order.
+
+    Rows: one per input, and one per volume of a 4D in-memory input (a ``(N, X, Y, Z)``
+    array or tensor, an ``(array, affine)`` tuple with ``N`` volumes last, a 4D nibabel
+    image, a multi-channel TorchIO/MONAI image), in order. A path is always one row (a 4D
+    file is refused: split it first), so a list of paths gives exactly one row per path.
+
+    Every input whose kind or quality is doubtful gets one warning through :mod:`warnings`
+    (:class:`~anatcl_infer.errors.InputKindWarning` when it does not look like what the
+    model expects, else :class:`~anatcl_infer.errors.InputWarning`), emitted here in the
+    calling process even when loader workers prepared it.
 
     Args:
         model: a loaded :class:`~anatcl_infer.model.AnatCL`.
         inputs: one input or a sequence of them: NIfTI paths, nibabel images,
-            ``(array, affine)`` tuples, or arrays already on the model's grid.
+            ``(array, affine)`` tuples, TorchIO ``ScalarImage``/``Subject``, MONAI
+            ``MetaTensor``, or (with ``assume_reference_grid=True``) arrays stored exactly
+            like the model's reference grid.
         batch_size: volumes per forward pass (does not change the result).
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"`` or None for automatic.
         num_workers: loader processes (None: chosen from the device and input count).
         progress: show a progress bar (only on a terminal).
         amp: mixed precision on CUDA: ``True``/``"bf16"`` or ``"fp16"``.
-        strict: turn input-kind warnings into errors.
+        strict: turn input-kind warnings into errors (failures of those inputs).
+        on_error: ``"raise"``: the first input that cannot be used raises
+            :class:`~anatcl_infer.errors.InputError`; ``"warn"``: its row is NaN (rows stay
+            aligned with the inputs) and one :class:`~anatcl_infer.errors.InputFailureWarning`
+            names every failed input.
+        assume_reference_grid: accept arrays without an affine of the grid (or model input)
+            shape, on your word that they are stored like the reference grid (x from right
+            to left, as CAT12 writes it). Without it such arrays are refused, because an
+            array in RAS order would be embedded mirrored.
 
     Returns:
         ``np.ndarray`` of shape (N, feature_dim), float32.
 
     Raises:
-        InputError: for the first input that cannot be used (``anatcl embed`` skips
-            bad inputs instead and reports them all).
+        InputError: with ``on_error="raise"``, for the first input that cannot be used
+            (``anatcl embed`` skips bad inputs instead and reports them all).
 
     Example:
         >>> model = anatcl_infer.load_model("anatcl-global", fold=0)  # doctest: +SKIP
-        >>> feats = model.encode(["sub-01_mwp1.nii.gz", "sub-02_mwp1.nii.gz"])  # doctest: +SKIP
+        >>> feats = model.encode(["sub-01_mwp1.nii.gz", "sub-02_mwp1.nii.gz"], on_error="warn")  # doctest: +SKIP
         >>> feats.shape  # doctest: +SKIP
         (2, 512)
     """
+    if on_error not in ("raise", "warn"):
+        raise ConfigError(f"on_error must be 'raise' or 'warn', got {on_error!r}")
     items = _as_items(inputs)
     out = np.zeros((len(items), model.config.feature_dim), dtype=np.float32)
+    failed: list[Failure] = []
     for batch in iter_encoded(
         model, items, batch_size=batch_size, device=device, num_workers=num_workers,
-        progress=progress, amp=amp, strict=strict,
+        progress=progress, amp=amp, strict=strict, assume_reference_grid=assume_reference_grid,
     ):
-        if batch.failures:
+        for info in batch.infos:
+            _emit_input_warnings(info)
+        if batch.failures and on_error == "raise":
             f = batch.failures[0]
             raise InputError(
-                f"input {f.index} could not be used ({f.stage}): {f.message}. "
-                "Fix or remove it; `anatcl embed` skips bad inputs and reports them all.",
+                f"input {f.index} could not be used ({f.stage}): {f.message}. Fix or remove it, or pass "
+                "on_error='warn' to get NaN rows for the failed inputs; `anatcl embed` skips bad inputs and "
+                "reports them all.",
                 path=f.path,
                 stage=f.stage,
             )
+        failed.extend(batch.failures)
         out[batch.indices] = batch.features
+    if failed:
+        out[[f.index for f in failed]] = np.nan
+        lines = "\n".join(f"  input {f.index}: {f.path} ({f.stage}): {f.message}" for f in sorted(failed, key=lambda f: f.index))
+        warnings.warn(
+            f"{len(failed)} of {len(items)} inputs could not be used; their rows are NaN:\n{lines}",
+            InputFailureWarning,
+            stacklevel=2,
+        )
     return out
+
+
+def _emit_input_warnings(info: dict[str, Any]) -> None:
+    """One warning per input that has any (kind first), in the calling process."""
+    from ..inputs.preprocess import emit_input_warnings
+
+    emit_input_warnings(info.get("source", "<input>"), info.get("warnings", []), info.get("kind_warning"), stacklevel=3)
 
 
 def extract_features(inputs: Any, model: Any = "anatcl-global", fold: int = 0, **encode_kwargs: Any) -> np.ndarray:
@@ -326,7 +415,10 @@ def extract_features(inputs: Any, model: Any = "anatcl-global", fold: int = 0, *
         model: a registry name (``"anatcl-global"``, ``"anatcl-local"``), any source
             :func:`~anatcl_infer.load_model` accepts, or an already loaded ``AnatCL``.
         fold: cross-validation fold of a registry model (0-4).
-        **encode_kwargs: ``batch_size``, ``device``, ``num_workers``, ``progress``, ``amp``, ``strict``.
+        **encode_kwargs: ``batch_size``, ``device``, ``num_workers``, ``progress``, ``amp``,
+            ``strict``, ``on_error`` (``"raise"`` or ``"warn"``: NaN rows for failed inputs,
+            rows aligned with the inputs), ``assume_reference_grid`` (see :func:`encode`).
+            A 4D in-memory input is one row per volume; a path is one row.
 
     Example:
         >>> import anatcl_infer

@@ -96,6 +96,7 @@ def check_volume(
     path: str | None = None,
     grid_shape: Sequence[int] | None = None,
     grid_affine: np.ndarray | Sequence[Sequence[float]] | None = None,
+    require_mni_placement: bool = False,
 ) -> list[str]:
     """Reject volumes that cannot be a brain in MNI space; return warnings for odd ones.
 
@@ -106,6 +107,10 @@ def check_volume(
         grid_shape: the target grid's shape (default: none, overlap checked against the
             MNI brain box only).
         grid_affine: the target grid's affine (with ``grid_shape``).
+        require_mni_placement: refuse (instead of warning) an image whose intensity centre
+            lies more than 30 mm from the MNI brain centre; used for images whose only
+            orientation is a qform (scanner-style), where such a shift means the header
+            does not place the image in MNI space.
 
     Returns:
         Warnings (plain sentences); empty when nothing is suspicious.
@@ -196,6 +201,14 @@ def check_volume(
     centre = _centre_of_mass_world(data, affine)
     if centre is not None:
         shift = float(np.linalg.norm(centre - _CENTRE_MNI))
+        if shift > _MAX_CENTRE_SHIFT_MM and require_mni_placement:
+            raise InputError(
+                f"has only a qform orientation, and it places the image's centre {shift:.0f} mm from the centre of "
+                f"the MNI brain (at {tuple(round(float(c)) for c in centre)} mm): the header does not put it in MNI "
+                "space — normalise it to MNI space (CAT12/deepmriprep) or fix its header",
+                path=path,
+                stage="check",
+            )
         if shift > _MAX_CENTRE_SHIFT_MM:
             warnings.append(
                 f"the image's intensity centre lies {shift:.0f} mm from the centre of the MNI brain "
@@ -220,6 +233,7 @@ class KindGuess:
             (e.g. s6mwp1), ``"t1"`` (T1-weighted intensities) or ``"other"``.
         confidence: 0.5 (a coin toss) to 1.0 (clear-cut).
         evidence: the statistics the guess rests on (see :func:`guess_input_kind`).
+        reason: for ``"other"``, what rules out a grey-matter map or a T1, in plain words.
 
     Example:
         >>> KindGuess("gm", 0.9, {}).kind
@@ -229,6 +243,7 @@ class KindGuess:
     kind: str
     confidence: float
     evidence: dict[str, float] = field(default_factory=dict)
+    reason: str = ""
 
 
 # Decision thresholds, calibrated on MNI152 2009 maps on the reference grid
@@ -236,6 +251,9 @@ class KindGuess:
 _WM_RATIO_T1 = 0.5  # deep-WM median / brain p99: T1 ~0.9, GM maps < 0.3
 _ROUGHNESS_GM = 0.08  # high-frequency energy ratio: MNI GM map 0.17 (single-subject mwp1 higher), 4-8 mm FWHM smoothing < 0.03
 _MAX_GM_VALUE = 2.0  # grey-matter density (modulated) stays below this
+_MAX_VALUE_RATIO = 20.0  # a brightest voxel this many times the 99th percentile is no density map
+_NOISE_ROUGHNESS = 0.85  # white noise scores ~0.9-1; the MNI GM map 0.17 at 1.5 mm, 0.58 at 3 mm
+_NOISE_ROUGHNESS_NO_BACKGROUND, _NOISE_BACKGROUND = 0.5, 0.05  # rough and without any background
 
 
 def _deep_wm_mask(shape: Sequence[int], affine: np.ndarray) -> np.ndarray:
@@ -278,10 +296,13 @@ def guess_input_kind(
       cortical ribbons (the MNI152 GM map, an average of many brains, scores ~0.17;
       single-subject maps more); a 4-8 mm FWHM smoothing leaves < 0.03.
 
-    Rules: noticeably negative values (``min < -5% p99``) -> ``"other"`` (already
-    normalised data); ``wm_ratio > 0.5`` -> ``"t1"``; otherwise a grey-matter pattern,
-    ``"other"`` if ``p99`` exceeds 2 (not a density), ``"gm"`` if ``roughness`` >= 0.08,
-    else ``"smoothed-gm"``. ``confidence`` grows with the distance of the deciding
+    Rules: fewer than 100 positive voxels (one voxel, all negative) -> ``"other"``;
+    noticeably negative values (``min < -5% p99``) -> ``"other"`` (already normalised
+    data); ``roughness > 0.85``, or ``> 0.5`` with under 5% background -> ``"other"``
+    (noise, no spatial structure) — checked after ``max`` above both 2 and 20 times ``p99``
+    -> ``"other"`` (values far outside any mwp1 range); ``wm_ratio > 0.5`` -> ``"t1"``;
+    otherwise a grey-matter pattern, ``"other"`` if ``p99`` exceeds 2 (not a density), ``"gm"`` if ``roughness`` >= 0.08,
+    else ``"smoothed-gm"``. ``"other"`` guesses carry a plain-language ``reason``. ``confidence`` grows with the distance of the deciding
     statistic from its threshold.
 
     Args:
@@ -303,7 +324,10 @@ def guess_input_kind(
     affine = np.asarray(affine, dtype=np.float64)
     positive = arr[arr > 0]
     if positive.size < 100:
-        return KindGuess("other", 0.9, {"positive_voxels": float(positive.size)})
+        return KindGuess(
+            "other", 0.9, {"positive_voxels": float(positive.size)},
+            f"only {positive.size} voxels are above zero (a grey-matter map has tens of thousands)",
+        )
     p99 = float(np.percentile(positive, 99))
     vmin, vmax = float(arr.min()), float(arr.max())
     background = float(np.count_nonzero(arr <= 0.01 * p99) / arr.size)
@@ -332,13 +356,20 @@ def guess_input_kind(
         return float(np.clip(0.5 + 0.5 * np.tanh(abs(distance) / scale), 0.5, 0.99))
 
     if vmin < -0.05 * p99:
-        return KindGuess("other", conf(-vmin / p99, 0.1), evidence)
+        return KindGuess("other", conf(-vmin / p99, 0.1), evidence, f"it has clearly negative values (minimum {vmin:.3g})")
+    if vmax > _MAX_VALUE_RATIO * max(p99, 1e-6) and vmax > _MAX_GM_VALUE:
+        return KindGuess("other", 0.9, evidence,
+                         f"some values (up to {vmax:.3g}) are far outside the range of a grey-matter density (0 to about 1)")
+    if roughness > _NOISE_ROUGHNESS or (roughness > _NOISE_ROUGHNESS_NO_BACKGROUND and background < _NOISE_BACKGROUND):
+        return KindGuess("other", conf(roughness - _NOISE_ROUGHNESS_NO_BACKGROUND, 0.2), evidence,
+                         "its values have no spatial structure (it looks like noise)")
     if np.isnan(wm_ratio):
-        return KindGuess("other", 0.5, evidence)
+        return KindGuess("other", 0.5, evidence, "it has no signal where the brain's white matter lies")
     if wm_ratio > _WM_RATIO_T1:
         return KindGuess("t1", conf(wm_ratio - _WM_RATIO_T1, 0.15), evidence)
     if p99 > _MAX_GM_VALUE:
-        return KindGuess("other", conf(np.log(p99 / _MAX_GM_VALUE), 0.5), evidence)
+        return KindGuess("other", conf(np.log(p99 / _MAX_GM_VALUE), 0.5), evidence,
+                         f"its values (99th percentile {p99:.3g}) are far above a grey-matter density (0 to about 1)")
     confidence = min(conf(wm_ratio - _WM_RATIO_T1, 0.15), conf(np.log(max(roughness, 1e-6) / _ROUGHNESS_GM), 0.5))
     return KindGuess("gm" if roughness >= _ROUGHNESS_GM else "smoothed-gm", confidence, evidence)
 
@@ -398,8 +429,9 @@ def check_kind(
     if looks == expected_kind:
         return None
     who = model_name or ("this grey-matter model" if expected_kind == "gm" else "this T1 model")
+    what = _KIND_WORDS.get(guess.kind, guess.kind) + (f" — {guess.reason}" if guess.reason else "")
     message = (
-        f"this looks like {_KIND_WORDS.get(guess.kind, guess.kind)} (confidence {guess.confidence:.2f}), "
+        f"this looks like {what} (confidence {guess.confidence:.2f}), "
         f"but {who} expects {_EXPECTED_WORDS[expected_kind]}; {_ADVICE[(expected_kind, guess.kind)]}"
     )
     if strict:

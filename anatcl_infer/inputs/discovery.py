@@ -98,16 +98,32 @@ def parse_entities(path: str | os.PathLike[str]) -> dict[str, str | None]:
     return found
 
 
+def _printable(name: str) -> str:
+    """``name`` with undecodable bytes shown as ``\\xNN`` (safe to print and store)."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _record(path: str) -> InputRecord:
     """An :class:`InputRecord` for one absolute path."""
     return InputRecord(path=path, **parse_entities(path))
 
 
-def _walk_nifti(root: Path) -> list[str]:
-    """Every visible ``.nii``/``.nii.gz`` file under ``root``, recursively (hidden folders skipped)."""
+def _walk_nifti(root: Path, problems: list[tuple[str, str, str]] | None = None) -> list[str]:
+    """Every visible ``.nii``/``.nii.gz`` file under ``root``, recursively (hidden folders skipped).
+
+    A folder that cannot be listed is added to ``problems`` (and logged), not skipped silently.
+    """
     found = []
     seen: set[str] = set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+
+    def unlistable(exc: OSError) -> None:
+        where = _printable(os.fsdecode(exc.filename) if exc.filename else str(root))
+        message = f"folder cannot be listed ({exc.strerror or exc}); its images were not searched — check its permissions"
+        logger.warning("%s: %s", where, message)
+        if problems is not None:
+            problems.append((where, "discover", message))
+
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=unlistable):
         real = os.path.realpath(dirpath)
         if real in seen:  # a symbolic link back up the tree
             dirnames[:] = []
@@ -115,6 +131,8 @@ def _walk_nifti(root: Path) -> list[str]:
         seen.add(real)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         found.extend(os.path.join(dirpath, f) for f in filenames if is_nifti_name(f))
+        # a folder named like an image (x.nii.gz) is listed too: reading reports it, nothing vanishes
+        found.extend(os.path.join(dirpath, d) for d in dirnames if is_nifti_name(d))
     return found
 
 
@@ -122,6 +140,12 @@ def _gm_only(paths: list[str], where: str) -> list[str]:
     """Keep the unsmoothed grey-matter maps (``mwp1``/``desc-gm``) when there are any."""
     gm = [p for p in paths if _GM_NAME.search(os.path.basename(p))]
     unsmoothed = [p for p in gm if not _SMOOTHED_PREFIX.match(os.path.basename(p))]
+    if gm and not unsmoothed:
+        logger.warning(
+            "%s holds only smoothed grey-matter maps (e.g. s6mwp1); the model expects unsmoothed CAT12 mwp1 maps — "
+            "embedding them anyway, but give the mwp1 files CAT12 wrote before smoothing",
+            where,
+        )
     chosen = unsmoothed or gm
     if chosen and len(chosen) < len(paths):
         logger.info(
@@ -134,7 +158,7 @@ def _gm_only(paths: list[str], where: str) -> list[str]:
     return paths
 
 
-def _bids(root: Path, input_kind: str, searched: list[str]) -> list[str]:
+def _bids(root: Path, input_kind: str, searched: list[str], problems: list[tuple[str, str, str]] | None = None) -> list[str]:
     """Images of a BIDS dataset for a model taking ``input_kind``."""
     if input_kind == "t1":
         patterns = ["sub-*/anat/*_T1w.nii", "sub-*/anat/*_T1w.nii.gz", "sub-*/ses-*/anat/*_T1w.nii", "sub-*/ses-*/anat/*_T1w.nii.gz"]
@@ -142,10 +166,10 @@ def _bids(root: Path, input_kind: str, searched: list[str]) -> list[str]:
         return sorted({os.fspath(p) for pat in patterns for p in root.glob(pat) if is_nifti_name(p.name)})
     derivatives = root / "derivatives"
     searched.append(f"{derivatives}/**/*mwp1*.nii[.gz] and *desc-gm*.nii[.gz]")
-    candidates = [p for p in _walk_nifti(derivatives) if _GM_NAME.search(os.path.basename(p))] if derivatives.is_dir() else []
+    candidates = [p for p in _walk_nifti(derivatives, problems) if _GM_NAME.search(os.path.basename(p))] if derivatives.is_dir() else []
     if not candidates:
         searched.append(f"{root}/**/*mwp1*.nii[.gz] and *desc-gm*.nii[.gz]")
-        candidates = [p for p in _walk_nifti(root) if _GM_NAME.search(os.path.basename(p))]
+        candidates = [p for p in _walk_nifti(root, problems) if _GM_NAME.search(os.path.basename(p))]
     return _gm_only(candidates, str(root)) if candidates else []
 
 
@@ -167,15 +191,17 @@ def _read_list(list_file: Path) -> list[str]:
     return paths
 
 
-def _expand(spec: str, input_kind: str, searched: list[str], *, from_list: bool) -> list[str]:
+def _expand(
+    spec: str, input_kind: str, searched: list[str], *, from_list: bool, problems: list[tuple[str, str, str]] | None = None
+) -> list[str]:
     """All image paths one spec stands for."""
     path = Path(os.path.expanduser(spec))
     if path.is_dir():
         if (path / "dataset_description.json").is_file():
             logger.info("%s is a BIDS dataset; looking for %s inputs", path, input_kind)
-            return _bids(path, input_kind, searched)
+            return _bids(path, input_kind, searched, problems)
         searched.append(f"{path}/**/*.nii[.gz]")
-        found = _walk_nifti(path)
+        found = _walk_nifti(path, problems)
         return _gm_only(found, str(path)) if input_kind == "gm" else found
     if path.is_file():
         if path.suffix.lower() in LIST_SUFFIXES:
@@ -185,7 +211,7 @@ def _expand(spec: str, input_kind: str, searched: list[str], *, from_list: bool)
             out: list[str] = []
             for entry in _read_list(path):
                 if Path(entry).exists() or _GLOB_CHARS.search(entry):
-                    out.extend(_expand(entry, input_kind, searched, from_list=True))
+                    out.extend(_expand(entry, input_kind, searched, from_list=True, problems=problems))
                 else:
                     logger.warning("%s lists %s, which does not exist; it will be reported as a failed input", path, entry)
                     out.append(entry)
@@ -198,11 +224,12 @@ def _expand(spec: str, input_kind: str, searched: list[str], *, from_list: bool)
         for match in sorted(glob.glob(os.path.expanduser(spec), recursive=True)):
             m = Path(match)
             if m.is_dir():
-                out.extend(_expand(match, input_kind, searched, from_list=from_list))
+                out.extend(_expand(match, input_kind, searched, from_list=from_list, problems=problems))
             elif is_nifti_name(m.name):
                 out.append(match)
         return out
-    if from_list:
+    if from_list or problems is not None or os.path.lexists(path):
+        # a missing explicit file (or a broken link, a FIFO...) is one failed input, reported when read
         return [spec]
     raise InputError("does not exist; check the path (quote glob patterns so the shell leaves them to anatcl)", path=spec, stage="discover")
 
@@ -211,6 +238,7 @@ def discover_inputs(
     specs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | Iterable[str | os.PathLike[str]],
     *,
     input_kind: str = "gm",
+    problems: list[tuple[str, str, str]] | None = None,
 ) -> list[InputRecord]:
     """Expand files, folders, glob patterns, lists of paths and BIDS datasets into inputs.
 
@@ -228,6 +256,12 @@ def discover_inputs(
     Args:
         specs: one spec or several.
         input_kind: the model's input kind, ``"gm"`` or ``"t1"``.
+        problems: when a list is given, what cannot be searched is appended to it as
+            ``(spec or folder, "discover", message)`` instead of raising: an explicit spec
+            that yields no image, a folder that cannot be listed. A missing explicit file is
+            then kept as an input (so reading reports it as one failed input, and the
+            others still run). Without a list, a folder that cannot be listed is logged and
+            a missing explicit path raises.
 
     Returns:
         Records sorted by path, without duplicates, with absolute paths.
@@ -251,7 +285,16 @@ def discover_inputs(
     searched: list[str] = []
     paths: dict[str, None] = {}
     for spec in spec_list:
-        for found in _expand(spec, input_kind, searched, from_list=False):
+        found_here = _expand(spec, input_kind, searched, from_list=False, problems=problems)
+        if not found_here and problems is not None:
+            message = (
+                "yields no input image (no .nii/.nii.gz file"
+                + (", no CAT12/deepmriprep mwp1 map" if input_kind == "gm" else "")
+                + " found there); check the path"
+            )
+            logger.warning("%s: %s", _printable(spec), message)
+            problems.append((_printable(spec), "discover", message))
+        for found in found_here:
             paths.setdefault(os.path.abspath(found), None)
     if not paths:
         what = "; ".join(dict.fromkeys(searched))

@@ -104,6 +104,7 @@ class EmbedSummary:
     n_dropped: int = 0
     #: number of rows in the table written
     n_rows: int = 0
+    n_warned: int = 0  # inputs written with a warning (wrong kind, odd position...), each logged once
 
     @property
     def ok(self) -> bool:
@@ -934,6 +935,7 @@ def _run_locked(
     n_written = 0
     prints = _Fingerprints([r.path for r in todo], ahead=4 * batch_size) if todo else None
     meter = _ProgressLog(len(todo), progress)
+    n_warned = 0
     if todo:
         logger.info("embedding %d inputs with %s (fold%s %s) on %s", len(todo), models[0].config.name,
                     "s" if len(fold_ids) > 1 else "", ", ".join(str(f) for f in fold_ids), dev)
@@ -946,6 +948,10 @@ def _run_locked(
                     rec = {"path": f.path, "fold": "all" if len(fold_ids) > 1 else fold_ids[0], "stage": f.stage, "message": f.message}
                     failures.append(rec)
                     logger.error("%s [%s]: %s", f.path, f.stage, f.message)
+                for idx, info in zip(batch.indices, batch.infos):
+                    if info.get("warnings"):  # one WARNING line per doubtful input, with every reason
+                        n_warned += 1
+                        logger.warning("%s: %s", todo[idx].path, "; ".join(info["warnings"]))
                 if batch.indices:
                     fps = [prints.get(i) for i in batch.indices] if prints is not None else None
                     table = _build_table(todo, fold_ids, models[0].config.name, batch.indices, batch.features, batch.infos,
@@ -989,7 +995,7 @@ def _run_locked(
     shutil.rmtree(partial_dir, ignore_errors=True)
     n_inputs = len(records) + len(prior_failures)
     return EmbedSummary(out, errors_path if failures else None, n_inputs, n_written, skipped, failures,
-                        changed=sorted(fresh.changed), n_dropped=len(fresh.gone), n_rows=final.num_rows)
+                        changed=sorted(fresh.changed), n_dropped=len(fresh.gone), n_rows=final.num_rows, n_warned=n_warned)
 
 
 def _some(paths: set[str], n: int = 3) -> str:

@@ -170,12 +170,12 @@ def qc_one(
 
     source = describe_item(item)
     try:
-        prepared = prepare(item, config, strict=strict, keep_grid=True, model_name=model_name)
+        prepared = prepare(item, config, strict=strict, keep_grid=True, model_name=model_name, emit_warnings=False)
     except AnatCLError as exc:
         stage = getattr(exc, "stage", "prepare")
         message = str(exc.args[0]) if exc.args else str(exc)
         return QCItem(path=source, ok=False, stage=stage, error=message)
-    except (OSError, ValueError, EOFError, MemoryError) as exc:
+    except Exception as exc:  # any library's exception is this input's failure (and pickles back as text)
         return QCItem(path=source, ok=False, stage="read", error=f"{type(exc).__name__}: {exc}")
     try:
         metrics = qc_metrics(prepared, config=config)

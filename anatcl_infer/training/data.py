@@ -405,7 +405,7 @@ class VolumeDataset(Dataset):
 
         subject = self.subjects[index]
         try:
-            prepared = prepare(_load_item(subject.path), self.config)
+            prepared = prepare(_load_item(subject.path), self.config, assume_reference_grid=True, emit_warnings=False)
         except InputError as exc:
             if exc.path is None:
                 exc = _with_path(exc, subject.path)

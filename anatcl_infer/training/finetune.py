@@ -133,6 +133,8 @@ class FinetunedModel(nn.Module):
         """
         items = [inputs] if isinstance(inputs, (str, os.PathLike)) else inputs
         if isinstance(items, (list, tuple)):
+            if any(isinstance(i, (str, os.PathLike)) and str(i).lower().endswith(".npy") for i in items):
+                encode_kwargs.setdefault("assume_reference_grid", True)  # .npy training arrays lie on the grid
             items = [_load_item(str(i)) if isinstance(i, (str, os.PathLike)) and str(i).lower().endswith(".npy") else i for i in items]
         feats = torch.from_numpy(self.encoder.encode(items, **encode_kwargs))
         with torch.no_grad():
@@ -154,7 +156,7 @@ class _LabelledVolumes(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         from ..inputs.preprocess import prepare
 
-        arr = prepare(_load_item(self.paths[i]), self.config).array
+        arr = prepare(_load_item(self.paths[i]), self.config, assume_reference_grid=True, emit_warnings=False).array
         return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)), torch.as_tensor(self.targets[i])
 
 
