@@ -13,6 +13,11 @@ grid from the voxel-to-voxel matrix ``inv(target_affine) @ affine``:
 
 Then :func:`crop_and_pad` and :func:`normalise_intensity` turn the grid volume into
 the model input. All functions are deterministic and free of global state.
+
+Why hand-written: for the axis-aligned grids every MNI image has, trilinear resampling is
+separable, and three BLAS products measured 3x faster than ``scipy.ndimage.affine_transform``
+(what nibabel and nilearn resample with) with the same values to 1e-5 (``tests/test_conform.py``);
+oblique images still go through scipy.
 """
 
 from __future__ import annotations
