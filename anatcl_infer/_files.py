@@ -8,13 +8,16 @@ shared cache or a features table. Every writer in the package goes through these
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import os
+import stat
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["current_umask", "shareable", "atomic_path", "atomic_dir", "makedirs"]
+__all__ = ["current_umask", "shareable", "atomic_path", "atomic_dir", "makedirs", "regular_file_sha256"]
 
 
 def current_umask() -> int:
@@ -86,3 +89,25 @@ def atomic_dir(dest: str | os.PathLike[str]) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def regular_file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+    """SHA-256 of a regular file's content.
+
+    Anything else is refused before a byte is read: a FIFO would block for ever, a link to
+    ``/dev/zero`` would never end (``O_NONBLOCK`` open, then ``fstat`` on the same descriptor).
+
+    Raises:
+        OSError: the file cannot be opened or read, or is not a regular file (``EINVAL``).
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", os.fspath(path))
+        h = hashlib.sha256()
+        with os.fdopen(fd, "rb", closefd=False) as fh:
+            while block := fh.read(chunk):
+                h.update(block)
+        return h.hexdigest()
+    finally:
+        os.close(fd)

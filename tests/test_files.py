@@ -44,3 +44,22 @@ def test_atomic_dir_modes_and_replace(tmp_path, umask022):
     assert stat.S_IMODE((tmp_path / "d" / "sub" / "f").stat().st_mode) == 0o644
     assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["sub"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+
+
+def test_regular_file_sha256_refuses_what_would_block_or_never_end(tmp_path):
+    import hashlib
+    import signal
+
+    from anatcl_infer._files import regular_file_sha256
+
+    (tmp_path / "a.nii").write_bytes(b"abc")
+    assert regular_file_sha256(tmp_path / "a.nii") == hashlib.sha256(b"abc").hexdigest()
+    os.mkfifo(tmp_path / "fifo_mwp1.nii")
+    (tmp_path / "zero_mwp1.nii").symlink_to("/dev/zero")
+    signal.alarm(10)  # a blocking open or an endless read fails the test instead of hanging it
+    try:
+        for name in ("fifo_mwp1.nii", "zero_mwp1.nii"):
+            with pytest.raises(OSError, match="not a regular file"):
+                regular_file_sha256(tmp_path / name)
+    finally:
+        signal.alarm(0)

@@ -46,17 +46,15 @@ _CHUNK = 1 << 20
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
-    """SHA-256 of a file's content, read in 1 MiB chunks.
+    """SHA-256 of a regular file's content (a FIFO or device is refused, never read).
 
     Example:
         >>> file_sha256("sub-01_mwp1.nii.gz")[:8]  # doctest: +SKIP
         '3f2a9c1e'
     """
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+    from .._files import regular_file_sha256
+
+    return regular_file_sha256(path, _CHUNK)
 
 
 def _image_sha256(img: Any) -> str:

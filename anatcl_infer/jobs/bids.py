@@ -361,10 +361,10 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 def _sha256_or_none(path: str) -> str | None:
-    from ..weights.download import sha256_file
+    from .._files import regular_file_sha256  # a FIFO or /dev/zero named like a map never blocks
 
     try:
-        return sha256_file(path)
+        return regular_file_sha256(path)
     except OSError:
         return None
 

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .._files import atomic_path, shareable
+from .._files import atomic_path, regular_file_sha256, shareable
 from .._version import __version__
 from ..errors import ConfigError, OutputError
 from ..downstream.features import feature_names, part_name
@@ -503,14 +503,11 @@ def _duration(seconds: float) -> str:
 
 
 def _file_sha256(path: str) -> str | None:
-    h = hashlib.sha256()
+    """SHA-256 of a regular input file; ``None`` for anything else or an unreadable file."""
     try:
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
+        return regular_file_sha256(path)
     except OSError:
         return None
-    return h.hexdigest()
 
 
 def _fingerprint(path: str) -> tuple[str | None, int | None, int | None]:
