@@ -135,7 +135,8 @@ def _metadata(models: Sequence[AnatCL], device: str) -> dict[str, Any]:
 
 def _comparable(meta: dict[str, Any]) -> dict[str, Any]:
     """The part of the metadata that must agree for a resume to be valid."""
-    return {"model": meta.get("model"), "preprocess": meta.get("preprocess")}
+    # Tables from before --precision existed were float32.
+    return {"model": meta.get("model"), "preprocess": meta.get("preprocess"), "precision": meta.get("precision", "fp32")}
 
 
 class _Parts:
@@ -294,6 +295,7 @@ def run_embed(
     amp: bool | str = False,
     qc: bool = False,
     head: str | os.PathLike[str] | None = None,
+    precision: str = "fp32",
     prior_failures: Sequence[dict[str, Any]] = (),
 ) -> EmbedSummary:
     """Embed ``records`` with one model per fold and write one table.
@@ -307,13 +309,15 @@ def run_embed(
         overwrite: replace an existing output (otherwise an existing output is an error).
         qc: add the QC metrics of :func:`anatcl_infer.qc.qc_metrics` as columns.
         head: a head directory whose predictions are added as columns.
+        precision: "fp32" (default), "bf16" or "fp16" (see :func:`anatcl_infer.encoding.encoder.encode`);
+            recorded in the table's metadata, and a resume must use the same one.
         prior_failures: failures of earlier stages (e.g. the raw-T1 route) to report with these.
 
     Returns:
         An :class:`EmbedSummary`; ``summary.failures`` lists the inputs that failed.
     """
     from ..model.devices import resolve_device
-    from ..encoding.encoder import iter_encoded
+    from ..encoding.encoder import iter_encoded, resolve_precision
 
     if fmt not in ("parquet", "csv"):
         raise ConfigError(f"format must be 'parquet' or 'csv', got {fmt!r}")
@@ -324,6 +328,8 @@ def run_embed(
     errors_path = errors_path_for(out)
     dev = resolve_device(device)
     meta = _metadata(models, str(dev))
+    precision = resolve_precision(precision, dev, amp)
+    meta["precision"] = precision
 
     if out.exists() and not (resume or overwrite):
         raise ConfigError(f"{out} already exists; pass --resume to add what is missing, or --overwrite to replace it")
@@ -341,7 +347,8 @@ def run_embed(
         for label, m in (("the existing output", existing_meta), ("the interrupted run", parts.metadata())):
             if m is not None and _comparable(m) != _comparable(meta):
                 raise ConfigError(
-                    f"{label} was made with another model or preprocessing ({m.get('model')}); "
+                    f"{label} was made with another model, preprocessing or precision "
+                    f"({m.get('model')}, precision {m.get('precision', 'fp32')}); "
                     "use another --out, or --overwrite to start over"
                 )
         for t in ([existing] if existing is not None else []) + parts.tables():
@@ -366,7 +373,7 @@ def run_embed(
     try:
         for batch in iter_encoded(
             runner, [r.path for r in todo], batch_size=batch_size, device=dev, num_workers=num_workers,  # type: ignore[arg-type]
-            progress=progress, amp=amp, strict=strict, extra_info=extra,
+            progress=progress, precision=precision, strict=strict, extra_info=extra,
         ):
             for f in batch.failures:
                 rec = {"path": f.path, "fold": "all" if len(fold_ids) > 1 else fold_ids[0], "stage": f.stage, "message": f.message}
