@@ -99,6 +99,8 @@ def embed(
 
     log = logging.getLogger("anatcl_infer.cli")
     retain_freed_memory()  # this process only embeds: reuse activation memory between volumes
+    if amp:
+        log.warning("--amp is deprecated; use --precision bf16 (or fp16)")
     if fmt not in ("parquet", "csv"):
         raise fail(f"--format must be parquet or csv, got {fmt!r}", 2)
     part: tuple[int, int] | None = _parse_shard(shard) if shard else None
