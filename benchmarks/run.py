@@ -39,9 +39,16 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from anatcl_infer.encoding.allocator import yield_idle_threads  # noqa: E402
+
+# Before torch loads: the same OpenMP wait policy as `anatcl embed`, so in-process forwards
+# and CLI runs are measured alike (benchmarks/NOTES.md, attempt 12).
+yield_idle_threads()
+import torch  # noqa: E402
+
 sys.path.insert(0, str(ROOT / "tests"))  # tests/anatomy.py: real anatomy from nilearn's MNI152 maps
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
@@ -504,6 +511,7 @@ def main() -> None:
     from anatcl_infer.encoding.allocator import retain_freed_memory
 
     rec["allocator_tuned"] = retain_freed_memory()
+    rec["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY")
     forward = bench_forward(repeat, precisions)
     rec["forward"] = forward
     print(f"forward: {forward}", file=sys.stderr)

@@ -88,6 +88,9 @@ def embed(
     Rows are written as batches finish; the output appears atomically at the end. A bad input never stops the run: it is reported on stderr and in an errors file beside the output (feats.errors.csv for feats.parquet), and the exit status is 1.
     """
     setup_logging(quiet=quiet, verbose=verbose)
+    from ..encoding.allocator import yield_idle_threads
+
+    yield_idle_threads()  # before torch loads: OpenMP threads sleep while the loader works
     import logging
 
     from ..inputs.discovery import discover_inputs
