@@ -150,8 +150,9 @@ def bench_forward(repeat: int, precisions: list[str]) -> dict:
     return res
 
 
-def _conv_rate(dtype: torch.dtype, repeat: int) -> float:
-    """FLOP/s of a large 3D convolution the way the fused plan runs it (oneDNN, channels-last, pre-packed)."""
+def _conv_fn(dtype: torch.dtype):
+    """A large 3D convolution run the way the fused plan runs it (oneDNN, channels-last, pre-packed);
+    returns (function, FLOPs per call)."""
     from anatcl_infer.model.fused import fused_available
 
     c, n = 128, (31, 32, 31)  # layer1/2-sized: 128 -> 128 channels, 3x3x3, on a 31x32x31 grid
@@ -163,29 +164,36 @@ def _conv_rate(dtype: torch.dtype, repeat: int) -> float:
         fn = lambda: torch.ops.mkldnn._convolution_pointwise(x, packed, b, [1, 1, 1], [1, 1, 1], [1, 1, 1], 1, "none", [], "")  # noqa: E731
     else:
         fn = lambda: torch.nn.functional.conv3d(x, w, padding=1)  # noqa: E731
-    with torch.inference_mode():
-        t = _interleaved({"c": fn}, repeat)["c"]
-    return 2.0 * c * c * 27 * n[0] * n[1] * n[2] / t
+    return fn, 2.0 * c * c * 27 * n[0] * n[1] * n[2]
 
 
-def _matmul_rate(dtype: torch.dtype, repeat: int, size: int = 4096) -> float:
+def _matmul_fn(dtype: torch.dtype, size: int = 4096):
     a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
-    with torch.inference_mode():
-        t = _interleaved({"m": lambda: a @ b}, repeat)["m"]
-    return 2.0 * size**3 / t
+    return (lambda: a @ b), 2.0 * size**3
 
 
-def bench_peak(forward: dict, repeat: int) -> dict:
-    """The machine's peak per precision (best of a large matmul and a large 3D conv) and the forward's share."""
-    flops = _flops(_model())
+def bench_peak(precisions: list[str], repeat: int) -> dict:
+    """The machine's peak per precision (best of a large matmul and a large 3D conv) and the
+    forward's share of it, all timed interleaved so that other load hits them alike."""
+    model = _model()
+    flops = _flops(model)
+    x = _volume()
     out = {"gflop_per_volume": flops / 1e9, "threads": torch.get_num_threads(), "precisions": {}}
-    for p, f in forward["precisions"].items():
-        mm, conv = _matmul_rate(_DTYPE[p], repeat), _conv_rate(_DTYPE[p], repeat)
-        peak = max(mm, conv)
-        achieved = flops / f["s_per_volume"]
-        out["precisions"][p] = {"matmul_gflops": mm / 1e9, "conv3d_gflops": conv / 1e9, "peak_gflops": peak / 1e9,
-                                "forward_gflops": achieved / 1e9, "fraction_of_peak": achieved / peak,
-                                "floor_s": flops / peak}
+    for p in precisions:
+        (mm, mm_flops), (conv, conv_flops) = _matmul_fn(_DTYPE[p]), _conv_fn(_DTYPE[p])
+
+        def fwd():
+            with _ctx(p):
+                return model(x)
+
+        with torch.inference_mode():
+            best = _interleaved({"forward": fwd, "matmul": mm, "conv": conv}, repeat)
+        rates = {"matmul": mm_flops / best["matmul"], "conv": conv_flops / best["conv"]}
+        peak = max(rates.values())
+        achieved = flops / best["forward"]
+        out["precisions"][p] = {"matmul_gflops": rates["matmul"] / 1e9, "conv3d_gflops": rates["conv"] / 1e9,
+                                "peak_gflops": peak / 1e9, "forward_s": best["forward"], "forward_gflops": achieved / 1e9,
+                                "fraction_of_peak": achieved / peak, "floor_s": flops / peak}
     return out
 
 
@@ -516,7 +524,7 @@ def main() -> None:
     rec["forward"] = forward
     print(f"forward: {forward}", file=sys.stderr)
     if "peak" in sections:
-        rec["peak"] = bench_peak(forward, max(3, repeat // 2))
+        rec["peak"] = bench_peak(precisions, max(3, repeat // 2))
         print(f"peak: {rec['peak']}", file=sys.stderr)
     if "fidelity" in sections and len(precisions) > 1:
         rec["fidelity"] = bench_fidelity(precisions, 20 if args.quick else args.subjects)
