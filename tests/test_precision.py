@@ -69,7 +69,7 @@ def test_fused_float32_matches_float64_reference(model, volumes):
     ref = reference_features(model.state_dict(), x)
     assert _rel(ours, ref) < 1e-5
     if fused.fused_available():
-        assert getattr(model.encoder, "_fused_plan", None) is not None  # the fast path really ran
+        assert model.encoder._fused_slot.plan is not None  # the fast path really ran
         with torch.enable_grad():  # eager module, same function
             eager = model(x).detach()
         assert _rel(eager, ref) < 1e-5
@@ -95,6 +95,21 @@ def test_plan_follows_new_weights():
             eager = m(x).detach()
     assert not torch.equal(before, after)
     assert _rel(after, eager) < 1e-5
+
+
+def test_model_copies_and_pickles_after_a_fused_forward():
+    import copy
+    import io
+    import pickle
+
+    m = _model()
+    x = torch.rand(1, 1, 24, 24, 24)
+    with torch.no_grad():
+        y = m(x)
+        assert torch.equal(copy.deepcopy(m)(x), y)
+        buf = io.BytesIO()
+        torch.save(m, buf)  # the pre-packed weights have no storage: the plan must not be saved
+        assert torch.equal(pickle.loads(pickle.dumps(m))(x), y)
 
 
 def test_hooks_and_gradients_use_the_eager_module():

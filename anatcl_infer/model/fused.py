@@ -109,6 +109,18 @@ class _Plan:
     blocks: list[tuple[list[_Conv], _Conv | None]]  # (convs of the main path, downsample)
 
 
+class _PlanSlot:
+    """Holds an encoder's plan; copies and pickles empty (pre-packed oneDNN tensors have no
+    storage to copy, and a plan is cheap to rebuild), so ``copy.deepcopy``, ``torch.save`` and
+    pickling of a model keep working after a fused forward."""
+
+    def __init__(self) -> None:
+        self.plan: _Plan | None = None
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_PlanSlot, ())
+
+
 def _fold(conv: nn.Conv3d, bn: nn.BatchNorm3d, dtype: torch.dtype, input_shape: list[int]) -> _Conv:
     """conv followed by eval-mode BatchNorm as one convolution with bias, weights pre-packed."""
     if conv.groups != 1 or tuple(conv.dilation) != (1, 1, 1) or conv.padding_mode != "zeros":
@@ -136,7 +148,14 @@ def _key(encoder: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> tuple[Any, 
     # Parameters are replaced (new data_ptr) or changed in place (new _version) when weights
     # load or move; either invalidates the plan.
     tensors = [*encoder.parameters(), *encoder.buffers()]
-    return (dtype, tuple(x.shape[1:]), tuple((t.data_ptr(), t._version) for t in tensors))
+    return (dtype, tuple(x.shape[1:]), tuple((t.data_ptr(), _version(t)) for t in tensors))
+
+
+def _version(t: torch.Tensor) -> int:
+    try:
+        return t._version
+    except RuntimeError:  # an inference tensor (model built under inference_mode): no counter
+        return -1
 
 
 def _build(encoder: Any, x: torch.Tensor, dtype: torch.dtype, key: tuple[Any, ...]) -> _Plan:
@@ -167,10 +186,12 @@ def run_fused(encoder: Any, x: torch.Tensor) -> torch.Tensor:
     """(B, C) float32 features of ``x`` through the encoder's fused plan (built or reused)."""
     dtype = compute_dtype()
     key = _key(encoder, x, dtype)
-    plan: _Plan | None = getattr(encoder, "_fused_plan", None)
+    slot = encoder.__dict__.get("_fused_slot")
+    if slot is None:
+        slot = encoder._fused_slot = _PlanSlot()
+    plan = slot.plan
     if plan is None or plan.key != key:
-        plan = _build(encoder, x, dtype, key)
-        encoder._fused_plan = plan  # one plan is kept: a new input size or dtype replaces it
+        plan = slot.plan = _build(encoder, x, dtype, key)  # one plan is kept: a new input size or dtype replaces it
     with torch.autocast("cpu", enabled=False):  # the plan's dtype is chosen; autocast must not recast
         h = x.to(dtype).contiguous(memory_format=torch.channels_last_3d)
         h = plan.stem(h, "relu")

@@ -203,7 +203,7 @@ class AnatCL(nn.Module):
         """Embed images into (N, feature_dim) float32 features, in input order.
 
         See :func:`anatcl_infer.encoding.encoder.encode` for the arguments (``batch_size``,
-        ``device``, ``num_workers``, ``progress``, ``amp``...).
+        ``device``, ``num_workers``, ``progress``, ``precision``...).
         """
         from ..encoding.encoder import encode
 
