@@ -3,7 +3,7 @@
 Prints Markdown tables, writes a JSON record to ``benchmarks/results/`` and, with
 ``--write-readme``, replaces the README's performance section between its markers.
 
-    python benchmarks/run.py --write-readme  # everything (CPU: ~5 min on 2 quiet cores)
+    python benchmarks/run.py --write-readme  # everything (CPU: ~6 min on 2 quiet cores)
     python benchmarks/run.py --only forward fidelity peak  # some sections
     python benchmarks/run.py --quick         # fewer repetitions
     python benchmarks/run.py --readme-from benchmarks/results/bench-X.json  # table from a record
@@ -487,7 +487,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="*", default=None, help="sections to run")
     parser.add_argument("--quick", action="store_true", help="fewer repetitions and inputs")
-    parser.add_argument("--n", type=int, default=None, help="inputs N for the embed and RSS sections (default 8)")
+    parser.add_argument("--n", type=int, default=None, help="inputs N for the embed and RSS sections (default 16)")
     parser.add_argument("--subjects", type=int, default=40, help="simulated subjects for the fidelity section")
     parser.add_argument("--precisions", nargs="*", default=None, help="default: fp32 plus what the CPU runs natively")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
@@ -502,7 +502,7 @@ def main() -> None:
         return
     sections = set(args.only or ["forward", "peak", "fidelity", "embed", "rss", "cold", "gpu"])
     repeat = 3 if args.quick else 7
-    n = args.n or (4 if args.quick else 8)
+    n = args.n or (4 if args.quick else 16)
     precisions = args.precisions or _precisions()
     from anatcl_infer.model.devices import native_bf16_cpu
 

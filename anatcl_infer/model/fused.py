@@ -17,7 +17,8 @@ are bit-identical whatever the batch size, sharding or resuming.
 The plan honours CPU autocast: inside ``torch.autocast("cpu", dtype=torch.bfloat16)`` it runs
 with bfloat16 weights and activations and returns float32 features. It is skipped (the eager
 module runs) when gradients are needed, in training mode, off CPU, when hooks are registered
-on the encoder's modules, or when this torch build lacks the oneDNN operators.
+on the encoder's modules, when oneDNN is unavailable or switched off
+(``torch.backends.mkldnn.enabled = False``), or after ``model.encoder.fused = False``.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ def fused_available() -> bool:
     """Whether this torch build has the oneDNN fused-convolution operators."""
     try:
         ops = torch.ops.mkldnn
-        return bool(torch.backends.mkldnn.is_available()) and hasattr(ops, "_convolution_pointwise") and hasattr(
+        usable = torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled  # a user may switch it off
+        return bool(usable) and hasattr(ops, "_convolution_pointwise") and hasattr(
             ops, "_reorder_convolution_weight"
         )
     except (AttributeError, RuntimeError):  # pragma: no cover - exotic builds
