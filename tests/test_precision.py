@@ -198,3 +198,18 @@ def test_embed_records_precision_and_refuses_mixed_resume(tmp_path):
         res = runner.invoke(app, [*args, "--overwrite", "--precision", "fp32"])
     assert res.exit_code == 0, res.output
     assert json.loads(pq.read_schema(out).metadata[METADATA_KEY])["precision"] == "fp32"
+
+
+def test_bottleneck_architecture_fused_matches_eager():
+    from anatcl_infer.model.network import build_encoder
+
+    torch.manual_seed(1)
+    enc = build_encoder("resnet50").eval()
+    x = torch.rand(1, 1, 24, 28, 24)
+    with torch.no_grad():
+        fast = enc(x)
+        assert enc._fused_slot.plan is not None or not fused.fused_available()
+        enc.fused = False
+        eager = enc(x)
+    assert fast.shape == eager.shape == (1, 2048)
+    assert _rel(fast, eager) < 1e-5
