@@ -148,9 +148,14 @@ def _out_shape(shape: list[int], conv: nn.Conv3d) -> list[int]:
 
 def _key(encoder: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> tuple[Any, ...]:
     # Parameters are replaced (new data_ptr) or changed in place (new _version) when weights
-    # load or move; either invalidates the plan.
-    tensors = [*encoder.parameters(), *encoder.buffers()]
-    return (dtype, tuple(x.shape[1:]), tuple((t.data_ptr(), _version(t)) for t in tensors))
+    # load or move; either invalidates the plan. One walk over the modules (not one per
+    # parameters()/buffers() call): this runs for every volume.
+    state = []
+    for m in encoder.modules():
+        for t in (*m._parameters.values(), *m._buffers.values()):
+            if t is not None:
+                state.append((t.data_ptr(), _version(t)))
+    return (dtype, tuple(x.shape[1:]), tuple(state))
 
 
 def _version(t: torch.Tensor) -> int:
