@@ -76,7 +76,7 @@ def embed(
     qc: bool = typer.Option(False, "--qc", help="Add QC metrics as qc_* columns (template correlation, coverage, value range...)."),
     head: Optional[Path] = typer.Option(None, "--head", help="A head directory (anatcl fit-head): add its prediction columns."),
     shard: Optional[str] = typer.Option(None, "--shard", help="I/N: embed only block I of N of the sorted inputs (SLURM arrays); --out is then a directory."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32 (default), bf16 or fp16: arithmetic of the forward pass. bf16 needs a GPU or a CPU with native bf16 (AVX512-BF16/AMX); ~2.5x faster on such CPUs at cosine ~0.99999 to fp32. Recorded in the table's metadata."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 (default), bf16 or fp16: arithmetic of the forward pass. bf16 needs a GPU or a CPU with native bf16 (AVX512-BF16/AMX); ~2.5x faster there; rows stay at cosine ~0.99999 to fp32 but subject differences shift more (benchmarks/NOTES.md): validate on your cohort. Recorded in the table's metadata."),
     amp: bool = typer.Option(False, "--amp", help="Deprecated: use --precision bf16 (CUDA only)."),
     from_t1: bool = typer.Option(False, "--from-t1", help="Inputs are raw T1s: make mwp1 grey-matter maps with deepmriprep first (extra [prep]), then embed them."),
     prep_dir: Optional[Path] = typer.Option(None, "--prep-dir", help="Where --from-t1 writes its maps (default: <out>.prep/ beside the output); maps already there are reused."),

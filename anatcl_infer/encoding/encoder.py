@@ -336,8 +336,10 @@ def encode(
         precision: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"``: the arithmetic of the forward
             pass (features are float32 either way). bf16 runs on CUDA GPUs that support it and
             on CPUs with native bf16 (AVX512-BF16/AMX/Arm BF16), where it is ~2.5x faster than
-            fp32 at a cosine of ~0.99999 to the fp32 features (``benchmarks/NOTES.md``); it is
-            refused where it would be emulated. fp16: CUDA, or CPUs with AVX512-FP16/AMX-FP16.
+            fp32; rows keep a cosine of ~0.99999 to the fp32 features, but differences between
+            subjects shift more (a simulated cohort's probe MAE rose by 1.8 years,
+            ``benchmarks/NOTES.md``), so validate it on your data. It is refused where it would
+            be emulated. fp16: CUDA, or CPUs with AVX512-FP16/AMX-FP16.
         amp: deprecated spelling of ``precision`` (CUDA only): ``True``/``"bf16"`` or ``"fp16"``.
         strict: turn input-kind warnings into errors.
 
