@@ -348,8 +348,8 @@ def run_embed(
             if m is not None and _comparable(m) != _comparable(meta):
                 raise ConfigError(
                     f"{label} was made with another model, preprocessing or precision "
-                    f"({m.get('model')}, precision {m.get('precision', 'fp32')}); "
-                    "use another --out, or --overwrite to start over"
+                    f"({m.get('model')}, precision {m.get('precision', 'fp32')}); resume with the same "
+                    "model and --precision, use another --out, or --overwrite to start over"
                 )
         for t in ([existing] if existing is not None else []) + parts.tables():
             done.update(zip(t.column("path").to_pylist(), t.column("fold").to_pylist()))
