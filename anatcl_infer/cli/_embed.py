@@ -77,7 +77,8 @@ def embed(
     head: Optional[Path] = typer.Option(None, "--head", help="A head directory (anatcl fit-head): add its prediction columns."),
     coverage: float = typer.Option(0.9, "--coverage", min=0.5, max=0.999, help="With --head: coverage of the prediction interval columns (<target>_pred_lo/_hi)."),
     shard: Optional[str] = typer.Option(None, "--shard", help="I/N: embed only block I of N of the sorted inputs (SLURM arrays); --out is then a directory."),
-    amp: bool = typer.Option(False, "--amp", help="bf16/fp16 mixed precision on CUDA."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 (default), bf16 or fp16: arithmetic of the forward pass. bf16 needs a GPU or a CPU with native bf16 (AVX512-BF16/AMX); ~2.5x faster there; rows stay at cosine ~0.99999 to fp32 but subject differences shift more (benchmarks/NOTES.md): validate on your cohort. Recorded in the table's metadata."),
+    amp: bool = typer.Option(False, "--amp", help="Deprecated: use --precision bf16 (CUDA only)."),
     from_t1: bool = typer.Option(False, "--from-t1", help="Inputs are raw T1s: make mwp1 grey-matter maps with deepmriprep first (extra [prep]), then embed them."),
     prep_dir: Optional[Path] = typer.Option(None, "--prep-dir", help="Where --from-t1 writes its maps (default: <out>.prep/ beside the output); maps already there are reused."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar, warnings and errors only."),
@@ -88,6 +89,9 @@ def embed(
     Rows are written as batches finish; the output appears atomically at the end. A bad input never stops the run: it is reported on stderr and in an errors file beside the output (feats.errors.csv for feats.parquet, feats.errors/ for a folder), and the exit status is 1. SIGTERM or Ctrl-C keeps the finished batches: rerun with --resume. Two runs on one output are refused (a lock file beside it). Off a terminal, progress lines (count, rate, ETA) go to the log.
     """
     setup_logging(quiet=quiet, verbose=verbose)
+    from ..encoding.allocator import yield_idle_threads
+
+    yield_idle_threads()  # before torch loads: OpenMP threads sleep while the loader works
     import logging
 
     from ..inputs.discovery import discover_inputs
@@ -99,6 +103,8 @@ def embed(
 
     log = logging.getLogger("anatcl_infer.cli")
     retain_freed_memory()  # this process only embeds: reuse activation memory between volumes
+    if amp:
+        log.warning("--amp is deprecated; use --precision bf16 (or fp16)")
     if fmt is not None and fmt not in ("parquet", "csv"):
         raise fail(f"--format must be parquet or csv, got {fmt!r}", 2)
     part: tuple[int, int] | None = _parse_shard(shard) if shard else None
@@ -148,7 +154,7 @@ def embed(
         summary = run_embed(
             records, models, out, fmt=layout.fmt, batch_size=batch_size,
             device=None if device == "auto" else device, num_workers=workers, resume=resume,
-            overwrite=overwrite, strict=strict, progress=not quiet, amp=amp, qc=qc, head=head,
+            overwrite=overwrite, strict=strict, progress=not quiet, amp=amp, qc=qc, head=head, precision=precision,
             prior_failures=prep_failures, shard=layout.shard, coverage=coverage,
         )
     except AnatCLError as exc:

@@ -26,11 +26,11 @@ if TYPE_CHECKING:
     from ..config import PreprocessConfig
     from ..model.network import AnatCL
 
-__all__ = ["encode", "extract_features", "iter_encoded", "EncodedBatch", "Failure", "default_num_workers"]
+__all__ = ["encode", "extract_features", "iter_encoded", "EncodedBatch", "Failure", "default_num_workers", "resolve_precision"]
 
 logger = logging.getLogger(__name__)
 
-_ENCODE_KWARGS = ("batch_size", "device", "num_workers", "progress", "amp", "strict", "on_error", "assume_reference_grid")
+_ENCODE_KWARGS = ("batch_size", "device", "num_workers", "progress", "precision", "amp", "strict", "on_error", "assume_reference_grid")
 
 
 @dataclass(frozen=True)
@@ -191,19 +191,65 @@ def _drop_non_finite(
     return [indices[i] for i in keep], feats[keep], [infos[i] for i in keep], failures
 
 
-def _autocast(device: torch.device, amp: bool | str) -> Any:
-    if not amp:
+#: accepted spellings of each precision
+PRECISIONS = {"fp32": "fp32", "float32": "fp32", "bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16"}
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_precision(precision: str, device: str | torch.device | None = None, amp: bool | str = False) -> str:
+    """Check that ``precision`` ("fp32", "bf16" or "fp16") can run on ``device``; return its short name.
+
+    float32 runs everywhere and is the default. bfloat16 needs a CUDA GPU that supports it or a
+    CPU with native bf16 (AVX512-BF16, AMX, Arm BF16): emulated bf16 would be slower than
+    float32, so it is refused there. float16 needs a CUDA GPU or a CPU with AVX512-FP16/AMX-FP16.
+    ``amp`` is the deprecated spelling: ``True``/``"bf16"`` -> bf16 (fp16 on a GPU without bf16),
+    ``"fp16"`` -> fp16, on CUDA only (on other devices it was always ignored, and still is).
+
+    Raises:
+        ConfigError: an unknown precision, or one this device cannot run natively.
+    """
+    from ..model.devices import native_bf16_cpu, native_fp16_cpu
+
+    dev = resolve_device(device)
+    key = PRECISIONS.get(str(precision).lower())
+    if key is None:
+        raise ConfigError(f"precision must be one of fp32, bf16, fp16, got {precision!r}")
+    if amp:
+        import warnings
+
+        warnings.warn("amp= / --amp is deprecated; use precision='bf16' or 'fp16' (--precision)", DeprecationWarning, stacklevel=3)
+        if amp not in (True, "bf16", "fp16"):
+            raise ConfigError(f"amp must be False, True, 'bf16' or 'fp16', got {amp!r}")
+        if dev.type != "cuda":
+            logger.warning("mixed precision (amp=%r) is only used on CUDA; computing in float32 on %s", amp, dev)
+        elif key == "fp32":
+            key = "fp16" if amp == "fp16" or not torch.cuda.is_bf16_supported() else "bf16"
+    if key == "fp32":
+        return key
+    if dev.type == "cuda":
+        if key == "bf16" and not torch.cuda.is_bf16_supported():
+            raise ConfigError(f"this GPU ({torch.cuda.get_device_name(dev)}) has no bfloat16; use --precision fp16 or fp32")
+        return key
+    if dev.type == "cpu":
+        if key == "bf16" and not native_bf16_cpu():
+            raise ConfigError(
+                "precision bf16 needs a CPU with native bfloat16 (AVX512-BF16, AMX or Arm BF16); this one would "
+                "emulate it, slower than float32. Use --precision fp32 (the default), or a GPU"
+            )
+        if key == "fp16" and not native_fp16_cpu():
+            raise ConfigError(
+                "precision fp16 needs a CPU with AVX512-FP16 or AMX-FP16 (or a GPU); use --precision fp32 "
+                "(the default) or bf16 where the CPU supports it"
+            )
+        return key
+    raise ConfigError(f"precision {key} is supported on CPU and CUDA only; use --precision fp32 on {dev.type}")
+
+
+def _precision_context(device: torch.device, precision: str) -> Any:
+    """Autocast for a reduced precision; on CPU the fused plan (model/fused.py) follows its dtype."""
+    if precision == "fp32":
         return nullcontext()
-    if device.type != "cuda":
-        logger.warning("mixed precision (amp=%r) is only used on CUDA; computing in float32 on %s", amp, device)
-        return nullcontext()
-    if amp is True or amp == "bf16":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    elif amp == "fp16":
-        dtype = torch.float16
-    else:
-        raise ConfigError(f"amp must be False, True, 'bf16' or 'fp16', got {amp!r}")
-    return torch.autocast(device_type="cuda", dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=_DTYPES[precision])
 
 
 def _forward(model: Any, x: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -254,6 +300,7 @@ def iter_encoded(
     device: str | torch.device | None = None,
     num_workers: int | None = None,
     progress: bool = True,
+    precision: str = "fp32",
     amp: bool | str = False,
     strict: bool = False,
     extra_info: Callable[[Any], dict[str, Any]] | None = None,
@@ -268,11 +315,13 @@ def iter_encoded(
     ``warnings`` (plain sentences) and ``kind_warning``; nothing is emitted here — callers
     show them (:func:`encode` through :mod:`warnings`, ``anatcl embed`` on stderr). A row
     whose features are not finite is turned into a failure (``stage="encode"``).
+    ``precision`` and ``amp`` are described in :func:`encode`.
     """
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size!r}")
     items = list(inputs)
     dev = resolve_device(device)
+    precision = resolve_precision(precision, dev, amp)
     if model.device != dev:
         model.to(dev)
     model.eval()
@@ -298,7 +347,7 @@ def iter_encoded(
                 feats = np.empty((0, model.config.feature_dim), dtype=np.float32)
                 if batch is not None:
                     x = batch.to(dev, non_blocking=True)
-                    with _autocast(dev, amp):
+                    with _precision_context(dev, precision):
                         out = _forward(model, x, dev)
                     feats = out.float().cpu().numpy()
                     indices, feats, infos, failures = _drop_non_finite(indices, feats, infos, failures, items)
@@ -316,6 +365,7 @@ def encode(
     device: str | torch.device | None = None,
     num_workers: int | None = None,
     progress: bool = True,
+    precision: str = "fp32",
     amp: bool | str = False,
     strict: bool = False,
     on_error: str = "raise",
@@ -343,7 +393,14 @@ def encode(
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"`` or None for automatic.
         num_workers: loader processes (None: chosen from the device and input count).
         progress: show a progress bar (only on a terminal).
-        amp: mixed precision on CUDA: ``True``/``"bf16"`` or ``"fp16"``.
+        precision: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"``: the arithmetic of the forward
+            pass (features are float32 either way). bf16 runs on CUDA GPUs that support it and
+            on CPUs with native bf16 (AVX512-BF16/AMX/Arm BF16), where it is ~2.5x faster than
+            fp32; rows keep a cosine of ~0.99999 to the fp32 features, but differences between
+            subjects shift more (a simulated cohort's probe MAE rose by 1.8 years,
+            ``benchmarks/NOTES.md``), so validate it on your data. It is refused where it would
+            be emulated. fp16: CUDA, or CPUs with AVX512-FP16/AMX-FP16.
+        amp: deprecated spelling of ``precision`` (CUDA only): ``True``/``"bf16"`` or ``"fp16"``.
         strict: turn input-kind warnings into errors (failures of those inputs).
         on_error: ``"raise"``: the first input that cannot be used raises
             :class:`~anatcl_infer.errors.InputError`; ``"warn"``: its row is NaN (rows stay
@@ -374,7 +431,7 @@ def encode(
     failed: list[Failure] = []
     for batch in iter_encoded(
         model, items, batch_size=batch_size, device=device, num_workers=num_workers,
-        progress=progress, amp=amp, strict=strict, assume_reference_grid=assume_reference_grid,
+        progress=progress, precision=precision, amp=amp, strict=strict, assume_reference_grid=assume_reference_grid,
     ):
         for info in batch.infos:
             _emit_input_warnings(info)
@@ -415,9 +472,9 @@ def extract_features(inputs: Any, model: Any = "anatcl-global", fold: int = 0, *
         model: a registry name (``"anatcl-global"``, ``"anatcl-local"``), any source
             :func:`~anatcl_infer.load_model` accepts, or an already loaded ``AnatCL``.
         fold: cross-validation fold of a registry model (0-4).
-        **encode_kwargs: ``batch_size``, ``device``, ``num_workers``, ``progress``, ``amp``,
-            ``strict``, ``on_error`` (``"raise"`` or ``"warn"``: NaN rows for failed inputs,
-            rows aligned with the inputs), ``assume_reference_grid`` (see :func:`encode`).
+        **encode_kwargs: ``batch_size``, ``device``, ``num_workers``, ``progress``, ``precision``,
+            ``amp`` (deprecated), ``strict``, ``on_error`` (``"raise"`` or ``"warn"``: NaN rows for
+            failed inputs, rows aligned with the inputs), ``assume_reference_grid`` (see :func:`encode`).
             A 4D in-memory input is one row per volume; a path is one row.
 
     Example:

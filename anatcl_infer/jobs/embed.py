@@ -224,7 +224,8 @@ def _comparable(meta: dict[str, Any], other: dict[str, Any]) -> tuple[dict[str, 
             model = {k: model.get(k) for k in ("name", "weights_sha256", "architecture", "folds")}
         else:
             model.pop("weights_sha256", None)
-        return {"model": model, "preprocess": m.get("preprocess")}
+        # tables from before --precision existed were float32
+        return {"model": model, "preprocess": m.get("preprocess"), "precision": m.get("precision", "fp32")}
 
     by_weights = bool((meta.get("model") or {}).get("weights_sha256")) and bool((other.get("model") or {}).get("weights_sha256"))
     return pick(meta, by_weights), pick(other, by_weights)
@@ -781,6 +782,7 @@ def run_embed(
     amp: bool | str = False,
     qc: bool = False,
     head: str | os.PathLike[str] | None = None,
+    precision: str = "fp32",
     prior_failures: Sequence[dict[str, Any]] = (),
     shard: tuple[int, int] | None = None,
     coverage: float | None = 0.9,
@@ -801,6 +803,8 @@ def run_embed(
             ``qc_reasons`` (:func:`anatcl_infer.qc.metrics.add_qc_flags`), equal to ``anatcl qc``'s.
         head: a head directory whose predictions are added as columns (checked against ``models`` first).
         coverage: the head's prediction-interval coverage (``None``: no interval columns).
+        precision: "fp32" (default), "bf16" or "fp16" (see :func:`anatcl_infer.encoding.encoder.encode`);
+            recorded in the table's metadata, and a resume must use the same one.
         prior_failures: failures of earlier stages (e.g. the raw-T1 route) to report with these.
         shard: ``(i, n)``: embed block ``i`` of ``n`` of ``records`` into ``out/part-i-of-n``.
 
@@ -814,7 +818,7 @@ def run_embed(
         Interrupted: SIGTERM or SIGINT; the finished batches are kept for ``resume``.
     """
     from ..model.devices import resolve_device
-    from ..encoding.encoder import iter_encoded
+    from ..encoding.encoder import iter_encoded, resolve_precision
 
     if not models:
         raise ConfigError("run_embed needs at least one model")
@@ -837,6 +841,8 @@ def run_embed(
     errors_path = layout.errors_path
     dev = resolve_device(device)
     meta = _metadata(models, str(dev))
+    precision = resolve_precision(precision, dev, amp)
+    meta["precision"] = precision
     if head is not None:
         check_head(head, models)  # before any embedding
     if layout.shard is not None:
@@ -853,7 +859,7 @@ def run_embed(
                     resume=resume, overwrite=overwrite, progress=progress, qc=qc, head=head, coverage=coverage,
                     prior_failures=prior_failures, iter_encoded=iter_encoded,
                     # passed through to iter_encoded as they are:
-                    batch_size=batch_size, num_workers=num_workers, amp=amp, strict=strict,
+                    batch_size=batch_size, num_workers=num_workers, precision=precision, strict=strict,
                 )
             except Interrupted:
                 raise
@@ -899,12 +905,13 @@ def _run_locked(
             a, b = _comparable(m, meta)
             if a != b:
                 theirs, ours = a["model"], b["model"]
-                what = "preprocessing" if a["model"] == b["model"] else "model"
+                what = "model" if a["model"] != b["model"] else ("precision" if a.get("precision") != b.get("precision") else "preprocessing")
                 raise ConfigError(
                     f"{label} ({out if label.endswith('output') else partial_dir}) was made with another {what} "
-                    f"({theirs.get('name')}, weights sha256 {str(theirs.get('weights_sha256') or '?')[:12]}) than this run "
-                    f"({ours.get('name')}, weights sha256 {str(ours.get('weights_sha256') or '?')[:12]}); "
-                    "use another --out, or --overwrite to start over"
+                    f"({theirs.get('name')}, weights sha256 {str(theirs.get('weights_sha256') or '?')[:12]}, "
+                    f"precision {a.get('precision')}) than this run "
+                    f"({ours.get('name')}, weights sha256 {str(ours.get('weights_sha256') or '?')[:12]}, precision {b.get('precision')}); "
+                    "resume with the same model and --precision, use another --out, or --overwrite to start over"
                 )
         for t in ([existing] if existing is not None else []) + parts.tables():
             t = fresh.filter(t)

@@ -7,6 +7,7 @@ load with strict key checking.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,11 +18,14 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..errors import ConfigError
+from . import fused as _fused
 
 if TYPE_CHECKING:
     import numpy as np
 
 __all__ = ["ResNet3D", "AnatCL", "ARCHITECTURES", "build_encoder"]
+
+logger = logging.getLogger(__name__)
 
 
 class BasicBlock3D(nn.Module):
@@ -100,6 +104,8 @@ class ResNet3D(nn.Module):
         self.layer4 = self._make_layer(block, 512, layers[3], stride=2)
         self.avgpool = nn.AdaptiveAvgPool3d(1)
         self.num_features = 512 * block.expansion  # type: ignore[attr-defined]
+        #: run inference on CPU through the fused plan of :mod:`anatcl_infer.model.fused`
+        self.fused = True
         if self.conv1.weight.is_meta:  # built to receive checkpoint weights: nothing to initialise
             return
         for m in self.modules():
@@ -123,6 +129,12 @@ class ResNet3D(nn.Module):
         return nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _fused.eligible(self, x):
+            try:
+                return _fused.run_fused(self, x)
+            except (RuntimeError, NotImplementedError) as exc:  # pragma: no cover - depends on the torch build
+                logger.warning("fused CPU inference unavailable (%s); using the plain forward", exc)
+                self.fused = False
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return torch.flatten(self.avgpool(x), 1)
@@ -191,7 +203,7 @@ class AnatCL(nn.Module):
         """Embed images into (N, feature_dim) float32 features, in input order.
 
         See :func:`anatcl_infer.encoding.encoder.encode` for the arguments (``batch_size``,
-        ``device``, ``num_workers``, ``progress``, ``amp``...).
+        ``device``, ``num_workers``, ``progress``, ``precision``...).
         """
         from ..encoding.encoder import encode
 
