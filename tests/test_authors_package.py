@@ -89,6 +89,7 @@ _WRITER = textwrap.dedent(
     torch.save({"x": x, "features": feats, "projection": proj}, out / "reference.pt")
     scaler = torch.amp.GradScaler("cpu")
     state = net.backbone.state_dict()
+    torch.save({k: v.clone() for k, v in state.items()}, out / "reference_state.pt")
     torch.save({"model": state, "opts": opts, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                 "epoch": 49, "estimator": age}, out / "training_dict.pth")
     torch.save({"model": {f"module.{k}": v for k, v in state.items()}, "opts": opts, "epoch": 49}, out / "module_prefix.pth")
@@ -125,11 +126,22 @@ def test_every_shape_gives_the_authors_numbers_exactly(zoo, shape, caplog):
     with caplog.at_level(logging.INFO, logger="anatcl_infer"):
         model = load_model(zoo / f"{shape}.pth", device="cpu")
     assert "models" not in sys.modules and "authors_models" not in sys.modules  # nothing was imported
+    # the weights are theirs, bit for bit, and the plain forward gives exactly their numbers
+    theirs = torch.load(zoo / "reference_state.pt", weights_only=True)
+    ours = model.state_dict()
+    assert sorted(ours) == sorted(theirs)
+    assert all(torch.equal(ours[k], theirs[k]) and ours[k].dtype == theirs[k].dtype for k in theirs)
+    model.encoder.fused = False
     with torch.no_grad():
         feats = model(reference["x"])
         proj = model(reference["x"], head=True)
     assert torch.equal(feats, reference["features"])
     assert torch.equal(proj, reference["projection"])
+    # the default CPU path (BatchNorm folded into the convolutions, model/fused.py) within float32 rounding
+    model.encoder.fused = True
+    with torch.no_grad():
+        fused = model(reference["x"])
+    torch.testing.assert_close(fused, reference["features"], rtol=1e-5, atol=1e-6)
     if shape in ("training_dict", "whole_wrapper_in_dict"):
         # one line says what was dropped: the fitted estimator and what rides inside it
         dropped = [r.getMessage() for r in caplog.records if "dropped training-time objects" in r.getMessage()]

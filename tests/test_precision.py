@@ -52,7 +52,7 @@ def volumes() -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def fp32_features(model, volumes) -> np.ndarray:
-    return encode(model, list(volumes), device="cpu", num_workers=0, progress=False)
+    return encode(model, list(volumes), device="cpu", num_workers=0, progress=False, assume_reference_grid=True)
 
 
 def _rel(a, b) -> float:
@@ -78,8 +78,8 @@ def test_fused_float32_matches_float64_reference(model, volumes):
 @pytest.mark.slow
 def test_float32_rows_bit_identical_across_batch_sizes_and_order(model, volumes, fp32_features):
     for bs in (2, 3):
-        assert np.array_equal(encode(model, list(volumes), batch_size=bs, device="cpu", num_workers=0, progress=False), fp32_features)
-    one = encode(model, [volumes[2]], device="cpu", num_workers=0, progress=False)  # alone, as after a resume
+        assert np.array_equal(encode(model, list(volumes), batch_size=bs, device="cpu", num_workers=0, progress=False, assume_reference_grid=True), fp32_features)
+    one = encode(model, [volumes[2]], device="cpu", num_workers=0, progress=False, assume_reference_grid=True)  # alone, as after a resume
     assert np.array_equal(one[0], fp32_features[2])
 
 
@@ -138,12 +138,12 @@ def test_other_input_sizes_and_batches(model):
 
 @pytest.mark.skipif(not NATIVE_BF16, reason="this CPU has no native bf16")
 def test_bf16_on_real_anatomy_close_to_fp32(model, volumes, fp32_features):
-    feats = encode(model, list(volumes), device="cpu", num_workers=0, progress=False, precision="bf16")
+    feats = encode(model, list(volumes), device="cpu", num_workers=0, progress=False, assume_reference_grid=True, precision="bf16")
     assert feats.dtype == np.float32
     cos = F.cosine_similarity(torch.from_numpy(feats).double(), torch.from_numpy(fp32_features).double())
     assert float(cos.min()) >= 0.9999
     assert 1e-6 < _rel(feats, fp32_features) < 2e-2  # really computed in bf16, and close
-    again = encode(model, list(volumes[::-1]), batch_size=2, device="cpu", num_workers=0, progress=False, precision="bf16")
+    again = encode(model, list(volumes[::-1]), batch_size=2, device="cpu", num_workers=0, progress=False, assume_reference_grid=True, precision="bf16")
     assert np.array_equal(again[::-1], feats)  # bf16 rows too depend only on their volume
 
 
@@ -152,7 +152,7 @@ def test_bf16_refused_where_emulated(model, monkeypatch):
     with pytest.raises(ConfigError, match="native bfloat16"):
         resolve_precision("bf16", "cpu")
     with pytest.raises(ConfigError, match="native bfloat16"):
-        encode(model, [np.zeros((121, 128, 121), np.float32)], device="cpu", num_workers=0, progress=False, precision="bf16")
+        encode(model, [np.zeros((121, 128, 121), np.float32)], device="cpu", num_workers=0, progress=False, assume_reference_grid=True, precision="bf16")
     monkeypatch.setattr(devices, "_cpu_flags", lambda: {"avx512f", "avx512_bf16"})
     assert resolve_precision("bfloat16", "cpu") == "bf16"
 

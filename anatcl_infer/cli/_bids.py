@@ -61,7 +61,8 @@ def bids(
     overwrite: bool = typer.Option(False, "--overwrite", help="Embed the chosen scans again, replacing their outputs."),
     strict: bool = typer.Option(False, "--strict", help="Fail maps that do not look like what the model expects (instead of warning)."),
     qc: bool = typer.Option(False, "--qc", help="Add QC metrics as qc_* columns."),
-    amp: bool = typer.Option(False, "--amp", help="bf16/fp16 mixed precision on CUDA."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 (default), bf16 or fp16, as in `anatcl embed --precision`."),
+    amp: bool = typer.Option(False, "--amp", help="Deprecated: use --precision bf16 (CUDA only)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar, warnings and errors only."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
 ) -> None:
@@ -94,7 +95,7 @@ def bids(
         summary = run_participant(
             bids_dir, output_dir, models, derivatives=derivatives, participant_labels=participants,
             session_labels=sessions, batch_size=batch_size, device=dev, num_workers=workers, resume=resume,
-            overwrite=overwrite, strict=strict, qc=qc, amp=amp, progress=not quiet,
+            overwrite=overwrite, strict=strict, qc=qc, amp=amp, precision=precision, progress=not quiet,
         )
     except AnatCLError as exc:
         raise fail(str(exc), 2) from None

@@ -401,6 +401,7 @@ def run_participant(
     strict: bool = False,
     qc: bool = False,
     amp: bool | str = False,
+    precision: str = "fp32",
     progress: bool = True,
 ) -> BidsSummary:
     """Embed the chosen subjects' maps; write one features file and JSON sidecar per scan.
@@ -416,6 +417,9 @@ def run_participant(
             (unchanged SHA-256), and continue an interrupted run.
         overwrite: embed every chosen scan again.
         qc: add the ``qc_*`` columns, as ``anatcl embed --qc``.
+        precision: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"``, as in ``anatcl embed --precision``.
+        batch_size, device, num_workers, strict, amp, progress: as in
+            :func:`anatcl_infer.jobs.embed.run_embed`.
 
     Returns:
         A :class:`BidsSummary`; ``summary.failures`` lists the scans that failed (the others are written).
@@ -478,7 +482,7 @@ def run_participant(
         logger.info("sub-%s: embedding %d scans", subject, len(items))
         result = run_embed(
             [it[0] for it in items], models, work, batch_size=batch_size, device=device, num_workers=num_workers,
-            resume=resume, overwrite=overwrite, strict=strict, progress=progress, amp=amp, qc=qc,
+            resume=resume, overwrite=overwrite, strict=strict, progress=progress, amp=amp, precision=precision, qc=qc,
         )
         table = pq.read_table(result.out)
         raw_meta = (table.schema.metadata or {}).get(METADATA_KEY, b"{}")
