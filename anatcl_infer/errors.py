@@ -189,3 +189,21 @@ class InputKindWarning(InputWarning):
 
 class InputFailureWarning(AnatCLWarning):
     """Inputs could not be used and got NaN rows (``on_error="warn"``); the message names each."""
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` for :func:`warnings.warn` that points at the first caller outside this package.
+
+    Call it in the function that calls ``warnings.warn``: the warning then names the user's line
+    (``extract_features(...)`` in their script), however deep inside the package it was raised.
+    """
+    import os
+    import sys
+
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    frame = sys._getframe(1)
+    level = 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame = frame.f_back
+        level += 1
+    return level

@@ -132,3 +132,32 @@ def test_a_non_finite_feature_row_is_a_failure_not_a_row(model, files):
     with pytest.warns(InputFailureWarning):
         X = encode(Overflowing(model), items, num_workers=0, progress=False, on_error="warn")
     assert np.isfinite(X[0]).all() and np.isnan(X[1]).all()
+
+
+def test_warnings_point_at_the_callers_line(tmp_path):
+    """A warning names the user's own call, not a line inside the package."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = tmp_path / "user_script.py"
+    script.write_text(textwrap.dedent('''
+        import warnings, numpy as np, nibabel as nib
+        import anatcl_infer
+        from anatcl_infer.model.network import AnatCL
+        ref = np.array([[-1.5, 0, 0, 90], [0, 1.5, 0, -126], [0, 0, 1.5, -72], [0, 0, 0, 1]])
+        rng = np.random.default_rng(0)
+        noise = (rng.random((121, 145, 121)) * 100).astype(np.float32)
+        model = AnatCL().eval()
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            model.encode([(noise, ref), "missing_mwp1.nii.gz"], device="cpu", num_workers=0, progress=False, on_error="warn")  # LINE
+        line = [i for i, l in enumerate(open(__file__).read().splitlines(), 1) if l.rstrip().endswith("# LINE")][0]
+        mine = [w for w in seen if issubclass(w.category, anatcl_infer.AnatCLWarning)]
+        assert len(mine) == 2, [str(w.message)[:80] for w in mine]
+        for w in mine:
+            assert w.filename == __file__ and w.lineno == line, (w.category.__name__, w.filename, w.lineno)
+        print("ok")
+    '''))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..model.devices import resolve_device
-from ..errors import AnatCLError, ConfigError, InputError, InputFailureWarning
+from ..errors import AnatCLError, ConfigError, InputError, InputFailureWarning, user_stacklevel
 
 if TYPE_CHECKING:
     from ..config import PreprocessConfig
@@ -452,7 +452,7 @@ def encode(
         warnings.warn(
             f"{len(failed)} of {len(items)} inputs could not be used; their rows are NaN:\n{lines}",
             InputFailureWarning,
-            stacklevel=2,
+            stacklevel=user_stacklevel(),
         )
     return out
 

@@ -21,7 +21,7 @@ import numpy as np
 from .checks import KindGuess, check_kind, check_volume, guess_input_kind
 from ..config import PreprocessConfig
 from .conform import conform_to_grid, crop_and_pad, normalise_intensity
-from ..errors import InputError, InputKindWarning, InputWarning
+from ..errors import InputError, InputKindWarning, InputWarning, user_stacklevel
 from .io import load_volume, read_nifti
 
 __all__ = ["Prepared", "prepare", "describe_item", "split_volumes", "emit_input_warnings"]
@@ -384,7 +384,8 @@ def emit_input_warnings(source: str, warnings_list: Sequence[str], kind_warning:
     if not warnings_list:
         return
     category = InputKindWarning if kind_warning else InputWarning
-    _warnings.warn(f"{source}: " + "; ".join(warnings_list), category, stacklevel=stacklevel + 1)
+    # point at the user's call, however deep in the package (``stacklevel`` is kept for compatibility)
+    _warnings.warn(f"{source}: " + "; ".join(warnings_list), category, stacklevel=user_stacklevel())
 
 
 def prepare(
