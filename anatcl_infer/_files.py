@@ -11,13 +11,14 @@ import contextlib
 import errno
 import hashlib
 import os
-import stat
+import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["current_umask", "shareable", "atomic_path", "atomic_dir", "makedirs", "regular_file_sha256"]
+__all__ = ["current_umask", "shareable", "atomic_path", "atomic_dir", "makedirs", "regular_file_sha256", "output_stem"]
 
 
 def current_umask() -> int:
@@ -111,3 +112,24 @@ def regular_file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20) -> s
         return h.hexdigest()
     finally:
         os.close(fd)
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def output_stem(index: int, path: str | os.PathLike[str]) -> str:
+    """A file-name stem for one input's output: its index, then its name without the image suffix.
+
+    Only letters, digits, ``.``, ``_`` and ``-`` are kept, so a hostile input name cannot escape
+    the output folder or break the HTML that links it.
+
+    Example:
+        >>> output_stem(3, "/data/sub-01 (copy)_mwp1.nii.gz")
+        '0003_sub-01_copy__mwp1'
+    """
+    name = os.path.basename(str(path).rstrip("/\\")) or "input"
+    for ext in (".nii.gz", ".nii", ".npy", ".mgz"):
+        if name.endswith(ext):
+            name = name[: -len(ext)]
+            break
+    return f"{index:04d}_{_UNSAFE.sub('_', name)[:80]}"

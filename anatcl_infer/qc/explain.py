@@ -26,7 +26,6 @@ import csv
 import io
 import logging
 import os
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .._files import atomic_path
+from .._files import atomic_path, output_stem
 from ..config import PreprocessConfig
 from ..errors import AnatCLError, ConfigError, HeadError
 
@@ -48,7 +47,6 @@ __all__ = ["Explanation", "ExplainTarget", "explain", "head_target", "principal_
 
 logger = logging.getLogger(__name__)
 
-_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _NIFTI_MNI = 4  # NIfTI xform code "MNI152"
 
 
@@ -218,15 +216,6 @@ def _gradient_x_input(model: Any, x: torch.Tensor, target: ExplainTarget) -> tup
         (grad,) = torch.autograd.grad(scores.sum(), x)  # eval mode: each input's gradient is its own
     rel = (grad * x.detach())[:, 0]
     return rel.cpu().numpy(), scores.detach().cpu().numpy(), out.cpu().numpy()
-
-
-def _name(index: int, path: str) -> str:
-    name = os.path.basename(str(path).rstrip("/\\")) or "input"
-    for ext in (".nii.gz", ".nii", ".npy", ".mgz"):
-        if name.endswith(ext):
-            name = name[: -len(ext)]
-            break
-    return f"{index:04d}_{_SAFE.sub('_', name)[:80]}"
 
 
 def _write_nifti(path: Path, volume: np.ndarray, affine: np.ndarray, description: str) -> Path:
@@ -407,7 +396,7 @@ def explain(
                 exp = Explanation(path=slots[i].path, score=float(scores[j]), output=label, affine=affine,
                                   peak_mm=_peak_mm(grid_rel, affine))
                 if out is not None:
-                    name = _name(i, exp.path)
+                    name = output_stem(i, exp.path)
                     exp.nifti = _write_nifti(out / f"{name}_relevance.nii.gz", grid_rel, affine,
                                              f"anatcl-infer gradient x input: {target.label}")
                     if draw:

@@ -27,12 +27,12 @@ import io
 import logging
 import math
 import os
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .._files import output_stem
 from .._version import __version__
 from ..config import PreprocessConfig
 from ..errors import AnatCLError
@@ -52,7 +52,6 @@ logger = logging.getLogger(__name__)
 
 SHEET_PAGE = 48  # inputs per contact-sheet page
 _SLICE_COLUMNS = ("slice_x_mm", "slice_y_mm", "slice_z_mm")  # MNI positions of the picture's slices
-_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 @dataclass
@@ -117,15 +116,6 @@ class QCReport:
         return [it for it in self.items if it.flagged]
 
 
-def _image_name(index: int, path: str) -> str:
-    name = os.path.basename(str(path).rstrip("/\\")) or "input"
-    for ext in (".nii.gz", ".nii", ".npy", ".mgz"):
-        if name.endswith(ext):
-            name = name[: -len(ext)]
-            break
-    return f"{index:04d}_{_SAFE.sub('_', name)[:80]}.png"
-
-
 def _caption(metrics: dict[str, float | str]) -> str:
     corr = metrics.get("qc_template_corr", float("nan"))
     cover = metrics.get("qc_brain_coverage", float("nan"))
@@ -179,7 +169,7 @@ def qc_one(
         return QCItem(path=source, ok=False, stage="read", error=f"{type(exc).__name__}: {exc}")
     try:
         metrics = qc_metrics(prepared, config=config)
-        name = _image_name(index, source)
+        name = output_stem(index, source) + ".png"
         target = None if images_dir is None else Path(images_dir) / name
         png = render_slices(prepared, target, config=config, subtitle=_caption(metrics))
         if target is not None:

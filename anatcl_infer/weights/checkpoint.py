@@ -52,15 +52,7 @@ def clean_state_dict(state_dict: Mapping[str, object]) -> dict[str, torch.Tensor
     for key, value in state_dict.items():
         if not isinstance(value, torch.Tensor):
             continue
-        name = str(key)
-        changed = True
-        while changed:
-            changed = False
-            for prefix in _PREFIXES:
-                if name.startswith(prefix):
-                    name = name[len(prefix):]
-                    changed = True
-        cleaned[name] = value
+        cleaned[clean_name(str(key))] = value
     return cleaned
 
 
