@@ -70,14 +70,9 @@ _ID_COLUMNS = ("path", "subject", "session", "run")
 # --------------------------------------------------------------------------- joining
 
 
-def _norm_subject(values: pd.Series) -> pd.Series:
-    """Subject ids as strings without a BIDS ``sub-`` prefix."""
-    return values.astype("string").str.strip().str.removeprefix("sub-")
-
-
-def _norm_session(values: pd.Series) -> pd.Series:
-    """Session ids as strings without a BIDS ``ses-`` prefix."""
-    return values.astype("string").str.strip().str.removeprefix("ses-")
+def _norm_id(values: pd.Series, prefix: str) -> pd.Series:
+    """BIDS ids (subjects, sessions) as strings without their ``sub-``/``ses-`` prefix."""
+    return values.astype("string").str.strip().str.removeprefix(prefix)
 
 
 def _norm_path(values: pd.Series) -> pd.Series:
@@ -126,11 +121,11 @@ def join_labels(features: pd.DataFrame, labels: pd.DataFrame, *, columns: list[s
             key = None
     if key is None and both_subject:
         key = "subject"
-        left, right = _norm_subject(features["subject"]), _norm_subject(labels["subject"])
+        left, right = _norm_id(features["subject"], "sub-"), _norm_id(labels["subject"], "sub-")
         if _has(features, "session") and _has(labels, "session"):
             key = "subject+session"
-            left = left + "\x1f" + _norm_session(features["session"])
-            right = right + "\x1f" + _norm_session(labels["session"])
+            left = left + "\x1f" + _norm_id(features["session"], "ses-")
+            right = right + "\x1f" + _norm_id(labels["session"], "ses-")
     if key is None:
         raise HeadError(
             "the features and labels share no join key: the labels file needs a `path` column (the input "
@@ -275,7 +270,7 @@ def _scoring(kind: str) -> str:
 def _id_hashes(df: pd.DataFrame) -> tuple[str, set[str]]:
     """Short SHA-256 digests of the subjects (else the paths) of a table, to spot in-sample predictions."""
     if "subject" in df.columns and df["subject"].notna().all():
-        key, values = "subject", _norm_subject(df["subject"])
+        key, values = "subject", _norm_id(df["subject"], "sub-")
     elif "path" in df.columns and df["path"].notna().all():
         key, values = "path", _norm_path(df["path"])
     else:
@@ -329,14 +324,15 @@ class FoldHead:
         The calibration is ``CalibratedClassifierCV(method="sigmoid")``'s: one sigmoid per
         decision column fitted on out-of-fold decision values, normalised to sum to one.
         """
+        from scipy.special import expit, softmax
+
         if not calibrated or self.calib_a is None:
             if z.shape[1] == 1:
-                p1 = 1.0 / (1.0 + np.exp(-z[:, 0]))
+                p1 = expit(z[:, 0])
                 return np.stack([1.0 - p1, p1], axis=1)
-            e = np.exp(z - z.max(axis=1, keepdims=True))
-            return e / e.sum(axis=1, keepdims=True)
+            return softmax(z, axis=1)
         assert self.calib_b is not None
-        p = 1.0 / (1.0 + np.exp(z * self.calib_a + self.calib_b))
+        p = expit(-(z * self.calib_a + self.calib_b))  # as sklearn's _SigmoidCalibration.predict
         if p.shape[1] == 1:
             return np.concatenate([1.0 - p, p], axis=1)
         total = p.sum(axis=1, keepdims=True)
@@ -394,6 +390,14 @@ def _input_keys(df: pd.DataFrame) -> np.ndarray:
     if "fold" in df.columns and df["fold"].nunique(dropna=False) > 1:
         raise HeadError("a features table with several folds needs a `path` column to match rows of the same input")
     return np.asarray([f"row{i}" for i in range(len(df))], dtype=object)
+
+
+def _rows_per_input(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the position of its input (inputs in order of first appearance); per input, its first row."""
+    import pandas as pd
+
+    codes, _ = pd.factorize(keys)
+    return codes, np.unique(codes, return_index=True)[1]
 
 
 class Head:
@@ -683,12 +687,8 @@ class Head:
         """The prediction columns from per-fold decision values of the rows ``mask`` of ``df``."""
         import pandas as pd
 
-        order = list(dict.fromkeys(keys))
-        pos = {k: i for i, k in enumerate(order)}
-        row_pos = np.array([pos[k] for k in keys], dtype=np.int64)
-        n, multi = len(order), len(z_by_fold) > 1
-        first = np.full(n, -1)
-        first[row_pos[::-1]] = np.arange(len(keys))[::-1]
+        row_pos, first = _rows_per_input(keys)
+        n, multi = len(first), len(z_by_fold) > 1
         out: dict[str, Any] = {c: df[c].to_numpy()[first] for c in _ID_COLUMNS if c in df.columns}
         width = 1 if self.kind == "regression" else max(2, len(self.classes))
         per_fold, raw = [], []
@@ -771,9 +771,7 @@ class Head:
             >>> df = pd.concat([df, head.predict_frame(df)], axis=1)  # doctest: +SKIP
         """
         pred = self.predict(features, labels, metadata=metadata, coverage=coverage)
-        keys = _input_keys(features)
-        order = {k: i for i, k in enumerate(dict.fromkeys(keys))}
-        idx = np.array([order[k] for k in keys], dtype=np.int64)
+        idx, _ = _rows_per_input(_input_keys(features))
         cols = [c for c in pred.columns if c not in _ID_COLUMNS and c not in features.columns]
         aligned = pred[cols].iloc[idx].reset_index(drop=True)
         aligned.index = features.index
@@ -967,7 +965,7 @@ def fit_head(
             y = y_all[mask].to_numpy()
             groups = None
             if "subject" in sub.columns and sub["subject"].notna().all() and sub["subject"].duplicated().any():
-                groups = _norm_subject(sub["subject"]).to_numpy()
+                groups = _norm_id(sub["subject"], "sub-").to_numpy()
             grouped_any = grouped_any or groups is not None
             n_units = len(np.unique(groups)) if groups is not None else len(y)
             if kind == "regression" and n_units < 2 * cv:
@@ -1061,13 +1059,10 @@ def _ensemble_summary(head: Head, oof_by_fold: dict[Any, tuple[np.ndarray, np.nd
 def _oof_frame(head: Head, df: pd.DataFrame, y_all: pd.Series, keys: np.ndarray,
                oof_by_fold: dict[Any, tuple[np.ndarray, np.ndarray, np.ndarray]]) -> pd.DataFrame:
     """The training inputs' out-of-fold predictions, with the columns :meth:`Head.predict` gives."""
-    z_by_fold = []
-    for fold, (_, _, oof) in oof_by_fold.items():
-        z_by_fold.append((fold, _fold_mask(df, fold), oof))
+    z_by_fold = [(fold, _fold_mask(df, fold), oof) for fold, (_, _, oof) in oof_by_fold.items()]
     age = y_all.astype("float64") if head.is_brain_age else None
     out = head._outputs(df, keys, z_by_fold, age, 0.9)
     if not head.is_brain_age:
-        first = {k: i for i, k in reversed(list(enumerate(keys)))}
-        out.insert(len([c for c in _ID_COLUMNS if c in out.columns]), head.target,
-                   y_all.to_numpy()[[first[k] for k in dict.fromkeys(keys)]])
+        _, first = _rows_per_input(keys)
+        out.insert(len([c for c in _ID_COLUMNS if c in out.columns]), head.target, y_all.to_numpy()[first])
     return out
