@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -190,7 +191,5 @@ def _inner_capacity(task: str, y: np.ndarray, groups: np.ndarray | None) -> int:
         return len(y) // 2 if groups is None else len(np.unique(groups))
     if groups is None:
         return int(np.unique(y.astype(str), return_counts=True)[1].min())
-    per_class = {}
-    for label, group in zip(y.astype(str), groups):
-        per_class.setdefault(label, set()).add(group)
-    return min(len(v) for v in per_class.values())
+    label_groups = set(zip(y.astype(str), groups))  # each (class, group) pair once
+    return min(Counter(label for label, _ in label_groups).values())
