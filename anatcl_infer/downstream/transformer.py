@@ -32,6 +32,7 @@ require("sklearn", "sklearn")  # without scikit-learn: MissingDependencyError na
 
 from sklearn.base import BaseEstimator, TransformerMixin  # noqa: E402
 
+from .._files import regular_file_sha256 as file_sha256  # the cache key of a path input (a FIFO or device is refused)
 from ..errors import ConfigError, InputError
 from .features import feature_names
 
@@ -41,20 +42,6 @@ if TYPE_CHECKING:
 __all__ = ["AnatCLEncoder", "file_sha256"]
 
 logger = logging.getLogger(__name__)
-
-_CHUNK = 1 << 20
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """SHA-256 of a regular file's content (a FIFO or device is refused, never read).
-
-    Example:
-        >>> file_sha256("sub-01_mwp1.nii.gz")[:8]  # doctest: +SKIP
-        '3f2a9c1e'
-    """
-    from .._files import regular_file_sha256
-
-    return regular_file_sha256(path, _CHUNK)
 
 
 def _image_sha256(img: Any) -> str:
@@ -128,9 +115,6 @@ class AnatCLEncoder(TransformerMixin, BaseEstimator):
                 )
             state["model"] = source
         return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
 
     def __sklearn_is_fitted__(self) -> bool:
         return True
