@@ -1033,7 +1033,11 @@ def fit_head(
 
 
 def _brier(y: np.ndarray, proba: np.ndarray) -> float:
-    """Multi-class Brier score (mean squared error of the probability vectors)."""
+    """Multi-class Brier score (mean squared error of the probability vectors).
+
+    Not ``sklearn.metrics.brier_score_loss``: it takes multi-class input only from scikit-learn
+    1.7 (we support 1.6) and halves the binary score, which would change the recorded values.
+    """
     onehot = np.eye(proba.shape[1])[y]
     return float(np.mean(np.sum((proba - onehot) ** 2, axis=1)))
 
