@@ -440,8 +440,7 @@ def check_kind(
     """
     if expected_kind not in _EXPECTED_WORDS:
         raise InputError(f"unknown expected input kind {expected_kind!r}; use one of {sorted(_EXPECTED_WORDS)}", path=path, stage="check")
-    looks = "gm" if guess.kind == "gm" else guess.kind
-    if looks == expected_kind:
+    if guess.kind == expected_kind:
         return None
     who = model_name or ("this grey-matter model" if expected_kind == "gm" else "this T1 model")
     what = _KIND_WORDS.get(guess.kind, guess.kind) + (f" — {guess.reason}" if guess.reason else "")
