@@ -215,8 +215,6 @@ def resolve_precision(precision: str, device: str | torch.device | None = None, 
     if key is None:
         raise ConfigError(f"precision must be one of fp32, bf16, fp16, got {precision!r}")
     if amp:
-        import warnings
-
         warnings.warn("amp= / --amp is deprecated; use precision='bf16' or 'fp16' (--precision)", DeprecationWarning, stacklevel=3)
         if amp not in (True, "bf16", "fp16"):
             raise ConfigError(f"amp must be False, True, 'bf16' or 'fp16', got {amp!r}")
@@ -424,6 +422,8 @@ def encode(
         >>> feats.shape  # doctest: +SKIP
         (2, 512)
     """
+    from ..inputs.preprocess import emit_input_warnings
+
     if on_error not in ("raise", "warn"):
         raise ConfigError(f"on_error must be 'raise' or 'warn', got {on_error!r}")
     items = _as_items(inputs)
@@ -433,8 +433,8 @@ def encode(
         model, items, batch_size=batch_size, device=device, num_workers=num_workers,
         progress=progress, precision=precision, amp=amp, strict=strict, assume_reference_grid=assume_reference_grid,
     ):
-        for info in batch.infos:
-            _emit_input_warnings(info)
+        for info in batch.infos:  # one warning per input that has any, in the calling process
+            emit_input_warnings(info.get("source", "<input>"), info.get("warnings", []), info.get("kind_warning"))
         if batch.failures and on_error == "raise":
             f = batch.failures[0]
             raise InputError(
@@ -455,13 +455,6 @@ def encode(
             stacklevel=user_stacklevel(),
         )
     return out
-
-
-def _emit_input_warnings(info: dict[str, Any]) -> None:
-    """One warning per input that has any (kind first), in the calling process."""
-    from ..inputs.preprocess import emit_input_warnings
-
-    emit_input_warnings(info.get("source", "<input>"), info.get("warnings", []), info.get("kind_warning"), stacklevel=3)
 
 
 def extract_features(inputs: Any, model: Any = "anatcl-global", fold: int = 0, **encode_kwargs: Any) -> np.ndarray:

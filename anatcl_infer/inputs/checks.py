@@ -10,11 +10,13 @@ smoothed one and from a T1-weighted image with a few documented statistics, and
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from nibabel.affines import apply_affine, voxel_sizes
 
 from ..config import REFERENCE_AFFINE
 from ..errors import InputError, InputKindError
@@ -51,16 +53,11 @@ _DEEP_WM_MNI = ((-26.0, -12.0, 30.0), (26.0, -12.0, 30.0), (-28.0, -40.0, 26.0),
 _DEEP_WM_RADIUS_MM = 6.0
 
 
-def _voxel_sizes(affine: np.ndarray) -> np.ndarray:
-    """Length of each voxel axis in mm."""
-    return np.sqrt((np.asarray(affine, dtype=np.float64)[:3, :3] ** 2).sum(axis=0))
-
-
 def _world_box(shape: Sequence[int], affine: np.ndarray) -> np.ndarray:
     """(3, 2) min/max world coordinates of the voxel centres' bounding box."""
-    corners = np.array(np.meshgrid(*[[0, n - 1] for n in shape[:3]], indexing="ij")).reshape(3, -1)
-    world = affine[:3, :3] @ corners + affine[:3, 3:4]
-    return np.stack([world.min(axis=1), world.max(axis=1)], axis=1)
+    corners = np.array(list(itertools.product(*[(0, n - 1) for n in shape[:3]])))
+    world = apply_affine(affine, corners)
+    return np.stack([world.min(axis=0), world.max(axis=0)], axis=1)
 
 
 def _box_fraction(box: np.ndarray, reference: Sequence[Sequence[float]]) -> float:
@@ -74,7 +71,9 @@ def _centre_of_mass_world(data: np.ndarray, affine: np.ndarray) -> np.ndarray | 
     """Intensity-weighted centre (world mm) of the positive part of ``data``.
 
     Computed on every second voxel (8x less work; the centre moves by well under a
-    voxel, and it only feeds a 30 mm plausibility warning).
+    voxel, and it only feeds a 30 mm plausibility warning), from the three marginal
+    profiles: the same centre as ``scipy.ndimage.center_of_mass`` (to 1e-13 voxel), which
+    multiplies the whole volume once per axis and measured 2-3x slower.
     """
     step = 2 if min(data.shape) >= 16 else 1
     weights = np.clip(data[::step, ::step, ::step], 0, None)
@@ -155,7 +154,7 @@ def check_volume(
         raise InputError("has an invalid or singular voxel-to-world affine; fix its header (sform/qform)", path=path, stage="check")
 
     warnings: list[str] = []
-    sizes = _voxel_sizes(affine)
+    sizes = voxel_sizes(affine)
     if np.any(sizes < _MIN_VOXEL_MM) or np.any(sizes > _MAX_VOXEL_MM):
         raise InputError(
             f"has voxel sizes {tuple(round(float(s), 3) for s in sizes)} mm, outside the {_MIN_VOXEL_MM}-{_MAX_VOXEL_MM} mm "
@@ -261,11 +260,11 @@ _ROUGHNESS_STEP = 3  # roughness is averaged over every third slice (see guess_i
 def _deep_wm_mask(shape: Sequence[int], affine: np.ndarray) -> np.ndarray:
     """Boolean mask of the deep white-matter spheres on a grid."""
     inv = np.linalg.inv(affine)
-    sizes = _voxel_sizes(affine)
+    sizes = voxel_sizes(affine)
     mask = np.zeros(tuple(shape), dtype=bool)
     radius_vox = np.ceil(_DEEP_WM_RADIUS_MM / sizes).astype(int)
     for centre in _DEEP_WM_MNI:
-        c = inv[:3, :3] @ np.asarray(centre) + inv[:3, 3]
+        c = apply_affine(inv, centre)
         lo = np.maximum(np.floor(c).astype(int) - radius_vox, 0)
         hi = np.minimum(np.ceil(c).astype(int) + radius_vox + 1, np.asarray(shape))
         if np.any(lo >= hi):
@@ -441,8 +440,7 @@ def check_kind(
     """
     if expected_kind not in _EXPECTED_WORDS:
         raise InputError(f"unknown expected input kind {expected_kind!r}; use one of {sorted(_EXPECTED_WORDS)}", path=path, stage="check")
-    looks = "gm" if guess.kind == "gm" else guess.kind
-    if looks == expected_kind:
+    if guess.kind == expected_kind:
         return None
     who = model_name or ("this grey-matter model" if expected_kind == "gm" else "this T1 model")
     what = _KIND_WORDS.get(guess.kind, guess.kind) + (f" — {guess.reason}" if guess.reason else "")

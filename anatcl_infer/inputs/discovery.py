@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError
+from .io import NIFTI_SUFFIXES, _printable
 
 __all__ = ["InputRecord", "discover_inputs", "parse_entities", "is_nifti_name", "LIST_SUFFIXES"]
 
@@ -64,8 +65,7 @@ def is_nifti_name(name: str) -> bool:
         (True, False)
     """
     base = os.path.basename(name)
-    lower = base.lower()
-    return not base.startswith(".") and (lower.endswith(".nii") or lower.endswith(".nii.gz"))
+    return not base.startswith(".") and base.lower().endswith(NIFTI_SUFFIXES)
 
 
 def parse_entities(path: str | os.PathLike[str]) -> dict[str, str | None]:
@@ -79,7 +79,7 @@ def parse_entities(path: str | os.PathLike[str]) -> dict[str, str | None]:
     """
     p = Path(path)
     name = p.name
-    for suffix in (".nii.gz", ".nii"):
+    for suffix in NIFTI_SUFFIXES:
         if name.lower().endswith(suffix):
             name = name[: -len(suffix)]
             break
@@ -96,11 +96,6 @@ def parse_entities(path: str | os.PathLike[str]) -> dict[str, str | None]:
                 found[key] = match.group(1)
                 break
     return found
-
-
-def _printable(name: str) -> str:
-    """``name`` with undecodable bytes shown as ``\\xNN`` (safe to print and store)."""
-    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _record(path: str) -> InputRecord:

@@ -120,18 +120,11 @@ def _nifti_version(buffer: bytes) -> int | None:
     return None
 
 
-def _from_nifti_bytes(buffer: bytes, path: str) -> SpatialImage:
-    """Parse an in-memory single-file NIfTI-1/2 image, checking that the data is all there."""
+def _from_nifti_bytes(buffer: bytes, path: str, version: int) -> SpatialImage:
+    """Parse an in-memory single-file NIfTI-``version`` image (its header already passed
+    :func:`validate_header`), checking that the data is all there."""
     import nibabel as nib
 
-    version = _nifti_version(buffer)
-    if version is None:
-        raise InputError(
-            "is not a NIfTI file (its header does not start like a NIfTI-1 or NIfTI-2 header); "
-            "convert it to .nii/.nii.gz, e.g. with dcm2niix for DICOM",
-            path=path,
-            stage="read",
-        )
     klass = nib.Nifti1Image if version == 1 else nib.Nifti2Image
     try:
         img = klass.from_bytes(buffer)
@@ -264,10 +257,10 @@ def validate_header(head: bytes, path: str | None = None) -> HeaderInfo:
             f"has a corrupt header: bitpix {bitpix} contradicts its datatype {dtype.name} ({dtype.itemsize * 8} bits); "
             "re-export the image"
         )
-    data_bytes = int(np.prod(shape, dtype=np.float64) * dtype.itemsize)
-    if np.prod(shape, dtype=np.float64) * dtype.itemsize > MAX_DATA_BYTES:
+    declared = float(np.prod(shape, dtype=np.float64)) * dtype.itemsize  # float: no overflow for any header
+    if declared > MAX_DATA_BYTES:
         raise refuse(
-            f"declares {np.prod(shape, dtype=np.float64) * dtype.itemsize / 2**30:.1f} GiB of image data (shape {shape}, "
+            f"declares {declared / 2**30:.1f} GiB of image data (shape {shape}, "
             f"{dtype.name}), more than any brain volume; its header is corrupt or it is not a single brain map"
         )
     offset = float(hdr["vox_offset"])
@@ -295,7 +288,7 @@ def validate_header(head: bytes, path: str | None = None) -> HeaderInfo:
         orientation = "qform"
     else:
         orientation = "none"
-    return HeaderInfo(version, shape, dtype, offset_int + data_bytes, orientation)
+    return HeaderInfo(version, shape, dtype, offset_int + int(declared), orientation)
 
 
 def _printable(name: str) -> str:
@@ -330,12 +323,6 @@ def _open_regular(p: Path, name: str) -> int:
         os.close(fd)
         raise InputError("is not a regular file; only image files are read", path=name, stage="read")
     return fd
-
-
-def _read_fd(fd: int, limit: int | None) -> bytes:
-    """Read up to ``limit`` bytes (everything when None) from an open file descriptor."""
-    with os.fdopen(fd, "rb") as fh:
-        return fh.read() if limit is None else fh.read(limit)
 
 
 def read_nifti(path: str | os.PathLike[str]) -> SpatialImage:
@@ -388,7 +375,7 @@ def read_nifti(path: str | os.PathLike[str]) -> SpatialImage:
                 except Exception as exc:  # zlib.error, isal's IsalError, ...
                     raise _corrupt_gzip(name, exc) from None
                 if _nifti_version(peek) is None:
-                    if lower.endswith(".nii.gz") or lower.endswith(".nii"):
+                    if lower.endswith(NIFTI_SUFFIXES):
                         validate_header(peek, name)  # raises: not a NIfTI file
                     return _read_with_nibabel(p)
                 info = validate_header(peek, name)
@@ -404,14 +391,14 @@ def read_nifti(path: str | os.PathLike[str]) -> SpatialImage:
                 except Exception as exc:  # EOFError, zlib.error, isal's IsalError, ...
                     raise _corrupt_gzip(name, exc) from None
                 del raw
-                return _from_nifti_bytes(buffer, name)
+                return _from_nifti_bytes(buffer, name, info.version)
             if lower.endswith(".gz"):
                 raise InputError("is named .gz but is not gzip-compressed; rename it to .nii if it is an uncompressed NIfTI", path=name, stage="read")
             if lower.endswith(".nii") or _nifti_version(head) is not None:
                 info = validate_header(head, name)
                 fh.seek(0)
                 buffer = fh.read(info.data_bytes)  # never more than the header declares
-                return _from_nifti_bytes(buffer, name)
+                return _from_nifti_bytes(buffer, name, info.version)
     except InputError:
         raise
     except MemoryError:

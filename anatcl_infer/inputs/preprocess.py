@@ -22,7 +22,7 @@ from .checks import KindGuess, check_kind, check_volume, guess_input_kind
 from ..config import PreprocessConfig
 from .conform import conform_to_grid, crop_and_pad, normalise_intensity
 from ..errors import InputError, InputKindWarning, InputWarning, user_stacklevel
-from .io import load_volume, read_nifti
+from .io import MAX_DATA_BYTES, _open_regular, _printable, load_volume, read_nifti
 
 __all__ = ["Prepared", "prepare", "describe_item", "split_volumes", "emit_input_warnings"]
 
@@ -57,10 +57,6 @@ class Prepared:
     grid: np.ndarray | None = None
     source: str = "<array>"
     kind_warning: str | None = None
-
-
-def _printable(name: str) -> str:
-    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _is_torchio_subject(item: Any) -> bool:
@@ -228,8 +224,6 @@ def _uncrop(arr: np.ndarray, config: PreprocessConfig) -> np.ndarray:
 
 def _load_npy(path: str) -> np.ndarray:
     """A ``.npy`` array (OpenBHB stores its maps so), read without pickle, regular files only."""
-    from .io import MAX_DATA_BYTES, _open_regular
-
     os.close(_open_regular(Path(path), path))  # missing, FIFO, device, directory: refused here
     try:
         mapped = np.load(path, allow_pickle=False, mmap_mode="r")

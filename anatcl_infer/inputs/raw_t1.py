@@ -23,7 +23,6 @@ the package.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import importlib
 import importlib.metadata
 import json
@@ -37,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from .._files import atomic_path, regular_file_sha256
 from .._version import __version__
 from ..config import REFERENCE_AFFINE, REFERENCE_SHAPE
 from ..errors import (
@@ -215,9 +215,8 @@ def install_deepmriprep_models(source: str | os.PathLike[str]) -> Path:
     root = _deepmriprep_models_dir()
     root.mkdir(parents=True, exist_ok=True)
     for name in needed:
-        tmp = root / f".{name}.tmp"
-        shutil.copyfile(src / name, tmp)
-        os.replace(tmp, root / name)
+        with atomic_path(root / name) as tmp:
+            shutil.copyfile(src / name, tmp)
     logger.info("installed %d deepmriprep weight files into %s", len(needed), root)
     return root
 
@@ -233,12 +232,9 @@ def _stem(path: Path) -> str:
     return path.stem
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def _nifti_suffix(path: Path) -> str:
+    """``.nii.gz`` or the file's last suffix: a temporary file keeps it, so nibabel writes the same format."""
+    return ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
 
 
 def _check_input(path: str | os.PathLike[str]) -> Path:
@@ -252,18 +248,12 @@ def _save_nifti(data: np.ndarray, affine: np.ndarray, out: Path) -> Path:
     """Write a float32 NIfTI atomically (temporary name in the same folder, then rename)."""
     import nibabel as nib
 
-    from .._files import atomic_path
-
     img = nib.Nifti1Image(np.asarray(data, dtype=np.float32), np.asarray(affine, dtype=np.float64))
     img.header.set_qform(img.affine, code=4)
     img.header.set_sform(img.affine, code=4)
-    with atomic_path(out, suffix=".tmp" + ("".join(out.suffixes[-2:]) if out.name.endswith(".nii.gz") else out.suffix)) as tmp:
+    with atomic_path(out, suffix=".tmp" + _nifti_suffix(out)) as tmp:
         nib.save(img, str(tmp))
     return out
-
-
-def _sidecar_path(nifti: Path) -> Path:
-    return nifti.with_name(_stem(nifti) + ".json")
 
 
 def _write_sidecar(nifti: Path, record: dict[str, Any]) -> Path:
@@ -274,9 +264,7 @@ def _write_sidecar(nifti: Path, record: dict[str, Any]) -> Path:
         "anatcl_infer_version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    from .._files import atomic_path
-
-    path = _sidecar_path(nifti)
+    path = nifti.with_name(_stem(nifti) + ".json")
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(record, indent=2) + "\n")
     return path
@@ -314,15 +302,9 @@ def skull_strip(t1: str | os.PathLike[str], out: str | os.PathLike[str], *, devi
             extra="prep",
         )
     target = Path(out)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".tmp-{os.getpid()}-{target.name}")
     extractor = bet.BrainExtraction(no_gpu=device == "cpu", model_path=str(weights[0]), bbox_model_path=str(weights[1]))
-    try:
+    with atomic_path(target, suffix=".tmp" + _nifti_suffix(target)) as tmp:
         extractor.run(str(src), brain_path=str(tmp))
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return target
 
 
@@ -471,7 +453,7 @@ def t1_to_mni(
     _write_sidecar(target, {
         "route": "t1_to_mni",
         "source": str(src.resolve()),
-        "source_sha256": _sha256(src),
+        "source_sha256": regular_file_sha256(src),
         "description": "skull-stripped T1, affinely registered to MNI152 and resampled (trilinear) onto the reference grid",
         "steps": steps,
     })
@@ -559,7 +541,7 @@ def t1_to_gm(
     _write_sidecar(target, {
         "route": "t1_to_gm",
         "source": str(src.resolve()),
-        "source_sha256": _sha256(src),
+        "source_sha256": regular_file_sha256(src),
         "description": "CAT12-style modulated normalised grey-matter map (mwp1), unsmoothed",
         "steps": [{
             "step": "segmentation + non-linear registration + modulation",
