@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ._files import atomic_path
 from ._version import __version__
 from .errors import ConfigError
 
@@ -147,8 +148,7 @@ class PreprocessConfig:
         unknown = set(data) - names
         if unknown:
             raise ConfigError(f"unknown preprocessing keys {sorted(unknown)}; valid keys are {sorted(names)}")
-        kwargs = dict(data)
-        return cls(**kwargs)
+        return cls(**data)
 
 
 @dataclass(frozen=True)
@@ -197,8 +197,7 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The ``config.json`` content, with a version block."""
-        data = dataclasses.asdict(self)
-        data["preprocess"] = self.preprocess.to_dict()
+        data = dataclasses.asdict(self)  # the preprocessing spec too, as a nested dict
         data["anatcl_infer_version"] = __version__
         data["format"] = "anatcl-infer/1"
         return json.loads(json.dumps(data))
@@ -226,9 +225,10 @@ class ModelConfig:
         return cls(**kwargs)
 
     def save(self, directory: str | Path) -> Path:
-        """Write ``config.json`` into ``directory``."""
+        """Write ``config.json`` into ``directory`` (atomically, with the umask's mode)."""
         path = Path(directory) / CONFIG_NAME
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
         return path
 
     @classmethod

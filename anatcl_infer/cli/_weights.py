@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Optional
@@ -30,11 +31,11 @@ def models(
     """
     from ..weights.download import cache_dir, is_offline
     from ..weights.loading import cached_state, registry_model_dir
-    from ..weights.registry import list_models, resolve
+    from ..weights.registry import FOLDS, list_models, resolve
 
     rows = []
     for name in list_models():
-        for fold in range(5):
+        for fold in FOLDS:
             resolved = resolve(name, fold)
             state = cached_state(name, fold)
             rows.append(
@@ -46,9 +47,7 @@ def models(
                     "hash_verified": state == "verified" if state else None,
                     "path": str(registry_model_dir(name, fold, verified=state != "unverified")),
                     "hub_mirror": resolved.hub_repo,
-                    "sources": [
-                        {"url": s.url, "release": s.release, "sha256": s.sha256, "size": s.size} for s in resolved.sources
-                    ],
+                    "sources": [dataclasses.asdict(s) for s in resolved.sources],
                 }
             )
     if as_json:
@@ -141,8 +140,6 @@ def convert(
     Example:  anatcl convert fold0.pth anatcl-global-fold0 --variant global --fold 0
     """
     setup_logging(quiet=quiet)
-    import dataclasses
-
     from ..errors import AnatCLError
     from ..weights.loading import load_model
     from ..weights.publish import write_model_card

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
-from .._files import shareable
+from .._files import atomic_dir, atomic_path
 from ..config import CONFIG_NAME, WEIGHTS_NAME, ModelConfig
 from ..errors import CheckpointError, StateDictMismatchError
 
@@ -35,25 +33,16 @@ _PREFIXES = ("module.", "_orig_mod.")
 
 
 def clean_name(name: str) -> str:
-    """A state-dict key without DataParallel/compile prefixes."""
-    changed = True
-    while changed:
-        changed = False
+    """A state-dict key without DataParallel/compile prefixes (in any order, any number of times)."""
+    while name.startswith(_PREFIXES):
         for prefix in _PREFIXES:
-            if name.startswith(prefix):
-                name = name[len(prefix):]
-                changed = True
+            name = name.removeprefix(prefix)
     return name
 
 
 def clean_state_dict(state_dict: Mapping[str, object]) -> dict[str, torch.Tensor]:
     """Strip DataParallel/compile prefixes (``module.``, ``_orig_mod.``) and keep tensors only."""
-    cleaned: dict[str, torch.Tensor] = {}
-    for key, value in state_dict.items():
-        if not isinstance(value, torch.Tensor):
-            continue
-        cleaned[clean_name(str(key))] = value
-    return cleaned
+    return {clean_name(str(key)): value for key, value in state_dict.items() if isinstance(value, torch.Tensor)}
 
 
 def load_state_dict_strict(
@@ -76,13 +65,10 @@ def load_state_dict_strict(
         if tuple(state_dict[k].shape) != tuple(expected[k].shape)
     )
     if missing or unexpected or mismatched:
-        parts = []
-        if missing:
-            parts.append(f"missing keys ({len(missing)}): {', '.join(missing[:20])}{' ...' if len(missing) > 20 else ''}")
-        if unexpected:
-            parts.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:20])}{' ...' if len(unexpected) > 20 else ''}")
-        if mismatched:
-            parts.append(f"shape mismatches ({len(mismatched)}): {'; '.join(mismatched[:20])}")
+        listed = (("missing keys", missing, ", "), ("unexpected keys", unexpected, ", "), ("shape mismatches", mismatched, "; "))
+        parts = [
+            f"{label} ({len(keys)}): {sep.join(keys[:20])}{' ...' if len(keys) > 20 else ''}" for label, keys, sep in listed if keys
+        ]
         where = f"{path}: " if path else ""
         raise StateDictMismatchError(
             f"{where}the weights do not match the {getattr(getattr(model, 'config', None), 'architecture', 'model')} "
@@ -145,8 +131,9 @@ def model_with_weights(config: ModelConfig, state_dict: Mapping[str, torch.Tenso
 def save_pretrained(model: torch.nn.Module, directory: str | os.PathLike[str]) -> Path:
     """Write ``config.json`` + ``model.safetensors`` for an :class:`~anatcl_infer.model.AnatCL`.
 
-    The directory is first written under a temporary name beside the target and then
-    renamed, so a crash never leaves a half-written model behind.
+    A new directory is first written under a temporary name beside the target and then
+    renamed, so a crash never leaves a half-written model behind; in an existing directory
+    each file is replaced atomically and other content (a model card...) survives.
 
     Example:
         >>> from anatcl_infer.model.network import AnatCL
@@ -156,44 +143,51 @@ def save_pretrained(model: torch.nn.Module, directory: str | os.PathLike[str]) -
 
     config: ModelConfig = getattr(model, "config")
     target = Path(directory)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        config.save(tmp)
-        for item in (tmp, tmp / WEIGHTS_NAME, tmp / CONFIG_NAME):
-            shareable(item)  # the process umask, not mkdtemp's 0700: a lab can share the cache
-        if target.exists():
-            # Replace file by file so an existing directory with other content survives.
-            for name in (WEIGHTS_NAME, CONFIG_NAME):
-                os.replace(tmp / name, target / name)
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    if target.exists():
+        with atomic_path(target / WEIGHTS_NAME) as tmp:
+            save_file(state, str(tmp), metadata={"format": "pt"})
+        config.save(target)
+    else:
+        with atomic_dir(target) as tmp:
+            save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+            config.save(tmp)
     logger.info("saved %s and %s to %s", CONFIG_NAME, WEIGHTS_NAME, target)
     return target
 
 
-def load_pretrained_dir(directory: str | os.PathLike[str], *, config: ModelConfig | None = None) -> torch.nn.Module:
-    """Build an :class:`~anatcl_infer.model.AnatCL` from a ``config.json`` + ``model.safetensors`` directory."""
+def read_safetensors(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Every tensor of a ``.safetensors`` file.
+
+    Raises:
+        CheckpointError: the file cannot be read as safetensors.
+    """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({exc}); re-create it with `anatcl convert`", path=str(path)) from None
+
+
+def model_from_safetensors(path: str | os.PathLike[str], config: ModelConfig) -> torch.nn.Module:
+    """An :class:`~anatcl_infer.model.AnatCL` holding a ``.safetensors`` file's weights, strictly.
+
+    The names and shapes in the header are checked before any tensor is read.
+    """
+    check_safetensors_header(path, config)
+    return model_with_weights(config, read_safetensors(path), path=str(path))
+
+
+def load_pretrained_dir(directory: str | os.PathLike[str], *, config: ModelConfig | None = None) -> torch.nn.Module:
+    """Build an :class:`~anatcl_infer.model.AnatCL` from a ``config.json`` + ``model.safetensors`` directory."""
     directory = Path(directory)
     cfg = config if config is not None else ModelConfig.load(directory)
     weights = directory / WEIGHTS_NAME
     if not weights.is_file():
         raise CheckpointError(f"{weights} not found: a model directory holds {CONFIG_NAME} and {WEIGHTS_NAME}", path=str(weights))
-    check_safetensors_header(weights, cfg)
-    try:
-        state = load_file(str(weights))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{weights} is not a readable safetensors file ({exc}); re-create it with `anatcl convert`", path=str(weights)) from None
-    return model_with_weights(cfg, state, path=str(weights))
+    return model_from_safetensors(weights, cfg)
 
 
 def check_safetensors_header(path: str | os.PathLike[str], config: ModelConfig) -> None:

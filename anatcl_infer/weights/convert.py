@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import clean_state_dict, model_with_weights, save_pretrained
+from .checkpoint import clean_state_dict, model_from_safetensors, model_with_weights, read_safetensors, save_pretrained
 from ..config import ModelConfig
 from ..errors import CheckpointError
 
@@ -75,13 +75,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """
     path = Path(path)
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return clean_state_dict(load_file(str(path)))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise CheckpointError(f"{path} is not a readable safetensors file ({exc})", path=str(path)) from None
+        return clean_state_dict(read_safetensors(path))
     from .unpickle import safe_load
 
     return extract_state_dict(safe_load(path), path=str(path))
@@ -115,9 +109,7 @@ def model_from_checkpoint(path: str | os.PathLike[str], config: ModelConfig) -> 
         >>> model = model_from_checkpoint("fold0.pth", ModelConfig(fold=0))  # doctest: +SKIP
     """
     if Path(path).suffix == ".safetensors":
-        from .checkpoint import check_safetensors_header
-
-        check_safetensors_header(path, config)  # names and shapes checked before any tensor is read
+        return model_from_safetensors(path, config)  # names and shapes checked before any tensor is read
     return model_with_weights(config, read_checkpoint(path), path=str(path))
 
 

@@ -21,7 +21,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from .._files import atomic_path
+from .._files import atomic_path, regular_file_sha256
 from ..errors import DownloadError, IntegrityError, OfflineError
 
 __all__ = [
@@ -32,7 +32,6 @@ __all__ = [
     "download_url",
     "hf_download",
     "PREFETCH_HINT",
-    "OFFLINE_HINT",
     "prefetch_hint",
     "offline_hint",
     "MAX_DOWNLOAD_BYTES",
@@ -43,13 +42,13 @@ logger = logging.getLogger(__name__)
 _CHUNK = 1 << 20
 _TRUE = {"1", "true", "yes", "on"}
 
-#: how to fill the cache for an offline machine (quoted in every OfflineError)
-PREFETCH_HINT = (
-    "on a machine with network run `anatcl download anatcl-global --fold 0` (or `anatcl download all --fold all`) "
-    "and copy its cache directory ($ANATCL_CACHE, see `anatcl models`) to this machine, setting "
-    "ANATCL_CACHE to it"
+_PREFETCH = (
+    "on a machine with network run {command} and copy its cache directory ($ANATCL_CACHE, see `anatcl models`) "
+    "to this machine, setting ANATCL_CACHE to it"
 )
-OFFLINE_HINT = PREFETCH_HINT + "; or unset ANATCL_OFFLINE/HF_HUB_OFFLINE to allow downloads"
+_GO_ONLINE = "; or unset ANATCL_OFFLINE/HF_HUB_OFFLINE to allow downloads"
+#: how to fill the cache for an offline machine (quoted in every OfflineError)
+PREFETCH_HINT = _PREFETCH.format(command="`anatcl download anatcl-global --fold 0` (or `anatcl download all --fold all`)")
 
 
 def prefetch_hint(name: str | None = None, fold: int | str | None = None) -> str:
@@ -62,10 +61,7 @@ def prefetch_hint(name: str | None = None, fold: int | str | None = None) -> str
     if not name:
         return PREFETCH_HINT
     folds = "all" if fold in (None, "all") else str(fold)
-    return (
-        f"on a machine with network run `anatcl download {name} --fold {folds}` and copy its cache directory "
-        "($ANATCL_CACHE, see `anatcl models`) to this machine, setting ANATCL_CACHE to it"
-    )
+    return _PREFETCH.format(command=f"`anatcl download {name} --fold {folds}`")
 
 
 def offline_hint(name: str | None = None, fold: int | str | None = None) -> str:
@@ -74,7 +70,8 @@ def offline_hint(name: str | None = None, fold: int | str | None = None) -> str:
 
 
 def offline_hint_from(hint: str) -> str:
-    return hint + "; or unset ANATCL_OFFLINE/HF_HUB_OFFLINE to allow downloads"
+    """A pre-fetch ``hint`` plus how to leave offline mode."""
+    return hint + _GO_ONLINE
 
 
 def cache_dir() -> Path:
@@ -107,18 +104,8 @@ def is_offline() -> bool:
     return any(os.environ.get(var, "").strip().lower() in _TRUE for var in ("ANATCL_OFFLINE", "HF_HUB_OFFLINE"))
 
 
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB chunks.
-
-    Example:
-        >>> sha256_file("fold0.pth")  # doctest: +SKIP
-        '77f6d44d0317ffc704ffc751db7eab349a8109e2cd596ab06070f1aec7a55d64'
-    """
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+#: hex SHA-256 of a regular file (the package's one hashing helper; a FIFO or device is refused)
+sha256_file = regular_file_sha256
 
 
 def verify_sha256(path: str | os.PathLike[str], expected: str | None) -> str:

@@ -16,9 +16,11 @@ Sources, tried in this order of interpretation:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
+import operator
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -33,7 +35,7 @@ if TYPE_CHECKING:
 
     from ..model.network import AnatCL
 
-__all__ = ["load_model", "fetch_registry_model", "registry_model_dir", "parse_hf_address", "is_cached", "cached_state", "UNVERIFIED_SUFFIX"]
+__all__ = ["load_model", "fetch_registry_model", "registry_model_dir", "parse_hf_address", "cached_state", "UNVERIFIED_SUFFIX"]
 
 #: folder suffix of a registry model whose original file had no known SHA-256
 UNVERIFIED_SUFFIX = "-unverified"
@@ -67,16 +69,11 @@ def parse_hf_address(address: str, revision: str | None = None) -> tuple[str, st
 
 
 def _check_fold(fold: object) -> int:
-    if isinstance(fold, bool) or not isinstance(fold, int):
-        try:
-            import numpy as np
-
-            if isinstance(fold, np.integer):
-                return int(fold)
-        except ImportError:  # pragma: no cover
-            pass
-        raise ConfigError(f"fold must be an integer (0-4 for the published models), got {fold!r:.40}")
-    return fold
+    """``fold`` as an int: Python and NumPy integers pass (``operator.index``), bools, floats and text do not."""
+    if not isinstance(fold, bool):
+        with contextlib.suppress(TypeError):
+            return operator.index(fold)  # type: ignore[arg-type]
+    raise ConfigError(f"fold must be an integer (0-4 for the published models), got {fold!r:.40}")
 
 
 def registry_model_dir(name: str, fold: int, *, verified: bool = True) -> Path:
@@ -97,16 +94,6 @@ def registry_model_dir(name: str, fold: int, *, verified: bool = True) -> Path:
 
 def _is_model_dir(path: Path) -> bool:
     return (path / CONFIG_NAME).is_file() and (path / WEIGHTS_NAME).is_file()
-
-
-def is_cached(name: str, fold: int) -> bool:
-    """True when a registry model is already converted in the cache.
-
-    Example:
-        >>> is_cached("anatcl-global", 0)  # doctest: +SKIP
-        False
-    """
-    return cached_state(name, fold) is not None
 
 
 def cached_state(name: str, fold: int) -> str | None:

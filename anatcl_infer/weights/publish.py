@@ -104,8 +104,7 @@ def push_to_hub(
             f"{directory} lacks {', '.join(missing)}; create it with `anatcl convert SRC {directory}` first",
             path=str(directory),
         )
-    if repo_id.startswith("hf://"):
-        repo_id = repo_id[len("hf://"):]
+    repo_id = repo_id.removeprefix("hf://")
     if repo_id.count("/") != 1:
         raise CheckpointError(f"{repo_id!r} is not a Hub repository id; write org/name", path=str(directory))
     config = ModelConfig.load(directory)

@@ -97,18 +97,14 @@ def published_dir() -> Path:
 
 
 @functools.lru_cache(maxsize=1)
-def _packaged_manifest() -> dict[str, Any]:
-    return json.loads((published_dir() / "manifest.json").read_text(encoding="utf-8"))
-
-
 def load_manifest() -> dict[str, Any]:
-    """The parsed ``weights/manifest.json`` shipped with the package.
+    """The parsed ``weights/manifest.json`` shipped with the package (read once per process).
 
     Example:
         >>> sorted(load_manifest()["models"])
         ['anatcl-global', 'anatcl-local']
     """
-    return _packaged_manifest()
+    return json.loads((published_dir() / "manifest.json").read_text(encoding="utf-8"))
 
 
 def list_models() -> list[str]:
@@ -138,10 +134,7 @@ def canonical_name(name: str) -> str:
     for canonical, entry in models.items():
         if key in (a.lower() for a in entry.get("aliases", ())):
             return canonical
-    valid = []
-    for canonical, entry in sorted(models.items()):
-        valid.append(canonical)
-        valid.extend(entry.get("aliases", ()))
+    valid = [n for canonical, entry in sorted(models.items()) for n in (canonical, *entry.get("aliases", ()))]
     raise UnknownModelError(
         f"unknown model {name!r}; valid names are {', '.join(valid)}, or pass an hf://org/name address, "
         "an http(s) URL, a .pth/.safetensors file or a model directory",

@@ -753,18 +753,16 @@ def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def _read_into(fh: Any, offset: int, nbytes: int, dtype: torch.dtype, swap: bool) -> torch.Tensor:
-    """``nbytes`` at ``offset`` of an open file, as a fresh flat tensor of ``dtype`` (one copy)."""
+def _read_into(stream: Any, nbytes: int, dtype: torch.dtype, swap: bool, what: str) -> torch.Tensor:
+    """The next ``nbytes`` of ``stream`` as a fresh flat tensor of ``dtype`` (one copy, byte-swapped if asked)."""
     buf = torch.empty(nbytes, dtype=torch.uint8)
-    if nbytes:
-        fh.seek(offset)
-        view = memoryview(buf.numpy())
-        got = 0
-        while got < nbytes:
-            n = fh.readinto(view[got:])
-            if not n:
-                raise _bad(f"the file ends {nbytes - got} bytes early inside a tensor")
-            got += n
+    view = memoryview(buf.numpy())
+    got = 0
+    while got < nbytes:
+        n = stream.readinto(view[got:])
+        if not n:
+            raise _bad(f"{what} is truncated ({nbytes - got} bytes missing)")
+        got += n
     itemsize = _itemsize(dtype)
     if swap and itemsize > 1:
         buf = buf.view(-1, itemsize).flip(1).reshape(-1).contiguous()
@@ -811,19 +809,10 @@ def _load_zip(path: Path, where: str) -> Any:
                 start = info.header_offset + 30 + n_name + n_extra
                 if start + nbytes > file_size:
                     raise _bad(f"storage {name} runs past the end of the file")
-                return _read_into(raw, start, nbytes, dtype, swap)
-            buf = torch.empty(nbytes, dtype=torch.uint8)
+                raw.seek(start)
+                return _read_into(raw, nbytes, dtype, swap, f"storage {name}")
             with archive.open(info) as member:  # inflation stops at the declared size
-                view = memoryview(buf.numpy())
-                got = 0
-                while got < nbytes:
-                    n = member.readinto(view[got:])
-                    if not n:
-                        raise _bad(f"storage {name} is truncated")
-                    got += n
-            if swap and _itemsize(dtype) > 1:
-                buf = buf.view(-1, _itemsize(dtype)).flip(1).reshape(-1).contiguous()
-            return buf.view(dtype)
+                return _read_into(member, nbytes, dtype, swap, f"storage {name}")
 
         def storage(key: str, dtype: torch.dtype, numel: int, view: Any) -> _Storage:
             return _Storage(key, dtype, numel, read_storage)
@@ -860,7 +849,8 @@ def _load_legacy(path: Path, where: str) -> Any:
             start, nbytes = offsets[key]
             if nbytes != numel * _itemsize(dtype):
                 raise _Refused(f"storage {key} holds {nbytes} bytes, the pickle says {numel * _itemsize(dtype)}")
-            return _read_into(fh, start, nbytes, dtype, swap)
+            fh.seek(start)
+            return _read_into(fh, nbytes, dtype, swap, f"storage {key}")
 
         declared: dict[str, _Storage] = {}
 
