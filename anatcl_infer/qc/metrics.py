@@ -15,7 +15,6 @@ outside the crop box, when it matches the template better flipped, or when its i
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -58,12 +57,9 @@ _FLIP_MARGIN = 0.1  # a flipped template must correlate this much better to call
 
 
 def _pearson(a: np.ndarray, b: np.ndarray) -> float:
-    a = a.astype(np.float64, copy=False).ravel()
-    b = b.astype(np.float64, copy=False).ravel()
-    a = a - a.mean()
-    b = b - b.mean()
-    denom = math.sqrt(float(a @ a) * float(b @ b))
-    return float(a @ b) / denom if denom > 0 else float("nan")
+    """Pearson correlation of two volumes (in float64); NaN, silently, when one of them is constant."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return float(np.corrcoef(a.ravel(), b.ravel())[0, 1])
 
 
 _AXIS_WORDS = ("L/R", "A/P", "S/I")
