@@ -226,19 +226,6 @@ def _draw_panel(
     return shown
 
 
-@dataclass
-class _Layout:
-    """What a three-slice picture shows: a volume in RAS view, outline, crop box, centre and its MNI mm."""
-
-    ras: np.ndarray
-    outline: np.ndarray | None
-    box: list[tuple[int, int]] | None
-    centre: list[int]
-    mm: tuple[float, float, float]
-    what: str
-    window: tuple[float, float]
-
-
 def _grid_kept(prepared: Any, config: PreprocessConfig) -> bool:
     """Whether ``prepared`` kept its conformed volume on ``config``'s grid (``prepare(keep_grid=True)``)."""
     grid = getattr(prepared, "grid", None)
@@ -261,31 +248,6 @@ def _slice_plan(
     ras_box = _box_to_ras(box, shape, affine)
     centre = [(a + b) // 2 for a, b in ras_box]
     return (ras_box if grid_kept else None), centre, _ras_to_world(centre, shape, affine)
-
-
-def _layout(prepared: Any, config: PreprocessConfig, template: GMTemplate) -> _Layout:
-    affine = np.asarray(config.grid_affine, dtype=np.float64)
-    on_template = template.matches(config)
-    grid_kept = _grid_kept(prepared, config)
-    if grid_kept:
-        volume = np.asarray(prepared.grid, dtype=np.float32)
-        outline = template.brain_mask if on_template else None
-        what = f"conformed grid {tuple(config.grid_shape)}; dashed box = model input {tuple(config.model_input_shape)}"
-    else:
-        volume = np.asarray(prepared.array, dtype=np.float32).reshape(config.model_input_shape)
-        outline = to_model_space(template.brain_mask, config) if on_template else None
-        what = f"model input {tuple(config.model_input_shape)}"
-    volume = np.nan_to_num(volume, nan=0.0, posinf=0.0, neginf=0.0)
-    box, centre, mm = _slice_plan(config, grid_kept)
-    return _Layout(
-        ras=_to_ras(volume, affine),
-        outline=None if outline is None else _to_ras(outline, affine),
-        box=box,
-        centre=centre,
-        mm=mm,
-        what=what,
-        window=_window(volume),
-    )
 
 
 def slice_positions_mm(prepared: Any, *, config: PreprocessConfig | None = None) -> tuple[float, float, float]:
@@ -394,11 +356,24 @@ def render_slices(
         b'\\x89PNG'
     """
     config, template = _defaults(orientation, config, template)
-    lay = _layout(prepared, config, template)
-    views = _views(lay.ras, lay.outline, lay.box, lay.centre, orientation, lay.mm)
+    affine = np.asarray(config.grid_affine, dtype=np.float64)
+    on_template = template.matches(config)
+    grid_kept = _grid_kept(prepared, config)
+    if grid_kept:
+        volume = np.asarray(prepared.grid, dtype=np.float32)
+        outline = template.brain_mask if on_template else None
+        what = f"conformed grid {tuple(config.grid_shape)}; dashed box = model input {tuple(config.model_input_shape)}"
+    else:
+        volume = np.asarray(prepared.array, dtype=np.float32).reshape(config.model_input_shape)
+        outline = to_model_space(template.brain_mask, config) if on_template else None
+        what = f"model input {tuple(config.model_input_shape)}"
+    volume = np.nan_to_num(volume, nan=0.0, posinf=0.0, neginf=0.0)
+    box, centre, mm = _slice_plan(config, grid_kept)
+    ras_outline = None if outline is None else _to_ras(outline, affine)
+    views = _views(_to_ras(volume, affine), ras_outline, box, centre, orientation, mm)
     head = title if title is not None else str(getattr(prepared, "source", ""))
-    line2 = f"{lay.what}; {orientation} (L/R marked); cyan = reference brain outline"
-    return _three_slices(views, lay.window, head=head, line2=line2, subtitle=subtitle, mm=lay.mm, path=path, dpi=dpi)
+    line2 = f"{what}; {orientation} (L/R marked); cyan = reference brain outline"
+    return _three_slices(views, _window(volume), head=head, line2=line2, subtitle=subtitle, mm=mm, path=path, dpi=dpi)
 
 
 def render_relevance(
