@@ -260,16 +260,6 @@ def _peak_mm(relevance: np.ndarray, affine: np.ndarray, config: PreprocessConfig
     return float(x), float(y), float(z)
 
 
-def _load_model(model: Any, fold: int, device: Any) -> AnatCL:
-    from ..model.network import AnatCL
-
-    if isinstance(model, AnatCL):
-        return model
-    from ..weights.loading import load_model
-
-    return load_model(str(model), fold=fold, device=device)
-
-
 def explain(
     inputs: Iterable[Any],
     model: AnatCL | str | os.PathLike[str] = "anatcl-global",
@@ -332,11 +322,14 @@ def explain(
         _matplotlib()  # fail before any work when the extra is missing
     from ..model.network import AnatCL
 
-    if isinstance(model, AnatCL) and device is None:
-        dev = model.device  # a model given loaded stays where it is
+    if isinstance(model, AnatCL):
+        net = model
+        dev = model.device if device is None else resolve_device(device)  # a model given loaded stays where it is
     else:
+        from ..weights.loading import load_model
+
         dev = resolve_device(device)
-    net = _load_model(model, fold, dev)
+        net = load_model(str(model), fold=fold, device=dev)
     net.to(dev).eval()
     config = net.config.preprocess
     affine = np.asarray(config.grid_affine, dtype=np.float64)

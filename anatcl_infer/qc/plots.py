@@ -273,10 +273,6 @@ def _png(fig: Any, dpi: int, description: str, path: str | os.PathLike[str] | No
     return data
 
 
-def _slices_text(mm: Sequence[float]) -> str:
-    return f"slices at MNI x={mm[0]:.1f} mm, y={mm[1]:.1f} mm, z={mm[2]:.1f} mm".replace("-0.0", "0.0")
-
-
 def _defaults(
     orientation: str, config: PreprocessConfig | None, template: GMTemplate | None
 ) -> tuple[PreprocessConfig, GMTemplate]:
@@ -311,7 +307,8 @@ def _three_slices(
         head = "..." + head[-107:]
     fig.text(0.01, 0.965, head, fontsize=10, fontweight="bold", va="top")
     fig.text(0.01, 0.905, line2 + (f"\n{subtitle}" if subtitle else ""), fontsize=8, va="top", color="#333333")
-    return _png(fig, dpi, _slices_text(mm), path)
+    description = f"slices at MNI x={mm[0]:.1f} mm, y={mm[1]:.1f} mm, z={mm[2]:.1f} mm".replace("-0.0", "0.0")
+    return _png(fig, dpi, description, path)
 
 
 def render_slices(
