@@ -354,15 +354,12 @@ def explain(
         if not s.ok:
             logger.warning("%s: failed at %s: %s", s.path, s.stage, s.error)
     order = sorted(prepared)
-
-    def batches() -> Iterable[list[int]]:
-        for k in range(0, len(order), batch_size):
-            yield order[k : k + batch_size]
+    batches = [order[k : k + batch_size] for k in range(0, len(order), batch_size)]
 
     if target is None:
         feats = []
         with torch.inference_mode():
-            for idx in batches():
+            for idx in batches:
                 x = torch.from_numpy(np.stack([prepared[i].array for i in idx])).to(dev)
                 feats.append(net(x).float().cpu().numpy())
         target = principal_target(np.concatenate(feats) if feats else np.zeros((0, net.config.feature_dim)))
@@ -371,7 +368,7 @@ def explain(
     from tqdm.auto import tqdm
 
     with tqdm(total=len(order), desc="explain", unit="scan", disable=not progress) as bar:
-        for idx in batches():
+        for idx in batches:
             x = torch.from_numpy(np.stack([prepared[i].array for i in idx])).to(dev)
             rel, scores, outs = _gradient_x_input(net, x, target)
             for j, i in enumerate(idx):
