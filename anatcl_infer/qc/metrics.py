@@ -234,9 +234,7 @@ def _columns(metrics: Any) -> tuple[dict[str, np.ndarray], Any]:
     if isinstance(metrics, Mapping):
         return {str(k): np.asarray(v) for k, v in metrics.items()}, None
     rows = list(metrics)
-    keys: list[str] = []
-    for row in rows:
-        keys.extend(k for k in row if k not in keys)
+    keys = list(dict.fromkeys(k for row in rows for k in row))  # every row's keys, in first-seen order
     return {k: np.asarray([row.get(k, np.nan) for row in rows], dtype=object) for k in keys}, None
 
 
