@@ -285,6 +285,43 @@ def test_orientation_puts_the_left_hemisphere_on_the_labelled_side():
     assert v[2].top == "A" and np.where(v[2].image.any(axis=1))[0].mean() > v[2].image.shape[0] / 2
 
 
+@pytest.mark.parametrize(
+    "affine",
+    [
+        np.asarray(REFERENCE_AFFINE),  # LAS, the published grid
+        np.diag([1.5, 2.0, -1.0, 1.0]),  # RAS but z stored top to bottom
+        np.array([[0, -1.5, 0, 9], [2.0, 0, 0, -4], [0, 0, 1.0, 3], [0, 0, 0, 1]]),  # array axes (y, x, z), x flipped
+    ],
+    ids=["las", "flip-z", "permuted"],
+)
+def test_ras_view_box_and_world_positions_agree_on_any_axis_order(affine):
+    from anatcl_infer.qc.plots import _box_to_ras, _ras_to_world, _to_ras
+
+    shape = (4, 5, 6)
+    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), axis=-1).reshape(-1, 3)
+    world = (ijk @ affine[:3, :3].T + affine[:3, 3]).reshape(*shape, 3)  # each voxel's MNI mm
+    ras = np.stack([_to_ras(world[..., w], affine) for w in range(3)], axis=-1)
+    for w in range(3):  # world x, y, z increase along RAS axes 0, 1, 2 and are constant across the others
+        assert (np.diff(ras[..., w], axis=w) > 0).all()
+        assert np.ptp(ras[..., w], axis=tuple(a for a in range(3) if a != w)).max() == 0
+    centre = (1, 2, 3)
+    assert np.allclose(_ras_to_world(centre, shape, affine), ras[centre])
+    box = [(1, 3), (0, 2), (2, 5)]
+    inside = np.zeros(shape, dtype=bool)
+    inside[tuple(slice(a, b) for a, b in box)] = True
+    ras_box = _box_to_ras(box, shape, affine)
+    expected = np.zeros(_to_ras(inside, affine).shape, dtype=bool)
+    expected[tuple(slice(a, b) for a, b in ras_box)] = True
+    np.testing.assert_array_equal(_to_ras(inside, affine), expected)
+
+
+def test_pictures_refuse_a_grid_without_three_axes():
+    from anatcl_infer.qc.plots import _to_ras
+
+    with pytest.raises(ConfigError, match="axes follow x, y and z"):
+        _to_ras(np.zeros((3, 3, 3)), np.diag([1.5, 0.0, 1.5, 1.0]))
+
+
 def test_contact_sheet_and_thumbnails(cohort, tmp_path):
     from anatcl_infer.qc.plots import make_thumbnail, render_contact_sheet
 

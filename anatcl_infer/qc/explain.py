@@ -22,8 +22,6 @@ is not a dependency.
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import os
 from collections.abc import Iterable, Sequence
@@ -231,10 +229,6 @@ def _write_nifti(path: Path, volume: np.ndarray, affine: np.ndarray, description
     return path
 
 
-def _voxel_mm(affine: np.ndarray) -> np.ndarray:
-    return np.sqrt((np.asarray(affine, dtype=np.float64)[:3, :3] ** 2).sum(axis=0))
-
-
 def smooth(relevance: np.ndarray, fwhm_mm: float, affine: np.ndarray, config: PreprocessConfig) -> np.ndarray:
     """Gaussian smoothing of a map on the grid (FWHM in mm), kept zero outside the crop box.
 
@@ -245,35 +239,25 @@ def smooth(relevance: np.ndarray, fwhm_mm: float, affine: np.ndarray, config: Pr
         >>> round(float(s.sum()), 3), bool(s[60, 72, 60] < 1)
         (1.0, True)
     """
+    from nibabel.affines import voxel_sizes
     from scipy.ndimage import gaussian_filter
 
     if fwhm_mm <= 0:
         return relevance
-    sigma = fwhm_mm / (2.0 * np.sqrt(2.0 * np.log(2.0))) / _voxel_mm(affine)
+    sigma = fwhm_mm / (2.0 * np.sqrt(2.0 * np.log(2.0))) / voxel_sizes(affine)
     out = np.zeros_like(relevance)
     box = tuple(slice(a, b) for a, b in config.crop)
     out[box] = gaussian_filter(relevance[box].astype(np.float32), sigma=sigma, mode="constant")
     return out
 
 
-def _peak_mm(relevance: np.ndarray, affine: np.ndarray) -> tuple[float, float, float]:
-    """MNI position of the centre of the most relevant region: the peak of |relevance| smoothed over ~6 mm."""
-    from scipy.ndimage import gaussian_filter
+def _peak_mm(relevance: np.ndarray, affine: np.ndarray, config: PreprocessConfig) -> tuple[float, float, float]:
+    """MNI position of the centre of the most relevant region: the peak of |relevance| smoothed over 6 mm."""
+    from nibabel.affines import apply_affine
 
-    sigma = 6.0 / 2.3548 / _voxel_mm(affine)
-    ijk = np.unravel_index(int(np.argmax(gaussian_filter(np.abs(relevance), sigma=sigma, mode="constant"))), relevance.shape)
-    xyz = affine @ np.array([*ijk, 1.0])
-    return float(xyz[0]), float(xyz[1]), float(xyz[2])
-
-
-def _load_model(model: Any, fold: int, device: Any) -> AnatCL:
-    from ..model.network import AnatCL
-
-    if isinstance(model, AnatCL):
-        return model
-    from ..weights.loading import load_model
-
-    return load_model(str(model), fold=fold, device=device)
+    blurred = smooth(np.abs(relevance), 6.0, affine, config)
+    x, y, z = apply_affine(affine, np.unravel_index(int(np.argmax(blurred)), relevance.shape))
+    return float(x), float(y), float(z)
 
 
 def explain(
@@ -338,11 +322,14 @@ def explain(
         _matplotlib()  # fail before any work when the extra is missing
     from ..model.network import AnatCL
 
-    if isinstance(model, AnatCL) and device is None:
-        dev = model.device  # a model given loaded stays where it is
+    if isinstance(model, AnatCL):
+        net = model
+        dev = model.device if device is None else resolve_device(device)  # a model given loaded stays where it is
     else:
+        from ..weights.loading import load_model
+
         dev = resolve_device(device)
-    net = _load_model(model, fold, dev)
+        net = load_model(str(model), fold=fold, device=dev)
     net.to(dev).eval()
     config = net.config.preprocess
     affine = np.asarray(config.grid_affine, dtype=np.float64)
@@ -367,34 +354,28 @@ def explain(
         if not s.ok:
             logger.warning("%s: failed at %s: %s", s.path, s.stage, s.error)
     order = sorted(prepared)
-
-    def batches() -> Iterable[list[int]]:
-        for k in range(0, len(order), batch_size):
-            yield order[k : k + batch_size]
+    batches = [order[k : k + batch_size] for k in range(0, len(order), batch_size)]
 
     if target is None:
         feats = []
         with torch.inference_mode():
-            for idx in batches():
+            for idx in batches:
                 x = torch.from_numpy(np.stack([prepared[i].array for i in idx])).to(dev)
                 feats.append(net(x).float().cpu().numpy())
         target = principal_target(np.concatenate(feats) if feats else np.zeros((0, net.config.feature_dim)))
     logger.info("explaining %s for %d inputs (gradient x input)", target.label, len(order))
 
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
+    from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(order), desc="explain", unit="scan")
-    try:
-        for idx in batches():
+    with tqdm(total=len(order), desc="explain", unit="scan", disable=not progress) as bar:
+        for idx in batches:
             x = torch.from_numpy(np.stack([prepared[i].array for i in idx])).to(dev)
             rel, scores, outs = _gradient_x_input(net, x, target)
             for j, i in enumerate(idx):
                 grid_rel = smooth(to_grid(rel[j], config), smooth_mm, affine, config)
                 label = str(target.classes[int(outs[j])]) if target.classes and target.output is None else target.label
                 exp = Explanation(path=slots[i].path, score=float(scores[j]), output=label, affine=affine,
-                                  peak_mm=_peak_mm(grid_rel, affine))
+                                  peak_mm=_peak_mm(grid_rel, affine, config))
                 if out is not None:
                     name = output_stem(i, exp.path)
                     exp.nifti = _write_nifti(out / f"{name}_relevance.nii.gz", grid_rel, affine,
@@ -406,11 +387,7 @@ def explain(
                     exp.relevance = grid_rel
                 slots[i] = exp
                 prepared.pop(i)  # the conformed grid is no longer needed
-            if bar is not None:
-                bar.update(len(idx))
-    finally:
-        if bar is not None:
-            bar.close()
+            bar.update(len(idx))
     results += slots
     if out is not None:
         _write_table(results, out / "explain.csv")
@@ -428,17 +405,16 @@ def _draw(exp: Explanation, grid_rel: np.ndarray, prepared: Any, config: Preproc
 
 
 def _write_table(items: Sequence[Explanation], path: Path) -> Path:
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["path", "status", "stage", "error", "output", "score", "peak_x_mm", "peak_y_mm", "peak_z_mm",
-                     "relevance_nifti", "picture"])
+    from .report import _write_csv
+
+    rows = []
     for it in items:
         peak = [f"{v:g}" for v in it.peak_mm] if it.peak_mm else ["", "", ""]
-        writer.writerow([
+        rows.append([
             it.path, "ok" if it.ok else "failed", it.stage, it.error, it.output,
             "" if np.isnan(it.score) else repr(it.score), *peak,
             it.nifti.name if it.nifti else "", it.png.name if it.png else "",
         ])
-    with atomic_path(path) as tmp:
-        tmp.write_text(buf.getvalue())
-    return path
+    header = ["path", "status", "stage", "error", "output", "score", "peak_x_mm", "peak_y_mm", "peak_z_mm",
+              "relevance_nifti", "picture"]
+    return _write_csv(path, header, rows)

@@ -15,7 +15,6 @@ outside the crop box, when it matches the template better flipped, or when its i
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -58,12 +57,9 @@ _FLIP_MARGIN = 0.1  # a flipped template must correlate this much better to call
 
 
 def _pearson(a: np.ndarray, b: np.ndarray) -> float:
-    a = a.astype(np.float64, copy=False).ravel()
-    b = b.astype(np.float64, copy=False).ravel()
-    a = a - a.mean()
-    b = b - b.mean()
-    denom = math.sqrt(float(a @ a) * float(b @ b))
-    return float(a @ b) / denom if denom > 0 else float("nan")
+    """Pearson correlation of two volumes (in float64); NaN, silently, when one of them is constant."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return float(np.corrcoef(a.ravel(), b.ravel())[0, 1])
 
 
 _AXIS_WORDS = ("L/R", "A/P", "S/I")
@@ -238,9 +234,7 @@ def _columns(metrics: Any) -> tuple[dict[str, np.ndarray], Any]:
     if isinstance(metrics, Mapping):
         return {str(k): np.asarray(v) for k, v in metrics.items()}, None
     rows = list(metrics)
-    keys: list[str] = []
-    for row in rows:
-        keys.extend(k for k in row if k not in keys)
+    keys = list(dict.fromkeys(k for row in rows for k in row))  # every row's keys, in first-seen order
     return {k: np.asarray([row.get(k, np.nan) for row in rows], dtype=object) for k in keys}, None
 
 

@@ -5,9 +5,9 @@ draw, and only its object-oriented API with the Agg canvas is used (no ``pyplot`
 global backend switch), so drawing is safe in worker processes and threads.
 
 Orientation: slices are shown in world (MNI) orientation worked out from the grid
-affine — superior up, anterior up in axial views and right in sagittal views — in the
-neurological convention by default (the subject's left on the viewer's left), with
-L/R, A/P, S/I letters on every panel.
+affine with ``nibabel.orientations`` — superior up, anterior up in axial views and right
+in sagittal views — in the neurological convention by default (the subject's left on the
+viewer's left), with L/R, A/P, S/I letters on every panel.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from nibabel.affines import apply_affine
+from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation
 
 from .._files import atomic_path
 from .._version import __version__
@@ -38,7 +40,6 @@ __all__ = [
     "render_relevance",
     "render_slices",
     "slice_positions_mm",
-    "write_atomic",
 ]
 
 logger = logging.getLogger(__name__)
@@ -68,58 +69,24 @@ def _matplotlib() -> tuple[Any, Any]:
     return Figure, FigureCanvasAgg
 
 
-def write_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Write ``data`` to a temporary file beside ``path``, then rename it over ``path``.
-
-    The file gets the mode a plain ``open`` would give it under the process umask (see
-    :mod:`anatcl_infer._files`), so a report folder can be shared with colleagues.
-
-    Example:
-        >>> import tempfile, pathlib
-        >>> write_atomic(pathlib.Path(tempfile.mkdtemp()) / "a.txt", b"hi").read_bytes()
-        b'hi'
-    """
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-    return path
-
-
-def _axis_signs(affine: np.ndarray) -> tuple[int, int, int]:
-    """For each array axis, +1 or -1: the sign of the world axis (x, y, z) it mostly follows."""
-    rot = np.asarray(affine, dtype=np.float64)[:3, :3]
-    world = np.argmax(np.abs(rot), axis=0)
-    if sorted(world.tolist()) != [0, 1, 2]:
+def _ras_orientation(affine: np.ndarray) -> np.ndarray:
+    """The nibabel orientation of a grid: for each array axis, the world axis (x, y, z) it follows and its sign."""
+    ornt = io_orientation(np.asarray(affine, dtype=np.float64))
+    if np.isnan(ornt).any():
         raise ConfigError("QC pictures need a grid whose axes follow x, y and z (any order and sign)")
-    return tuple(int(np.sign(rot[world[k], k])) or 1 for k in range(3))  # type: ignore[return-value]
-
-
-def _world_order(affine: np.ndarray) -> list[int]:
-    """Array axis carrying world x, y and z (in that order)."""
-    rot = np.asarray(affine, dtype=np.float64)[:3, :3]
-    world = np.argmax(np.abs(rot), axis=0)
-    return [int(np.where(world == w)[0][0]) for w in range(3)]
+    return ornt
 
 
 def _to_ras(volume: np.ndarray, affine: np.ndarray) -> np.ndarray:
     """View of ``volume`` with axes (x, y, z), each increasing towards R, A, S."""
-    order = _world_order(affine)
-    signs = _axis_signs(affine)
-    out = np.transpose(volume, order)
-    flips = tuple(slice(None, None, -1) if signs[a] < 0 else slice(None) for a in order)
-    return out[flips]
+    return apply_orientation(volume, _ras_orientation(affine))
 
 
 def _box_to_ras(box: Sequence[tuple[int, int]], shape: Sequence[int], affine: np.ndarray) -> list[tuple[int, int]]:
     """A per-array-axis (start, stop) box in the RAS view's index space."""
-    order = _world_order(affine)
-    signs = _axis_signs(affine)
-    out = []
-    for a in order:
-        start, stop = box[a]
-        if signs[a] < 0:
-            start, stop = shape[a] - stop, shape[a] - start
-        out.append((int(start), int(stop)))
+    out = [(0, 0)] * 3
+    for (start, stop), n, (world, sign) in zip(box, shape, _ras_orientation(affine).astype(int)):
+        out[world] = (int(n - stop), int(n - start)) if sign < 0 else (int(start), int(stop))
     return out
 
 
@@ -147,14 +114,9 @@ def model_input_affine(config: PreprocessConfig) -> np.ndarray:
 
 def _ras_to_world(centre: Sequence[int], shape: Sequence[int], affine: np.ndarray) -> tuple[float, float, float]:
     """World (MNI mm) coordinates x, y, z of the voxel at ``centre`` of the RAS view of a volume."""
-    order = _world_order(affine)
-    signs = _axis_signs(affine)
-    ijk = [0, 0, 0]
-    for w, a in enumerate(order):
-        c = int(centre[w])
-        ijk[a] = c if signs[a] > 0 else int(shape[a]) - 1 - c
-    xyz = np.asarray(affine, dtype=np.float64) @ np.array([*ijk, 1.0])
-    return float(xyz[0]), float(xyz[1]), float(xyz[2])
+    ras_affine = np.asarray(affine, dtype=np.float64) @ inv_ornt_aff(_ras_orientation(affine), shape)
+    x, y, z = apply_affine(ras_affine, centre)
+    return float(x), float(y), float(z)
 
 
 def _mm(value: float) -> str:
@@ -264,48 +226,28 @@ def _draw_panel(
     return shown
 
 
-@dataclass
-class _Layout:
-    """What a three-slice picture shows: a volume in RAS view, outline, crop box, centre and its MNI mm."""
-
-    ras: np.ndarray
-    outline: np.ndarray | None
-    box: list[tuple[int, int]] | None
-    centre: list[int]
-    mm: tuple[float, float, float]
-    what: str
-    window: tuple[float, float]
-
-
-def _layout(prepared: Any, config: PreprocessConfig, template: GMTemplate) -> _Layout:
-    affine = np.asarray(config.grid_affine, dtype=np.float64)
+def _grid_kept(prepared: Any, config: PreprocessConfig) -> bool:
+    """Whether ``prepared`` kept its conformed volume on ``config``'s grid (``prepare(keep_grid=True)``)."""
     grid = getattr(prepared, "grid", None)
-    on_template = template.matches(config)
-    if grid is not None and tuple(np.shape(grid)) == tuple(config.grid_shape):
-        volume = np.asarray(grid, dtype=np.float32)
-        outline = template.brain_mask if on_template else None
-        box_idx: list[tuple[int, int]] | None = list(config.crop)
-        what = f"conformed grid {tuple(config.grid_shape)}; dashed box = model input {tuple(config.model_input_shape)}"
-        vol_affine = affine
+    return grid is not None and tuple(np.shape(grid)) == tuple(config.grid_shape)
+
+
+def _slice_plan(
+    config: PreprocessConfig, grid_kept: bool
+) -> tuple[list[tuple[int, int]] | None, list[int], tuple[float, float, float]]:
+    """The crop box in the RAS view (``None`` without the grid), the slices' RAS index and their MNI mm.
+
+    With the grid, the slices go through the centre of the crop box; without it, through the
+    centre of the model input.
+    """
+    if grid_kept:
+        shape, affine, box = tuple(config.grid_shape), np.asarray(config.grid_affine, dtype=np.float64), config.crop
     else:
-        volume = np.asarray(prepared.array, dtype=np.float32).reshape(config.model_input_shape)
-        outline = to_model_space(template.brain_mask, config) if on_template else None
-        box_idx = None
-        what = f"model input {tuple(config.model_input_shape)}"
-        vol_affine = model_input_affine(config)
-    volume = np.nan_to_num(volume, nan=0.0, posinf=0.0, neginf=0.0)
-    ras = _to_ras(volume, affine)
-    ras_box = _box_to_ras(box_idx, volume.shape, affine) if box_idx else None
-    centre = [(a + b) // 2 for a, b in ras_box] if ras_box else [n // 2 for n in ras.shape]
-    return _Layout(
-        ras=ras,
-        outline=None if outline is None else _to_ras(outline, affine),
-        box=ras_box,
-        centre=centre,
-        mm=_ras_to_world(centre, volume.shape, vol_affine),
-        what=what,
-        window=_window(volume),
-    )
+        shape, affine = tuple(config.model_input_shape), model_input_affine(config)
+        box = tuple((0, n) for n in shape)
+    ras_box = _box_to_ras(box, shape, affine)
+    centre = [(a + b) // 2 for a, b in ras_box]
+    return (ras_box if grid_kept else None), centre, _ras_to_world(centre, shape, affine)
 
 
 def slice_positions_mm(prepared: Any, *, config: PreprocessConfig | None = None) -> tuple[float, float, float]:
@@ -317,27 +259,56 @@ def slice_positions_mm(prepared: Any, *, config: PreprocessConfig | None = None)
         (0.0, -18.0, 18.0)
     """
     config = config or PreprocessConfig()
-    affine = np.asarray(config.grid_affine, dtype=np.float64)
-    grid = getattr(prepared, "grid", None)
-    if grid is not None and tuple(np.shape(grid)) == tuple(config.grid_shape):
-        shape, vol_affine = tuple(config.grid_shape), affine
-        box = _box_to_ras(list(config.crop), shape, affine)
-        centre = [(a + b) // 2 for a, b in box]
-    else:
-        shape, vol_affine = tuple(config.model_input_shape), model_input_affine(config)
-        order = _world_order(affine)
-        centre = [shape[order[w]] // 2 for w in range(3)]
-    return _ras_to_world(centre, shape, vol_affine)
+    return _slice_plan(config, _grid_kept(prepared, config))[2]
 
 
-def _png_bytes(fig: Any, dpi: int, description: str) -> bytes:
+def _png(fig: Any, dpi: int, description: str, path: str | os.PathLike[str] | None) -> bytes:
+    """The figure's PNG bytes (``description`` in a text chunk), also written atomically to ``path`` if given."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, metadata={"Software": f"anatcl-infer {__version__}", "Description": description})
-    return buf.getvalue()
+    data = buf.getvalue()
+    if path is not None:
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(data)
+    return data
 
 
-def _slices_text(mm: Sequence[float]) -> str:
-    return f"slices at MNI x={mm[0]:.1f} mm, y={mm[1]:.1f} mm, z={mm[2]:.1f} mm".replace("-0.0", "0.0")
+def _defaults(
+    orientation: str, config: PreprocessConfig | None, template: GMTemplate | None
+) -> tuple[PreprocessConfig, GMTemplate]:
+    """Check ``orientation`` and that matplotlib is there (before any work); fill in the spec and template."""
+    if orientation not in _ORIENTATIONS:
+        raise ConfigError(f"orientation must be one of {_ORIENTATIONS}, got {orientation!r}")
+    _matplotlib()
+    return config or PreprocessConfig(), template if template is not None else load_gm_template()
+
+
+def _three_slices(
+    views: Sequence[_View],
+    window: tuple[float, float],
+    *,
+    head: str,
+    line2: str,
+    subtitle: str,
+    mm: Sequence[float],
+    path: str | os.PathLike[str] | None,
+    dpi: int,
+    overlay_window: float = 1.0,
+) -> bytes:
+    """The three panels side by side under a two-line caption, as PNG bytes (see :func:`_png`)."""
+    Figure, FigureCanvasAgg = _matplotlib()
+    fig = Figure(figsize=_SLICES_INCHES, dpi=dpi, facecolor="white")
+    FigureCanvasAgg(fig)
+    widths = [view.image.shape[1] for view in views]
+    spec = fig.add_gridspec(1, 3, width_ratios=widths, left=0.01, right=0.99, bottom=0.04, top=0.80, wspace=0.04)
+    for k, view in enumerate(views):
+        _draw_panel(fig.add_subplot(spec[0, k]), view, window, overlay_window=overlay_window)
+    if len(head) > 110:
+        head = "..." + head[-107:]
+    fig.text(0.01, 0.965, head, fontsize=10, fontweight="bold", va="top")
+    fig.text(0.01, 0.905, line2 + (f"\n{subtitle}" if subtitle else ""), fontsize=8, va="top", color="#333333")
+    description = f"slices at MNI x={mm[0]:.1f} mm, y={mm[1]:.1f} mm, z={mm[2]:.1f} mm".replace("-0.0", "0.0")
+    return _png(fig, dpi, description, path)
 
 
 def render_slices(
@@ -381,30 +352,25 @@ def render_slices(
         >>> png[:4]
         b'\\x89PNG'
     """
-    if orientation not in _ORIENTATIONS:
-        raise ConfigError(f"orientation must be one of {_ORIENTATIONS}, got {orientation!r}")
-    Figure, FigureCanvasAgg = _matplotlib()
-    config = config or PreprocessConfig()
-    template = template if template is not None else load_gm_template()
-    lay = _layout(prepared, config, template)
-
-    fig = Figure(figsize=_SLICES_INCHES, dpi=dpi, facecolor="white")
-    FigureCanvasAgg(fig)
-    ras = lay.ras
-    widths = [ras.shape[1], ras.shape[0], ras.shape[0]]
-    grid_spec = fig.add_gridspec(1, 3, width_ratios=widths, left=0.01, right=0.99, bottom=0.04, top=0.80, wspace=0.04)
-    for k, view in enumerate(_views(ras, lay.outline, lay.box, lay.centre, orientation, lay.mm)):
-        _draw_panel(fig.add_subplot(grid_spec[0, k]), view, lay.window)
+    config, template = _defaults(orientation, config, template)
+    affine = np.asarray(config.grid_affine, dtype=np.float64)
+    on_template = template.matches(config)
+    grid_kept = _grid_kept(prepared, config)
+    if grid_kept:
+        volume = np.asarray(prepared.grid, dtype=np.float32)
+        outline = template.brain_mask if on_template else None
+        what = f"conformed grid {tuple(config.grid_shape)}; dashed box = model input {tuple(config.model_input_shape)}"
+    else:
+        volume = np.asarray(prepared.array, dtype=np.float32).reshape(config.model_input_shape)
+        outline = to_model_space(template.brain_mask, config) if on_template else None
+        what = f"model input {tuple(config.model_input_shape)}"
+    volume = np.nan_to_num(volume, nan=0.0, posinf=0.0, neginf=0.0)
+    box, centre, mm = _slice_plan(config, grid_kept)
+    ras_outline = None if outline is None else _to_ras(outline, affine)
+    views = _views(_to_ras(volume, affine), ras_outline, box, centre, orientation, mm)
     head = title if title is not None else str(getattr(prepared, "source", ""))
-    if len(head) > 110:
-        head = "..." + head[-107:]
-    fig.text(0.01, 0.965, head, fontsize=10, fontweight="bold", va="top")
-    line2 = f"{lay.what}; {orientation} (L/R marked); cyan = reference brain outline"
-    fig.text(0.01, 0.905, line2 + (f"\n{subtitle}" if subtitle else ""), fontsize=8, va="top", color="#333333")
-    data = _png_bytes(fig, dpi, _slices_text(lay.mm))
-    if path is not None:
-        write_atomic(path, data)
-    return data
+    line2 = f"{what}; {orientation} (L/R marked); cyan = reference brain outline"
+    return _three_slices(views, _window(volume), head=head, line2=line2, subtitle=subtitle, mm=mm, path=path, dpi=dpi)
 
 
 def render_relevance(
@@ -446,11 +412,7 @@ def render_relevance(
         MissingDependencyError: matplotlib is not installed.
         ConfigError: a volume is not on the grid, or an unknown orientation.
     """
-    if orientation not in _ORIENTATIONS:
-        raise ConfigError(f"orientation must be one of {_ORIENTATIONS}, got {orientation!r}")
-    Figure, FigureCanvasAgg = _matplotlib()
-    config = config or PreprocessConfig()
-    template = template if template is not None else load_gm_template()
+    config, template = _defaults(orientation, config, template)
     shape = tuple(config.grid_shape)
     if tuple(np.shape(relevance)) != shape or tuple(np.shape(background)) != shape:
         raise ConfigError(f"relevance and background must both be on the grid {shape}")
@@ -460,33 +422,22 @@ def render_relevance(
     ras = _to_ras(bg, affine)
     ras_rel = _to_ras(rel, affine)
     outline = _to_ras(template.brain_mask, affine) if template.matches(config) else None
-    box = _box_to_ras(list(config.crop), shape, affine)
+    box = _box_to_ras(config.crop, shape, affine)
     if centre_mm is not None:
         ijk = np.linalg.solve(affine, np.array([*centre_mm, 1.0]))[:3]
         idx = np.clip(np.rint(ijk).astype(int), 0, np.array(shape) - 1)
-        order, signs = _world_order(affine), _axis_signs(affine)
-        centre = [int(idx[a]) if signs[a] > 0 else shape[a] - 1 - int(idx[a]) for a in order]
+        centre = [start for start, _ in _box_to_ras([(i, i + 1) for i in idx], shape, affine)]  # that voxel in the RAS view
     else:
         centre = list(np.unravel_index(int(np.argmax(np.abs(ras_rel))), ras_rel.shape))
     mm = _ras_to_world(centre, shape, affine)
     scale = float(np.percentile(np.abs(rel[rel != 0]), 99.9)) if np.any(rel) else 1.0
     scale = scale if scale > 0 else 1.0
-
-    fig = Figure(figsize=_SLICES_INCHES, dpi=dpi, facecolor="white")
-    FigureCanvasAgg(fig)
-    widths = [ras.shape[1], ras.shape[0], ras.shape[0]]
-    spec = fig.add_gridspec(1, 3, width_ratios=widths, left=0.01, right=0.99, bottom=0.04, top=0.80, wspace=0.04)
-    for k, view in enumerate(_views(ras, outline, box, centre, orientation, mm, overlay=ras_rel)):
-        _draw_panel(fig.add_subplot(spec[0, k]), view, _window(bg), overlay_window=scale)
-    head = title if len(title) <= 110 else "..." + title[-107:]
-    fig.text(0.01, 0.965, head, fontsize=10, fontweight="bold", va="top")
+    views = _views(ras, outline, box, centre, orientation, mm, overlay=ras_rel)
     line2 = (f"red raises the score, blue lowers it (scale +/-{scale:.2g}); {orientation} (L/R marked); "
              "cyan = reference brain outline; dashed box = model input")
-    fig.text(0.01, 0.905, line2 + (f"\n{subtitle}" if subtitle else ""), fontsize=8, va="top", color="#333333")
-    data = _png_bytes(fig, dpi, _slices_text(mm))
-    if path is not None:
-        write_atomic(path, data)
-    return data
+    return _three_slices(
+        views, _window(bg), head=title, line2=line2, subtitle=subtitle, mm=mm, path=path, dpi=dpi, overlay_window=scale
+    )
 
 
 @dataclass
@@ -594,7 +545,4 @@ def render_contact_sheet(
                 spine.set_linewidth(2.0)
     if title:
         fig.text(0.005, 1.0 - 0.08 / (rows * cell_h + header), title, fontsize=10, fontweight="bold", va="top")
-    data = _png_bytes(fig, dpi, title or "contact sheet")
-    if path is not None:
-        write_atomic(path, data)
-    return data
+    return _png(fig, dpi, title or "contact sheet", path)

@@ -21,30 +21,24 @@ file is written atomically (temporary file, then rename) with the process umask'
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as _dt
-import io
+import functools
 import logging
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .._files import output_stem
+from .._files import atomic_path, output_stem
 from .._version import __version__
 from ..config import PreprocessConfig
 from ..errors import AnatCLError
 from .metrics import QC_COLUMNS, outlier_reasons, qc_metrics
-from .plots import (
-    Thumbnail,
-    make_thumbnail,
-    render_contact_sheet,
-    render_slices,
-    slice_positions_mm,
-    write_atomic,
-)
+from .plots import Thumbnail, make_thumbnail, render_contact_sheet, render_slices, slice_positions_mm
 
 __all__ = ["QCItem", "QCReport", "build_qc_report", "qc_one", "readable", "write_html", "write_metrics_csv"]
 
@@ -186,38 +180,19 @@ def qc_one(
     )
 
 
-def _qc_task(args: tuple[Any, ...]) -> QCItem:
-    """Process-pool entry point (top level, so it pickles)."""
-    item, index, config, strict, images_dir, model_name = args
-    return qc_one(item, index, config, strict=strict, images_dir=images_dir, model_name=model_name)
+def _run(task: Callable[[Any, int], QCItem], inputs: list[Any], workers: int, progress: bool) -> list[QCItem]:
+    """``task(item, index)`` for every input, in this process or a process pool; results keep input order."""
+    from tqdm.auto import tqdm
 
-
-def _run(tasks: list[tuple[Any, ...]], workers: int, progress: bool) -> list[QCItem]:
-    """Run tasks in order, in this process or a pool; results keep input order."""
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(tasks), desc="qc", unit="scan")
-    results: list[QCItem] = []
-    try:
-        if workers <= 1 or len(tasks) <= 1:
-            for task in tasks:
-                results.append(_qc_task(task))
-                if bar is not None:
-                    bar.update(1)
+    with contextlib.ExitStack() as stack:
+        if workers <= 1 or len(inputs) <= 1:
+            done: Iterable[QCItem] = map(task, inputs, range(len(inputs)))
         else:
             from concurrent.futures import ProcessPoolExecutor
 
-            with ProcessPoolExecutor(max_workers=workers) as pool:
-                for res in pool.map(_qc_task, tasks, chunksize=1):
-                    results.append(res)
-                    if bar is not None:
-                        bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
-    return results
+            pool = stack.enter_context(ProcessPoolExecutor(max_workers=workers))
+            done = pool.map(task, inputs, range(len(inputs)), chunksize=1)
+        return list(tqdm(done, total=len(inputs), desc="qc", unit="scan", disable=not progress))
 
 
 def _fmt(value: Any) -> str:
@@ -228,6 +203,16 @@ def _fmt(value: Any) -> str:
     return "" if value is None else str(value)
 
 
+def _write_csv(path: str | os.PathLike[str], header: Sequence[str], rows: Iterable[Sequence[Any]]) -> Path:
+    """Write a CSV file (UTF-8, ``\\n`` line ends) atomically: rows go to a temporary file renamed over ``path``."""
+    path = Path(path)
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
 def write_metrics_csv(items: Sequence[QCItem], path: str | os.PathLike[str]) -> Path:
     """Write one CSV row per input (failed ones too), atomically.
 
@@ -235,16 +220,14 @@ def write_metrics_csv(items: Sequence[QCItem], path: str | os.PathLike[str]) -> 
         >>> write_metrics_csv(report.items, "qc/qc_metrics.csv")  # doctest: +SKIP
     """
     header = ["path", "status", "stage", "error", "qc_flag", "qc_reasons", *QC_COLUMNS, "image", *_SLICE_COLUMNS]
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(header)
+    rows = []
     for it in items:
         row = [it.path, "ok" if it.ok else "failed", it.stage, it.error, str(bool(it.flagged)).lower(), it.reasons]
         row += [_fmt(it.metrics.get(col)) for col in QC_COLUMNS]
         row.append(f"images/{it.image_name}" if it.image_name else "")
         row += [f"{v:g}" for v in it.slices_mm] if it.slices_mm else ["", "", ""]
-        writer.writerow(row)
-    return write_atomic(path, buf.getvalue().encode("utf-8"))
+        rows.append(row)
+    return _write_csv(path, header, rows)
 
 
 def readable(value: Any) -> str:
@@ -373,7 +356,9 @@ def write_html(
         version=__version__,
         stamp=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     )
-    return write_atomic(path, page.encode("utf-8"))
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(page.encode("utf-8"))
+    return Path(path)
 
 
 def build_qc_report(
@@ -420,9 +405,9 @@ def build_qc_report(
     images = out / "images"
     images.mkdir(parents=True, exist_ok=True)
     inputs = list(inputs)
-    tasks = [(item, i, config, strict, str(images), model_name) for i, item in enumerate(inputs)]
+    task = functools.partial(qc_one, config=config, strict=strict, images_dir=str(images), model_name=model_name)
     items = [QCItem(path=p, ok=False, stage=s, error=e) for p, s, e in failures]
-    items += _run(tasks, max(1, int(workers)), progress)
+    items += _run(task, inputs, max(1, int(workers)), progress)
     for it in items:
         if not it.ok:
             logger.warning("%s: failed at %s: %s", it.path, it.stage, it.error)
