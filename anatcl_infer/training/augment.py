@@ -137,20 +137,21 @@ def sample_params(config: AugmentConfig, shape: tuple[int, ...], generator: torc
 
 
 def _shift(x: torch.Tensor, shift: tuple[int, int, int]) -> torch.Tensor:
-    """Translate the last three axes by ``shift`` voxels, zero-filling."""
-    out = torch.zeros_like(x)
-    src, dst = [slice(None)] * (x.ndim - 3), [slice(None)] * (x.ndim - 3)
-    for n, d in zip(x.shape[-3:], shift):
-        if abs(d) >= n:
-            return out
-        src.append(slice(max(0, -d), n - max(0, d)))
-        dst.append(slice(max(0, d), n - max(0, -d)))
-    out[tuple(dst)] = x[tuple(src)]
-    return out
+    """Translate the last three axes by ``shift`` voxels, zero-filling.
+
+    ``F.pad`` pads one side by ``d`` and crops the other by ``d`` (a negative pad crops).
+    """
+    if any(abs(d) >= n for n, d in zip(x.shape[-3:], shift)):
+        return torch.zeros_like(x)  # shifted out entirely (F.pad refuses a crop beyond the size)
+    return F.pad(x, [p for d in reversed(shift) for p in (d, -d)])
 
 
 def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable 3D Gaussian blur of a (C, X, Y, Z) volume, kernel radius 3σ, zero padding."""
+    """Separable 3D Gaussian blur of a (C, X, Y, Z) volume, kernel radius 3σ, zero padding.
+
+    Kept in torch (not ``scipy.ndimage.gaussian_filter``): it runs on the batch's device,
+    the GPU in training, without a round trip through numpy.
+    """
     radius = max(1, int(3 * sigma + 0.5))
     t = torch.arange(-radius, radius + 1, dtype=torch.float32, device=x.device)
     k = torch.exp(-(t**2) / (2 * sigma**2))

@@ -6,10 +6,15 @@ run's configs, and every random state (torch CPU/CUDA, numpy, python ``random``,
 the augmentation generator) of every rank, so a resumed run continues exactly.
 Files are written to a temporary name and renamed, so a crash never leaves a
 half-written checkpoint.
+
+Also here, shared by :mod:`~anatcl_infer.training.trainer` and
+:mod:`~anatcl_infer.training.finetune`: seeding every generator, and appending one
+record to a run's ``log.jsonl``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -21,11 +26,24 @@ import torch
 
 from ..errors import CheckpointError
 
-__all__ = ["FORMAT", "load_checkpoint", "resolve_resume", "rng_state", "save_checkpoint", "set_rng_state"]
+__all__ = ["FORMAT", "append_jsonl", "load_checkpoint", "resolve_resume", "rng_state", "save_checkpoint", "seed_everything", "set_rng_state"]
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "anatcl-infer-train/1"
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python ``random``, numpy's global generator and torch (every device) from ``seed``."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    """Append ``record`` as one JSON line (a crash loses at most the line being written)."""
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record) + "\n")
 
 
 def rng_state() -> dict[str, Any]:

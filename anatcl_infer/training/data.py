@@ -333,19 +333,6 @@ def normalize_descriptors(descriptors: np.ndarray, low: np.ndarray, high: np.nda
     return np.clip(out, 0.0, 1.0).astype(np.float32)
 
 
-def _load_item(path: str) -> Any:
-    """A ``.npy`` becomes a 3D array on the grid (leading 1s squeezed); anything else stays a path."""
-    if path.lower().endswith(".npy"):
-        try:
-            arr = np.load(path, mmap_mode="r")
-        except (OSError, ValueError) as exc:
-            raise InputError(f"cannot read this .npy file ({exc})", path=path, stage="read") from None
-        while arr.ndim > 3 and arr.shape[0] == 1:
-            arr = arr[0]
-        return np.ascontiguousarray(arr, dtype=np.float32)
-    return path
-
-
 class VolumeDataset(Dataset):
     """Subjects as model-ready tensors, through the inference preprocessing.
 
@@ -404,12 +391,8 @@ class VolumeDataset(Dataset):
         from ..inputs.preprocess import prepare
 
         subject = self.subjects[index]
-        try:
-            prepared = prepare(_load_item(subject.path), self.config, assume_reference_grid=True, emit_warnings=False)
-        except InputError as exc:
-            if exc.path is None:
-                exc = _with_path(exc, subject.path)
-            raise exc from None
+        # a path (NIfTI or .npy on the grid): prepare() reads it and names it in any InputError
+        prepared = prepare(subject.path, self.config, assume_reference_grid=True, emit_warnings=False)
         image = torch.from_numpy(np.ascontiguousarray(prepared.array, dtype=np.float32))
         if subject.descriptors is not None and self.descriptor_range is not None:
             desc = torch.from_numpy(normalize_descriptors(subject.descriptors, *self.descriptor_range))
@@ -425,9 +408,3 @@ class VolumeDataset(Dataset):
             "site": torch.tensor(int(self.site_indices[index])),
             "index": torch.tensor(index),
         }
-
-
-
-def _with_path(exc: InputError, path: str) -> InputError:
-    """Copy of an :class:`InputError` that names ``path``."""
-    return type(exc)(str(exc.args[0]), path=path, stage=exc.stage)

@@ -12,7 +12,8 @@ BatchNorm: the published runs normalised over the whole batch on one GPU. To kee
 that meaning under DDP, BatchNorm layers are synchronised across ranks:
 :class:`torch.nn.SyncBatchNorm` on CUDA, and :class:`GlobalBatchNorm` (a small
 autograd-aware all-reduce of per-channel sums, usable with gloo) on CPU, where
-``SyncBatchNorm`` refuses to run. With ``sync_batchnorm=False`` each rank normalises
+``SyncBatchNorm`` refuses to run (torch 2.13: ``ValueError: SyncBatchNorm expected input
+tensor to be on GPU``). With ``sync_batchnorm=False`` each rank normalises
 over its local batch only (faster, but no longer the single-device computation).
 """
 
@@ -72,12 +73,20 @@ def init_distributed(device: torch.device) -> DistInfo:
     return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank)
 
 
+def _world_size() -> int:
+    """Processes in the joined group; 1 outside a process group."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 class _GatherWithGrad(torch.autograd.Function):
     """All-gather along dim 0; backward sums the gradient over ranks and keeps this rank's rows.
 
-    (torch's ``torch.distributed.nn.functional.all_gather`` emulates its backward with an
-    all-to-all under gloo that mishandles non-contiguous gradients, which the view-major
-    reshape of the loss produces; an all-reduce of one contiguous tensor is simple and exact.)
+    (Hand-written, as is :class:`_AllReduceSum`: torch's autograd-aware collectives,
+    ``torch.distributed.nn.functional.all_gather``/``all_reduce``, warn ``FutureWarning:
+    deprecated`` on every call in torch 2.13 and point to the private
+    ``torch.distributed._functional_collectives``; under gloo that ``all_gather`` emulates
+    its backward with one scatter per rank. An all-reduce of one contiguous tensor is
+    simple and exact on every torch we support.)
     """
 
     @staticmethod
@@ -120,18 +129,15 @@ def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     gradients of all ranks' copies, so with DDP's averaging each parameter receives
     exactly the single-process gradient.
     """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if _world_size() == 1:
         return tensor
     return _GatherWithGrad.apply(tensor)
 
 
 def gather(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate ``tensor`` from every rank along dim 0, without gradients (rank order)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return tensor
-    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, tensor.contiguous())
-    return torch.cat(parts, dim=0)
+    with torch.no_grad():
+        return gather_with_grad(tensor)
 
 
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -147,7 +153,7 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         """Normalise with global batch statistics in training, running statistics in eval."""
-        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        if not (self.training and _world_size() > 1):
             return super().forward(input)
         channels = input.shape[1]
         dims = [0, *range(2, input.dim())]
@@ -174,6 +180,7 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
 
 
 def _to_global_bn(module: nn.Module) -> nn.Module:
+    """``SyncBatchNorm.convert_sync_batchnorm`` for :class:`GlobalBatchNorm` (torch's always builds a ``SyncBatchNorm``)."""
     out = module
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, GlobalBatchNorm):
         out = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)

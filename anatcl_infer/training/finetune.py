@@ -23,7 +23,6 @@ import json
 import logging
 import math
 import os
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +38,8 @@ from ..config import PreprocessConfig
 from ..model.devices import resolve_device
 from ..errors import ConfigError, HeadError
 from ..model.network import AnatCL
-from .data import VAL_SPLITS, _load_item, _read_table, _resolve
+from .checkpoints import append_jsonl, seed_everything
+from .data import VAL_SPLITS, _read_table, _resolve
 
 __all__ = ["HEAD_CONFIG", "HEAD_WEIGHTS", "FinetuneConfig", "FinetunedModel", "finetune", "load_finetuned", "read_labelled"]
 
@@ -129,13 +129,12 @@ class FinetunedModel(nn.Module):
         """Predicted values (regression) or class labels (classification), in input order.
 
         ``inputs`` is what :func:`anatcl_infer.encoding.encoder.encode` takes; ``.npy`` paths
-        (arrays on the preprocessing grid, as used for training) are read here.
+        are arrays on the preprocessing grid, as used for training.
         """
         items = [inputs] if isinstance(inputs, (str, os.PathLike)) else inputs
         if isinstance(items, (list, tuple)):
             if any(isinstance(i, (str, os.PathLike)) and str(i).lower().endswith(".npy") for i in items):
                 encode_kwargs.setdefault("assume_reference_grid", True)  # .npy training arrays lie on the grid
-            items = [_load_item(str(i)) if isinstance(i, (str, os.PathLike)) and str(i).lower().endswith(".npy") else i for i in items]
         feats = torch.from_numpy(self.encoder.encode(items, **encode_kwargs))
         with torch.no_grad():
             out = self.head_forward(feats.to(self.head.weight.device))
@@ -156,7 +155,7 @@ class _LabelledVolumes(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         from ..inputs.preprocess import prepare
 
-        arr = prepare(_load_item(self.paths[i]), self.config, assume_reference_grid=True, emit_warnings=False).array
+        arr = prepare(self.paths[i], self.config, assume_reference_grid=True, emit_warnings=False).array
         return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)), torch.as_tensor(self.targets[i])
 
 
@@ -197,10 +196,10 @@ def _load_encoder(source: str | os.PathLike[str] | AnatCL) -> AnatCL:
 
 
 def _metrics(task: str, y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
-    if task == "regression":
-        return {"mae": float(np.mean(np.abs(y_true - y_pred)))}
-    from sklearn.metrics import balanced_accuracy_score
+    from sklearn.metrics import balanced_accuracy_score, mean_absolute_error
 
+    if task == "regression":
+        return {"mae": float(mean_absolute_error(y_true, y_pred))}
     return {"balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred))}
 
 
@@ -236,9 +235,7 @@ def finetune(
 
     require("train", "sklearn", "pandas")
     config = config if config is not None else FinetuneConfig()
-    random.seed(config.seed)
-    np.random.seed(config.seed % 2**32)
-    torch.manual_seed(config.seed)
+    seed_everything(config.seed)
     device = resolve_device(config.device)
     encoder = _load_encoder(source)
     paths, raw, splits = read_labelled(manifest, target)
@@ -316,8 +313,7 @@ def _epoch_record(epoch: int, loss: float, model: FinetunedModel, val: tuple[tor
 
 
 def _log(log_path: Path, record: dict[str, Any], epochs: int) -> None:
-    with open(log_path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(record) + "\n")
+    append_jsonl(log_path, record)
     logger.info("epoch %d/%d  %s", record["epoch"], epochs, "  ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "epoch"))
 
 

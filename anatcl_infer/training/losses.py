@@ -166,17 +166,16 @@ def anatomical_kernel(descriptors: torch.Tensor, mode: str = "local", *, eps: fl
     x = torch.as_tensor(descriptors).float()
     if x.ndim != 3:
         raise ConfigError(f"descriptors must be (B, regions, measures), got shape {tuple(x.shape)}")
-    if mode == "local":
-        axis = 2  # cosine over the measures of one region
-    elif mode == "global":
-        axis = 1  # cosine over the regions of one measure
-    else:
+    # (axis of the unit vectors, einsum to per-region (R, B, B) or per-measure (K, B, B) cosines)
+    cosines = {
+        "local": (2, "nrk,mrk->rnm"),  # cosine over the measures of one region, mean over regions
+        "global": (1, "nrk,mrk->knm"),  # cosine over the regions of one measure, mean over measures
+    }
+    if mode not in cosines:
         raise ConfigError(f"unknown descriptor mode {mode!r}; choose one of {DESCRIPTOR_MODES}")
-    unit = x / x.norm(dim=axis, keepdim=True).clamp_min(eps)
-    if mode == "local":
-        # (B, R, K) x (B, R, K) -> (R, B, B), mean over regions
-        return torch.einsum("nrk,mrk->rnm", unit, unit).mean(dim=0)
-    return torch.einsum("nrk,mrk->knm", unit, unit).mean(dim=0)
+    axis, pattern = cosines[mode]
+    unit = torch.nn.functional.normalize(x, dim=axis, eps=eps)
+    return torch.einsum(pattern, unit, unit).mean(dim=0)
 
 
 class LossParts(NamedTuple):

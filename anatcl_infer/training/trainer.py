@@ -26,10 +26,7 @@ import dataclasses
 import json
 import logging
 import os
-import random
 import time
-from collections.abc import Iterator
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,10 +43,12 @@ from ..errors import ConfigError
 from ..model.network import AnatCL
 from .augment import AugmentConfig, Augmenter
 from .checkpoints import (
+    append_jsonl,
     load_checkpoint,
     resolve_resume,
     rng_state,
     save_checkpoint,
+    seed_everything,
     set_rng_state,
 )
 from .data import VolumeDataset
@@ -160,14 +159,7 @@ class TrainConfig:
         unknown = set(data) - names
         if unknown:
             raise ConfigError(f"unknown training options {sorted(unknown)}; valid ones are {sorted(names)}")
-        data = dict(data)
-        if isinstance(data.get("augment"), dict):
-            aug = dict(data["augment"])
-            for key in ("blur_sigma", "noise_std"):
-                if key in aug:
-                    aug[key] = tuple(aug[key])
-            data["augment"] = AugmentConfig(**aug)
-        return cls(**data)
+        return cls(**data)  # __post_init__ turns an ``augment`` dict (its lists too) into an AugmentConfig
 
 
 @dataclass
@@ -179,12 +171,6 @@ class TrainResult:
     run_dir: Path
     export_dir: Path
     last_checkpoint: Path | None
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def _model_config(config: TrainConfig, preprocess: PreprocessConfig, run_dir: Path) -> ModelConfig:
@@ -202,12 +188,6 @@ def _model_config(config: TrainConfig, preprocess: PreprocessConfig, run_dir: Pa
     )
 
 
-def _autocast(device: torch.device, enabled: bool) -> Any:
-    if enabled:
-        return torch.autocast(device_type="cuda", dtype=torch.float16)
-    return nullcontext()
-
-
 def embed_dataset(model: nn.Module, dataset: VolumeDataset, *, device: torch.device, batch_size: int = 8, workers: int = 0, amp: bool = False) -> np.ndarray:
     """(N, D) features of a dataset with the model in eval mode, in dataset order.
 
@@ -221,7 +201,7 @@ def embed_dataset(model: nn.Module, dataset: VolumeDataset, *, device: torch.dev
     try:
         with torch.no_grad():
             for batch in loader:
-                with _autocast(device, amp):
+                with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
                     feats = model(batch["image"].to(device, non_blocking=True))
                 out.append(feats.float().cpu())
     finally:
@@ -238,16 +218,6 @@ def _project(model: nn.Module, images: torch.Tensor, views: int, augmenter: Augm
     stacked = torch.cat([augmenter(images) for _ in range(views)])  # view-major
     z = model(stacked, head=True)
     return z.reshape(views, b, -1).transpose(0, 1)
-
-
-def _batches(loader: DataLoader, sampler: DistributedSampler, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
-    sampler.set_epoch(epoch)
-    yield from loader
-
-
-def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(record) + "\n")
 
 
 def _check_data(data: VolumeDataset, config: TrainConfig) -> None:
@@ -317,7 +287,7 @@ def train(
     if config.amp and not use_amp:
         logger.info("mixed precision is used on CUDA only; training in float32 on %s", device)
 
-    _seed_everything(config.seed)
+    seed_everything(config.seed)
     model_config = _model_config(config, train_data.config, run_dir)
     model = AnatCL(model_config)
     if dist_info.enabled and config.sync_batchnorm:
@@ -390,9 +360,10 @@ def train(
         sums = torch.zeros(3, dtype=torch.float64)
         steps = 0
         lr = optimizer.param_groups[0]["lr"]
-        for batch in _batches(loader, sampler, epoch):
+        sampler.set_epoch(epoch)
+        for batch in loader:
             images = batch["image"].to(device, non_blocking=True)
-            with _autocast(device, use_amp):
+            with torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
                 z = _project(net, images, config.views, augmenter)
             z_all = gather_with_grad(z.float())
             ages = gather(batch["age"].to(device))
@@ -442,7 +413,7 @@ def train(
             record.update(linear_probe(feats, val_data.ages, val_data.site_indices, seed=config.seed))
         history.append(record)
         if dist_info.is_main:
-            _append_jsonl(log_path, record)
+            append_jsonl(log_path, record)
             extra = "".join(
                 f"  {k} {record[k]:.4g}" for k in ("val_age_mae", "val_site_bacc") if k in record
             )
