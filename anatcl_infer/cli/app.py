@@ -13,7 +13,7 @@ from typing import Any
 import typer
 from typer.core import TyperCommand
 
-__all__ = ["app", "setup_logging", "fail"]
+__all__ = ["app", "setup_logging", "fail", "parse_folds"]
 
 
 class _NoRepeatsCommand(TyperCommand):
@@ -100,3 +100,20 @@ def fail(message: str, code: int = 1) -> typer.Exit:
     typer.echo(f"error: {message}", err=True)
     return typer.Exit(code)
 
+
+
+def parse_folds(model: str, fold: str) -> list[int]:
+    """``--fold``: a fold number, or ``all`` for every fold the registry lists for ``model``."""
+    from ..errors import AnatCLError
+
+    if fold == "all":
+        from ..weights.registry import canonical_name, load_manifest
+
+        try:
+            return sorted(int(k) for k in load_manifest()["models"][canonical_name(model)]["folds"])
+        except AnatCLError:
+            raise fail(f"--fold all needs a registry model name (anatcl-global, anatcl-local), got {model!r}", 2) from None
+    try:
+        return [int(fold)]
+    except ValueError:
+        raise fail(f"--fold must be a number or 'all', got {fold!r}", 2) from None
