@@ -23,6 +23,7 @@ import contextlib
 import csv
 import dataclasses
 import errno
+import functools
 import hashlib
 import json
 import logging
@@ -368,7 +369,9 @@ class _OutputLock:
 
     A second run on the same output is refused at once with a message naming the holder.
     On file systems without ``flock`` (some Lustre mounts, old NFS) the run goes on with a
-    warning: keep one run per output there.
+    warning: keep one run per output there. Hand-written rather than ``filelock`` (installed
+    with torch): its timeout error does not say who holds the lock, and without ``flock`` it
+    switches to a marker-file lock instead of warning.
     """
 
     def __init__(self, path: Path, what: Path) -> None:
@@ -510,13 +513,19 @@ def _file_sha256(path: str) -> str | None:
         return None
 
 
-def _fingerprint(path: str) -> tuple[str | None, int | None, int | None]:
-    """(sha256, size, mtime_ns) of an input file; ``None``s when it cannot be read."""
+def _size_mtime(path: str) -> tuple[int, int] | None:
+    """(size, mtime_ns) of an input file; ``None`` when it cannot be read."""
     try:
         st = os.stat(path)
     except OSError:
-        return None, None, None
-    return _file_sha256(path), st.st_size, st.st_mtime_ns
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
+def _fingerprint(path: str) -> tuple[str | None, int | None, int | None]:
+    """(sha256, size, mtime_ns) of an input file; ``None``s when it cannot be read."""
+    stat = _size_mtime(path)
+    return (None, None, None) if stat is None else (_file_sha256(path), *stat)
 
 
 class _Freshness:
@@ -529,19 +538,11 @@ class _Freshness:
 
     def __init__(self, wanted: set[str]) -> None:
         self.wanted = wanted
-        self._stat: dict[str, tuple[int, int] | None] = {}
-        self._sha: dict[str, str | None] = {}
+        # each input is looked at once however many rows (folds, parts) name it
+        self._current = functools.cache(_size_mtime)
+        self._sha256 = functools.cache(_file_sha256)
         self.changed: set[str] = set()
         self.gone: set[str] = set()
-
-    def _current(self, path: str) -> tuple[int, int] | None:
-        if path not in self._stat:
-            try:
-                st = os.stat(path)
-                self._stat[path] = (st.st_size, st.st_mtime_ns)
-            except OSError:
-                self._stat[path] = None
-        return self._stat[path]
 
     def keep(self, path: str, sha: str | None, size: int | None, mtime: int | None) -> bool:
         if path not in self.wanted:
@@ -552,11 +553,8 @@ class _Freshness:
         now = self._current(path)
         if now == (size, mtime):
             return True
-        if now is not None and now[0] == size and sha:
-            if path not in self._sha:
-                self._sha[path] = _file_sha256(path)
-            if self._sha[path] == sha:
-                return True
+        if now is not None and now[0] == size and sha and self._sha256(path) == sha:
+            return True
         self.changed.add(path)
         return False
 
@@ -699,6 +697,7 @@ def _build_table(
         qc.update({k2: v for k2, v in info.items() if k2.startswith("qc_")})
         fingerprint = fingerprints[row] if fingerprints is not None else (None, None, None)
         for k, fold in enumerate(fold_ids):
+            # the identifying columns, then the fingerprint ones (the order of ``cols``)
             for name, value in zip(cols, (rec.path, rec.subject, rec.session, rec.run, model_name, fold, *fingerprint)):
                 cols[name].append(value)
             feat_rows.append(features[row, k * dim:(k + 1) * dim])
@@ -911,8 +910,6 @@ def _run_locked(
 
     extra = None
     if qc:
-        import functools
-
         from ..qc.metrics import qc_metrics
 
         extra = functools.partial(qc_metrics, config=models[0].config.preprocess)
