@@ -280,11 +280,7 @@ def write_dataset_description(
     out = Path(output_dir)
     path = out / "dataset_description.json"
     root = Path(bids_dir).expanduser()
-    source_desc: dict[str, Any] = {}
-    try:
-        source_desc = json.loads((root / "dataset_description.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        pass
+    source_desc = _read_json(root / "dataset_description.json") or {}
     source: dict[str, str] = {"URL": root.resolve().as_uri()}
     if source_desc.get("DatasetDOI"):
         source["DOI"] = str(source_desc["DatasetDOI"])
