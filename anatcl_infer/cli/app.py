@@ -20,7 +20,9 @@ class _NoRepeatsCommand(TyperCommand):
     """A command that refuses an option given twice with different values.
 
     Click keeps the last of a repeated single-value option silently (``--model a --model b``
-    embeds with ``b``); here that is a usage error naming both values.
+    embeds with ``b``); here that is a usage error naming both values. The arguments are
+    scanned here because Click offers no hook for it, and re-running its (private) parser with
+    the options made ``multiple`` fails on Typer's options (tried with click 8.5, typer 0.29).
     """
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
