@@ -878,8 +878,9 @@ def _run_locked(
     wanted = {r.path for r in records}
     fresh = _Freshness(wanted)
     done: set[tuple[str, int | None]] = set()
+    existing: pa.Table | None = None
     if resume:
-        existing, existing_meta = _read_existing(out, fmt) if out.exists() else (None, None)
+        existing, existing_meta = _read_existing(out, fmt)
         for label, m in (("the existing output", existing_meta), ("the interrupted run", parts.metadata())):
             if m is None:
                 continue
@@ -955,13 +956,8 @@ def _run_locked(
 
     import pyarrow as pa
 
-    # Re-read everything written (earlier output + all parts), drop stale rows, assemble the final table.
-    all_tables: list[pa.Table] = []
-    if resume and out.exists():
-        existing, _ = _read_existing(out, fmt)
-        if existing is not None:
-            all_tables.append(fresh.filter(existing))
-    all_tables.extend(fresh.filter(t) for t in parts.tables())
+    # Everything written (earlier output + all parts, read again), stale rows dropped, is the final table.
+    all_tables = [fresh.filter(t) for t in ([existing] if existing is not None else []) + parts.tables()]
     empty = _build_table([], fold_ids, models[0].config.name, [], np.zeros((0, dim * len(models)), np.float32), [], dim=dim)
     final = pa.concat_tables([empty, *all_tables], promote_options="default") if all_tables else empty
     final = _dedupe(_sort_table(final))
