@@ -803,7 +803,7 @@ def run_embed(
         Interrupted: SIGTERM or SIGINT; the finished batches are kept for ``resume``.
     """
     from ..model.devices import resolve_device
-    from ..encoding.encoder import iter_encoded, resolve_precision
+    from ..encoding.encoder import resolve_precision
 
     if not models:
         raise ConfigError("run_embed needs at least one model")
@@ -838,7 +838,7 @@ def run_embed(
                 return _run_locked(
                     records, models, layout, meta, dim, dev, stopped,
                     resume=resume, overwrite=overwrite, progress=progress, qc=qc, head=head, coverage=coverage,
-                    prior_failures=prior_failures, iter_encoded=iter_encoded,
+                    prior_failures=prior_failures,
                     # passed through to iter_encoded as they are:
                     batch_size=batch_size, num_workers=num_workers, precision=precision, strict=strict,
                 )
@@ -858,9 +858,11 @@ def run_embed(
 def _run_locked(
     records: Sequence[InputRecord], models: Sequence[AnatCL], layout: OutputLayout, meta: dict[str, Any],
     dim: int, dev: Any, stopped: dict[str, int], *, resume: bool, overwrite: bool, progress: bool, qc: bool,
-    head: Any, coverage: float | None, prior_failures: Sequence[dict[str, Any]], iter_encoded: Any, **encode_kwargs: Any,
+    head: Any, coverage: float | None, prior_failures: Sequence[dict[str, Any]], **encode_kwargs: Any,
 ) -> EmbedSummary:
     """The body of :func:`run_embed`, run while holding the output's lock; ``encode_kwargs`` go to ``iter_encoded``."""
+    from ..encoding.encoder import iter_encoded
+
     batch_size = int(encode_kwargs.get("batch_size", 8))
     out, fmt, partial_dir, errors_path = layout.out, layout.fmt, layout.partial_dir, layout.errors_path
     if out.exists() and not (resume or overwrite):
