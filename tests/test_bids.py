@@ -228,3 +228,14 @@ def test_dataset_description_is_idempotent_and_never_clobbers_a_dataset(tmp_path
     with pytest.raises(ConfigError, match="not written by anatcl-infer"):
         write_dataset_description(bids, bids)
     assert json.loads((bids / "dataset_description.json").read_text()) == {"Name": "raw", "BIDSVersion": "1.9.0"}
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", "{not json", ""])
+def test_dataset_description_survives_an_odd_source_description(tmp_path, content):
+    """A source description that is not a JSON object names the output after the folder, not a traceback."""
+    bids = tmp_path / "ds"
+    bids.mkdir()
+    (bids / "dataset_description.json").write_text(content)
+    desc = json.loads(write_dataset_description(tmp_path / "out", bids).read_text())
+    assert desc["Name"] == "AnatCL features of ds" and desc["SourceDatasets"] == [{"URL": bids.resolve().as_uri()}]
+    assert desc["DatasetLinks"] == {"raw": bids.resolve().as_uri()}

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from .app import app, fail, setup_logging
+from .app import app, fail, parse_folds, setup_logging
 
 _EPILOG = (
     "Examples:\n\n"
@@ -25,22 +25,6 @@ class AnalysisLevel(str, Enum):
 
     participant = "participant"
     group = "group"
-
-
-def _folds(model: str, fold: str) -> list[int]:
-    from ..errors import AnatCLError
-
-    if fold == "all":
-        from ..weights.registry import canonical_name, load_manifest
-
-        try:
-            return sorted(int(k) for k in load_manifest()["models"][canonical_name(model)]["folds"])
-        except AnatCLError:
-            raise fail(f"--fold all needs a registry model name (anatcl-global, anatcl-local), got {model!r}", 2) from None
-    try:
-        return [int(fold)]
-    except ValueError:
-        raise fail(f"--fold must be a number or 'all', got {fold!r}", 2) from None
 
 
 @app.command("bids", epilog=_EPILOG, context_settings={"allow_extra_args": True})
@@ -91,7 +75,7 @@ def bids(
 
         retain_freed_memory()
         dev = None if device == "auto" else device
-        models = [load_model(model, fold=f, device=dev) for f in _folds(model, fold)]
+        models = [load_model(model, fold=f, device=dev) for f in parse_folds(model, fold)]
         summary = run_participant(
             bids_dir, output_dir, models, derivatives=derivatives, participant_labels=participants,
             session_labels=sessions, batch_size=batch_size, device=dev, num_workers=workers, resume=resume,

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from .app import app, fail, setup_logging
+from .app import app, fail, parse_folds, setup_logging
 
 _EPILOG = (
     "Examples:\n\n"
@@ -122,19 +122,7 @@ def embed(
     except AnatCLError as exc:
         raise fail(str(exc), 2) from None
     try:
-        if fold == "all":
-            from ..weights.registry import canonical_name, load_manifest
-
-            try:
-                folds = sorted(int(k) for k in load_manifest()["models"][canonical_name(model)]["folds"])
-            except AnatCLError:
-                raise fail(f"--fold all needs a registry model name (anatcl-global, anatcl-local), got {model!r}", 2) from None
-        else:
-            try:
-                folds = [int(fold)]
-            except ValueError:
-                raise fail(f"--fold must be a number or 'all', got {fold!r}", 2) from None
-        models = [load_model(model, fold=f, device=None if device == "auto" else device) for f in folds]
+        models = [load_model(model, fold=f, device=None if device == "auto" else device) for f in parse_folds(model, fold)]
         if head is not None:
             from ..jobs.embed import check_head
 

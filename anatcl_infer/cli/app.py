@@ -13,14 +13,16 @@ from typing import Any
 import typer
 from typer.core import TyperCommand
 
-__all__ = ["app", "setup_logging", "fail"]
+__all__ = ["app", "setup_logging", "fail", "parse_folds"]
 
 
 class _NoRepeatsCommand(TyperCommand):
     """A command that refuses an option given twice with different values.
 
     Click keeps the last of a repeated single-value option silently (``--model a --model b``
-    embeds with ``b``); here that is a usage error naming both values.
+    embeds with ``b``); here that is a usage error naming both values. The arguments are
+    scanned here because Click offers no hook for it, and re-running its (private) parser with
+    the options made ``multiple`` fails on Typer's options (tried with click 8.5, typer 0.29).
     """
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
@@ -100,3 +102,20 @@ def fail(message: str, code: int = 1) -> typer.Exit:
     typer.echo(f"error: {message}", err=True)
     return typer.Exit(code)
 
+
+
+def parse_folds(model: str, fold: str) -> list[int]:
+    """``--fold``: a fold number, or ``all`` for every fold the registry lists for ``model``."""
+    from ..errors import AnatCLError
+
+    if fold == "all":
+        from ..weights.registry import canonical_name, load_manifest
+
+        try:
+            return sorted(int(k) for k in load_manifest()["models"][canonical_name(model)]["folds"])
+        except AnatCLError:
+            raise fail(f"--fold all needs a registry model name (anatcl-global, anatcl-local), got {model!r}", 2) from None
+    try:
+        return [int(fold)]
+    except ValueError:
+        raise fail(f"--fold must be a number or 'all', got {fold!r}", 2) from None

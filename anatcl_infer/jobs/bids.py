@@ -32,7 +32,6 @@ import logging
 import os
 import re
 import shutil
-import urllib.parse
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 from .._files import atomic_path
 from .._version import __version__
 from ..errors import ConfigError, InputError
-from .embed import weights_sha256
+from .embed import _file_sha256, _read_table, _sort_table, _write_table, weights_sha256
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -247,27 +246,20 @@ def _listing(labels: Sequence[str], prefix: str) -> str:
     return (shown + (f" ... ({len(labels)} in all)" if len(labels) > 20 else "")) or "none"
 
 
-def _file_uri(path: Path) -> str:
-    return path.resolve().as_uri()
+def _source_roots(bids_dir: Path, derivatives: str | os.PathLike[str] | None) -> dict[str, Path]:
+    """The datasets the features derive from, by ``DatasetLinks`` name: the raw dataset, and the maps' folder if given."""
+    roots = {"raw": bids_dir.resolve()}
+    if derivatives:
+        roots["maps"] = Path(derivatives).expanduser().resolve()
+    return roots
 
 
-def _source_links(bids_dir: Path, derivatives: Path | None) -> dict[str, str]:
-    links = {"raw": _file_uri(bids_dir)}
-    if derivatives is not None:
-        links["maps"] = _file_uri(derivatives)
-    return links
-
-
-def _bids_uri(path: str, links: dict[str, str]) -> str:
+def _bids_uri(path: str, roots: dict[str, Path]) -> str:
     """``bids:<link>:<relative path>`` when ``path`` lies in a linked dataset, else the absolute path."""
     p = Path(path).resolve()
     for name in ("maps", "raw"):
-        if name in links:
-            root = Path(urllib.parse.unquote(links[name].removeprefix("file://")))
-            try:
-                return f"bids:{name}:{p.relative_to(root).as_posix()}"
-            except ValueError:
-                continue
+        if name in roots and p.is_relative_to(roots[name]):
+            return f"bids:{name}:{p.relative_to(roots[name]).as_posix()}"
     return str(p)
 
 
@@ -288,12 +280,8 @@ def write_dataset_description(
     out = Path(output_dir)
     path = out / "dataset_description.json"
     root = Path(bids_dir).expanduser()
-    source_desc: dict[str, Any] = {}
-    try:
-        source_desc = json.loads((root / "dataset_description.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        pass
-    source: dict[str, str] = {"URL": _file_uri(root)}
+    source_desc = _read_json(root / "dataset_description.json") or {}
+    source: dict[str, str] = {"URL": root.resolve().as_uri()}
     if source_desc.get("DatasetDOI"):
         source["DOI"] = str(source_desc["DatasetDOI"])
     generated = {"Name": PIPELINE_NAME, "Version": __version__, "CodeURL": CODE_URL,
@@ -304,7 +292,7 @@ def write_dataset_description(
         "DatasetType": "derivative",
         "GeneratedBy": [generated],
         "SourceDatasets": [source],
-        "DatasetLinks": _source_links(root, Path(derivatives).expanduser() if derivatives else None),
+        "DatasetLinks": {name: p.as_uri() for name, p in _source_roots(root, derivatives).items()},
     }
     if path.exists():
         try:
@@ -358,15 +346,6 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
-
-
-def _sha256_or_none(path: str) -> str | None:
-    from .._files import regular_file_sha256  # a FIFO or /dev/zero named like a map never blocks
-
-    try:
-        return regular_file_sha256(path)
-    except OSError:
-        return None
 
 
 def _check_collisions(plan: Sequence[tuple[InputRecord, Path, Path]]) -> None:
@@ -433,9 +412,8 @@ def run_participant(
         >>> run_participant("ds", "ds/derivatives/anatcl", [load_model()], participant_labels=["01"])  # doctest: +SKIP
     """
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
-    from .embed import METADATA_KEY, run_embed
+    from .embed import run_embed
 
     if not models:
         raise ConfigError("run_participant needs at least one model")
@@ -450,12 +428,12 @@ def run_participant(
     _check_collisions(plan)
     write_dataset_description(out, root, derivatives)
     identity = _identity(models)
-    links = _source_links(root, Path(derivatives).expanduser() if derivatives else None)
+    roots = _source_roots(root, derivatives)
     summary = BidsSummary(out)
 
     todo: dict[str, list[tuple[InputRecord, Path, Path, str | None]]] = {}
     for rec, feats, side in plan:
-        sha = _sha256_or_none(rec.path)
+        sha = _file_sha256(rec.path)
         if (feats.exists() or side.exists()) and not overwrite:
             if not resume:
                 raise ConfigError(f"{feats} already exists; pass --resume to embed only what is missing, or --overwrite to redo it")
@@ -484,19 +462,17 @@ def run_participant(
             [it[0] for it in items], models, work, batch_size=batch_size, device=device, num_workers=num_workers,
             resume=resume, overwrite=overwrite, strict=strict, progress=progress, amp=amp, precision=precision, qc=qc,
         )
-        table = pq.read_table(result.out)
-        raw_meta = (table.schema.metadata or {}).get(METADATA_KEY, b"{}")
+        table, raw_meta = _read_table(result.out)
+        raw_meta = raw_meta or b"{}"  # run_embed always writes it
         run_meta = json.loads(raw_meta)
-        table = table.replace_schema_metadata(None)
         for rec, feats, side, sha in items:
             rows = table.filter(pc.equal(table.column("path"), rec.path))
             if rows.num_rows == 0:  # failed: never leave features of an older version of this scan
                 feats.unlink(missing_ok=True)
                 side.unlink(missing_ok=True)
                 continue
-            with atomic_path(feats) as tmp:
-                pq.write_table(rows.replace_schema_metadata({METADATA_KEY: raw_meta}), tmp)
-            sidecar = _sidecar(rec, sha, identity, run_meta, links)
+            _write_table(rows, feats, raw_meta)
+            sidecar = _sidecar(rec, sha, identity, run_meta, roots)
             with atomic_path(side) as tmp:
                 tmp.write_text(json.dumps(sidecar, indent=2) + "\n", encoding="utf-8")
             summary.written.append(feats)
@@ -512,7 +488,7 @@ def run_participant(
     return summary
 
 
-def _sidecar(rec: InputRecord, sha: str | None, identity: dict[str, Any], run_meta: dict[str, Any], links: dict[str, str]) -> dict[str, Any]:
+def _sidecar(rec: InputRecord, sha: str | None, identity: dict[str, Any], run_meta: dict[str, Any], roots: dict[str, Path]) -> dict[str, Any]:
     folds = identity["Model"]["Folds"]
     return {
         "Description": (
@@ -520,7 +496,7 @@ def _sidecar(rec: InputRecord, sha: str | None, identity: dict[str, Any], run_me
             f"session, run, model, fold, feat_000..feat_{identity['Model']['FeatureDim'] - 1:03d} (float32) and qc_*, "
             "as written by `anatcl embed`. Never average rows of different folds."
         ),
-        "Sources": [_bids_uri(rec.path, links)],
+        "Sources": [_bids_uri(rec.path, roots)],
         "SourceFile": rec.path,
         "SourceSHA256": sha,
         **identity,
@@ -561,9 +537,6 @@ def run_group(
         [PosixPath('ds/derivatives/anatcl/desc-anatclglobal_features.parquet')]
     """
     import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from .embed import METADATA_KEY
 
     out = Path(output_dir).expanduser()
     pattern = f"*_{SUFFIX}{EXTENSION}"
@@ -596,17 +569,13 @@ def run_group(
                     f"{p} was made with other weights or preprocessing than {paths[0]}; re-run the participant level "
                     "with one model (--overwrite), or write the runs to separate OUTPUT_DIRs"
                 )
-            table = pq.read_table(p)
+            table, raw = _read_table(p)
             if meta_bytes is None:
-                meta_bytes = (table.schema.metadata or {}).get(METADATA_KEY)
-            tables.append(table.replace_schema_metadata(None))
-        table = pa.concat_tables(tables, promote_options="default")
-        table = table.sort_by([("path", "ascending"), ("fold", "ascending")])
-        if meta_bytes is not None:
-            table = table.replace_schema_metadata({METADATA_KEY: meta_bytes})
+                meta_bytes = raw
+            tables.append(table)
+        table = _sort_table(pa.concat_tables(tables, promote_options="default"))
         dest = out / f"desc-{desc}_{SUFFIX}{EXTENSION}"
-        with atomic_path(dest) as tmp:
-            pq.write_table(table, tmp)
+        _write_table(table, dest, meta_bytes)
         logger.info("wrote %s (%d rows from %d scans)", dest, table.num_rows, len(paths))
         written.append(dest)
     return written

@@ -23,9 +23,11 @@ import contextlib
 import csv
 import dataclasses
 import errno
+import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import platform
 import shutil
@@ -44,7 +46,7 @@ import numpy as np
 from .._files import atomic_path, regular_file_sha256, shareable
 from .._version import __version__
 from ..errors import ConfigError, OutputError
-from ..downstream.features import feature_names, part_name
+from ..downstream.features import METADATA_KEY, feature_names, part_name
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -67,10 +69,11 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-METADATA_KEY = b"anatcl_infer"
-_ID_COLUMNS = ("path", "subject", "session", "run", "model", "fold")
-#: Columns recording which file content each row came from (checked by ``--resume``).
-_FINGERPRINT_COLUMNS = ("input_sha256", "input_size", "input_mtime_ns")
+#: Arrow types of the identifying columns, in table order (BIDS entities stay strings: "01" is not 1).
+_ID_TYPES = {"path": "string", "subject": "string", "session": "string", "run": "string", "model": "string", "fold": "int64"}
+#: Columns recording which file content each row came from (checked by ``--resume``), last in the table.
+_FINGERPRINT_TYPES = {"input_sha256": "string", "input_size": "int64", "input_mtime_ns": "int64"}
+_FINGERPRINT_COLUMNS = tuple(_FINGERPRINT_TYPES)
 #: Seconds between progress lines in logs when stderr is not a terminal (no progress bar there);
 #: the environment variable ``ANATCL_PROGRESS_INTERVAL`` overrides it.
 PROGRESS_EVERY_S = 30.0
@@ -288,13 +291,13 @@ def output_layout(
     if fmt is not None and fmt not in ("parquet", "csv"):
         raise ConfigError(f"format must be 'parquet' or 'csv', got {fmt!r}")
     path = Path(out)
+    suffix_fmt = _SUFFIX_FORMATS.get(path.suffix.lower())
     if shard is not None or _is_folder_out(out):
         if path.is_file():
             raise ConfigError(f"--out {path} is a file, but a folder output was asked for (--shard or a trailing /); choose a folder name")
         i, n = shard if shard is not None else (0, 1)
         if n < 1 or not 0 <= i < n:
             raise ConfigError(f"shard must be i/n with 0 <= i < n, got {i}/{n}")
-        suffix_fmt = _SUFFIX_FORMATS.get(path.suffix.lower())
         if fmt is None:
             fmt = suffix_fmt if suffix_fmt == "csv" else "parquet"
         name = part_name(i, n, fmt)
@@ -306,7 +309,6 @@ def output_layout(
             errors_path=path.parent / f"{path.name}.errors" / f"{stem}.errors.csv",
             lock_path=side / f"{stem}.lock", dataset=path, shard=(i, n),
         )
-    suffix_fmt = _SUFFIX_FORMATS.get(path.suffix.lower())
     if fmt is None:
         if suffix_fmt is None:
             raise ConfigError(
@@ -367,7 +369,9 @@ class _OutputLock:
 
     A second run on the same output is refused at once with a message naming the holder.
     On file systems without ``flock`` (some Lustre mounts, old NFS) the run goes on with a
-    warning: keep one run per output there.
+    warning: keep one run per output there. Hand-written rather than ``filelock`` (installed
+    with torch): its timeout error does not say who holds the lock, and without ``flock`` it
+    switches to a marker-file lock instead of warning.
     """
 
     def __init__(self, path: Path, what: Path) -> None:
@@ -492,12 +496,10 @@ def _isatty(stream: Any) -> bool:
 
 
 def _duration(seconds: float) -> str:
-    if seconds != seconds or seconds == float("inf"):
-        return "unknown"
-    s = int(round(seconds))
-    h, rem = divmod(s, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+    """``1:02:05`` or ``02:05``, as the progress bar shows times; ``unknown`` before the first input."""
+    from tqdm import tqdm
+
+    return tqdm.format_interval(seconds) if math.isfinite(seconds) else "unknown"
 
 
 # --------------------------------------------------------------------------- input fingerprints
@@ -511,13 +513,19 @@ def _file_sha256(path: str) -> str | None:
         return None
 
 
-def _fingerprint(path: str) -> tuple[str | None, int | None, int | None]:
-    """(sha256, size, mtime_ns) of an input file; ``None``s when it cannot be read."""
+def _size_mtime(path: str) -> tuple[int, int] | None:
+    """(size, mtime_ns) of an input file; ``None`` when it cannot be read."""
     try:
         st = os.stat(path)
     except OSError:
-        return None, None, None
-    return _file_sha256(path), st.st_size, st.st_mtime_ns
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
+def _fingerprint(path: str) -> tuple[str | None, int | None, int | None]:
+    """(sha256, size, mtime_ns) of an input file; ``None``s when it cannot be read."""
+    stat = _size_mtime(path)
+    return (None, None, None) if stat is None else (_file_sha256(path), *stat)
 
 
 class _Freshness:
@@ -530,19 +538,11 @@ class _Freshness:
 
     def __init__(self, wanted: set[str]) -> None:
         self.wanted = wanted
-        self._stat: dict[str, tuple[int, int] | None] = {}
-        self._sha: dict[str, str | None] = {}
+        # each input is looked at once however many rows (folds, parts) name it
+        self._current = functools.cache(_size_mtime)
+        self._sha256 = functools.cache(_file_sha256)
         self.changed: set[str] = set()
         self.gone: set[str] = set()
-
-    def _current(self, path: str) -> tuple[int, int] | None:
-        if path not in self._stat:
-            try:
-                st = os.stat(path)
-                self._stat[path] = (st.st_size, st.st_mtime_ns)
-            except OSError:
-                self._stat[path] = None
-        return self._stat[path]
 
     def keep(self, path: str, sha: str | None, size: int | None, mtime: int | None) -> bool:
         if path not in self.wanted:
@@ -553,22 +553,15 @@ class _Freshness:
         now = self._current(path)
         if now == (size, mtime):
             return True
-        if now is not None and now[0] == size and sha:
-            if path not in self._sha:
-                self._sha[path] = _file_sha256(path)
-            if self._sha[path] == sha:
-                return True
+        if now is not None and now[0] == size and sha and self._sha256(path) == sha:
+            return True
         self.changed.add(path)
         return False
 
     def filter(self, table: pa.Table) -> pa.Table:
-        cols = table.column_names
-        paths = table.column("path").to_pylist()
-        n = len(paths)
-        shas = table.column("input_sha256").to_pylist() if "input_sha256" in cols else [None] * n
-        sizes = table.column("input_size").to_pylist() if "input_size" in cols else [None] * n
-        mtimes = table.column("input_mtime_ns").to_pylist() if "input_mtime_ns" in cols else [None] * n
-        keep = [i for i in range(n) if self.keep(paths[i], shas[i], sizes[i], mtimes[i])]
+        n = table.num_rows
+        prints = [table.column(c).to_pylist() if c in table.column_names else [None] * n for c in _FINGERPRINT_COLUMNS]
+        keep = [i for i, (path, *fp) in enumerate(zip(table.column("path").to_pylist(), *prints)) if self.keep(path, *fp)]
         return table if len(keep) == n else table.take(keep)
 
 
@@ -610,20 +603,14 @@ class _Parts:
         self._seq = len(list(directory.glob("part-*.parquet")))
 
     def write(self, table: pa.Table, meta: dict[str, Any]) -> None:
-        import pyarrow.parquet as pq
-
         self._seq += 1
-        final = self.directory / f"part-{self._seq:07d}.parquet"
-        with atomic_path(final) as tmp:
-            pq.write_table(table.replace_schema_metadata({METADATA_KEY: json.dumps(meta)}), tmp)
+        _write_table(table, self.directory / f"part-{self._seq:07d}.parquet", json.dumps(meta))
 
     def files(self) -> list[Path]:
         return sorted(self.directory.glob("part-*.parquet")) if self.directory.is_dir() else []
 
     def tables(self) -> list[pa.Table]:
-        import pyarrow.parquet as pq
-
-        return [pq.read_table(p) for p in self.files()]
+        return [_read_table(p)[0] for p in self.files()]
 
     def metadata(self) -> dict[str, Any] | None:
         import pyarrow.parquet as pq
@@ -635,23 +622,37 @@ class _Parts:
         return None
 
 
+def _write_table(table: pa.Table, path: Path, metadata: str | bytes | None) -> None:
+    """Write ``table`` to the Parquet file ``path`` atomically, with ``metadata`` (the provenance JSON) as its metadata."""
+    import pyarrow.parquet as pq
+
+    if metadata is not None:
+        table = table.replace_schema_metadata({METADATA_KEY: metadata})
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+
+
+def _read_table(path: Path) -> tuple[pa.Table, bytes | None]:
+    """A Parquet file's table, without its metadata, and the provenance JSON that metadata holds (``None`` if none)."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    return table.replace_schema_metadata(None), (table.schema.metadata or {}).get(METADATA_KEY)
+
+
 def _read_existing(path: Path, fmt: str) -> tuple[pa.Table | None, dict[str, Any] | None]:
     import pyarrow as pa
     import pyarrow.csv as pacsv
-    import pyarrow.parquet as pq
 
     if not path.exists():
         return None, None
     if fmt == "parquet":
-        table = pq.read_table(path)
-        md = table.schema.metadata or {}
-        meta = json.loads(md[METADATA_KEY]) if METADATA_KEY in md else None
-        return table.replace_schema_metadata(None), meta
+        table, raw = _read_table(path)
+        return table, json.loads(raw) if raw is not None else None
     meta_path = path.with_name(path.name + ".meta.json")
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else None
     # BIDS entities stay strings ("01" is not 1); the fold stays an integer
-    types = {c: pa.string() for c in ("path", "subject", "session", "run", "model", "input_sha256")}
-    types.update({"fold": pa.int64(), "input_size": pa.int64(), "input_mtime_ns": pa.int64()})
+    types = {c: pa.type_for_alias(t) for c, t in {**_ID_TYPES, **_FINGERPRINT_TYPES}.items()}
     table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(column_types=types))
     for i, name in enumerate(table.column_names):  # CSV has no float32: back to the types a run writes
         typ = pa.float32() if name.startswith("feat_") else (pa.type_for_alias(_FIXED_QC_TYPES[name]) if name in _FIXED_QC_TYPES else None)
@@ -680,49 +681,36 @@ def _build_table(
     n_folds = len(fold_ids)
     if dim is None:
         dim = features.shape[1] // n_folds
-    cols: dict[str, list[Any]] = {k: [] for k in _ID_COLUMNS}
+    cols: dict[str, list[Any]] = {k: [] for k in (*_ID_TYPES, *_FINGERPRINT_TYPES)}
     feat_rows: list[np.ndarray] = []
     extra: dict[str, list[Any]] = {k: [] for k in _FIXED_QC_TYPES}
-    prints: list[tuple[str | None, int | None, int | None]] = []
     for row, idx in enumerate(indices):
         rec = records[idx]
         info = infos[row]
+        qc = {
+            "qc_method": info.get("method"),
+            "qc_kind": info.get("kind"),
+            "qc_kind_confidence": info.get("kind_confidence"),
+            "qc_n_warnings": len(info.get("warnings", [])),
+            "qc_warnings": "; ".join(info.get("warnings", [])),
+        }
+        qc.update({k2: v for k2, v in info.items() if k2.startswith("qc_")})
+        fingerprint = fingerprints[row] if fingerprints is not None else (None, None, None)
         for k, fold in enumerate(fold_ids):
-            cols["path"].append(rec.path)
-            cols["subject"].append(rec.subject)
-            cols["session"].append(rec.session)
-            cols["run"].append(rec.run)
-            cols["model"].append(model_name)
-            cols["fold"].append(fold)
+            # the identifying columns, then the fingerprint ones (the order of ``cols``)
+            for name, value in zip(cols, (rec.path, rec.subject, rec.session, rec.run, model_name, fold, *fingerprint)):
+                cols[name].append(value)
             feat_rows.append(features[row, k * dim:(k + 1) * dim])
-            prints.append(fingerprints[row] if fingerprints is not None else (None, None, None))
-            qc = {
-                "qc_method": info.get("method"),
-                "qc_kind": info.get("kind"),
-                "qc_kind_confidence": info.get("kind_confidence"),
-                "qc_n_warnings": len(info.get("warnings", [])),
-                "qc_warnings": "; ".join(info.get("warnings", [])),
-            }
-            qc.update({k2: v for k2, v in info.items() if k2.startswith("qc_")})
             for key, value in qc.items():
                 extra.setdefault(key, []).append(value)
-    arrays: dict[str, pa.Array] = {
-        "path": pa.array(cols["path"], pa.string()),
-        "subject": pa.array(cols["subject"], pa.string()),
-        "session": pa.array(cols["session"], pa.string()),
-        "run": pa.array(cols["run"], pa.string()),
-        "model": pa.array(cols["model"], pa.string()),
-        "fold": pa.array(cols["fold"], pa.int64()),
-    }
+    arrays: dict[str, pa.Array] = {k: pa.array(cols[k], pa.type_for_alias(t)) for k, t in _ID_TYPES.items()}
     mat = np.stack(feat_rows).astype(np.float32) if feat_rows else np.zeros((0, dim), np.float32)
     for j, name in enumerate(feature_names(mat.shape[1])):
         arrays[name] = pa.array(mat[:, j], pa.float32())
     for key, values in extra.items():
         typ = _FIXED_QC_TYPES.get(key)
         arrays[key] = pa.array(values, type=pa.type_for_alias(typ) if typ else None)
-    arrays["input_sha256"] = pa.array([p[0] for p in prints], pa.string())
-    arrays["input_size"] = pa.array([p[1] for p in prints], pa.int64())
-    arrays["input_mtime_ns"] = pa.array([p[2] for p in prints], pa.int64())
+    arrays.update({k: pa.array(cols[k], pa.type_for_alias(t)) for k, t in _FINGERPRINT_TYPES.items()})
     return pa.table(arrays)
 
 
@@ -732,11 +720,9 @@ def _sort_table(table: pa.Table) -> pa.Table:
 
 def _write_final(table: pa.Table, out: Path, fmt: str, meta: dict[str, Any]) -> None:
     import pyarrow.csv as pacsv
-    import pyarrow.parquet as pq
 
     if fmt == "parquet":
-        with atomic_path(out) as tmp:
-            pq.write_table(table.replace_schema_metadata({METADATA_KEY: json.dumps(meta)}), tmp)
+        _write_table(table, out, json.dumps(meta))
         return
     meta_path = out.with_name(out.name + ".meta.json")
     with atomic_path(meta_path) as tmp:
@@ -754,10 +740,9 @@ def _write_errors(path: Path, failures: Sequence[dict[str, Any]]) -> None:
         return
     with atomic_path(path) as tmp:
         with tmp.open("w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=["path", "fold", "stage", "message"])
+            writer = csv.DictWriter(fh, fieldnames=["path", "fold", "stage", "message"], extrasaction="ignore")
             writer.writeheader()
-            for f in failures:
-                writer.writerow({k: f.get(k) for k in ("path", "fold", "stage", "message")})
+            writer.writerows(failures)
 
 
 def errors_path_for(out: Path) -> Path:
@@ -818,7 +803,7 @@ def run_embed(
         Interrupted: SIGTERM or SIGINT; the finished batches are kept for ``resume``.
     """
     from ..model.devices import resolve_device
-    from ..encoding.encoder import iter_encoded, resolve_precision
+    from ..encoding.encoder import resolve_precision
 
     if not models:
         raise ConfigError("run_embed needs at least one model")
@@ -835,10 +820,6 @@ def run_embed(
         from .._optional import require
 
         require("sklearn", "sklearn", "pandas")
-    out = layout.out
-    fmt = layout.fmt
-    partial_dir = layout.partial_dir
-    errors_path = layout.errors_path
     dev = resolve_device(device)
     meta = _metadata(models, str(dev))
     precision = resolve_precision(precision, dev, amp)
@@ -849,7 +830,7 @@ def run_embed(
         meta["shard"] = {"index": layout.shard[0], "count": layout.shard[1], "n_inputs": n_total}
     dim = models[0].config.feature_dim
 
-    lock = _OutputLock(layout.lock_path, layout.dataset or out)
+    lock = _OutputLock(layout.lock_path, layout.dataset or layout.out)
     lock.acquire()
     try:
         with _stop_on_signals() as stopped:
@@ -857,7 +838,7 @@ def run_embed(
                 return _run_locked(
                     records, models, layout, meta, dim, dev, stopped,
                     resume=resume, overwrite=overwrite, progress=progress, qc=qc, head=head, coverage=coverage,
-                    prior_failures=prior_failures, iter_encoded=iter_encoded,
+                    prior_failures=prior_failures,
                     # passed through to iter_encoded as they are:
                     batch_size=batch_size, num_workers=num_workers, precision=precision, strict=strict,
                 )
@@ -871,15 +852,17 @@ def run_embed(
         lock.release()
         if layout.dataset is not None:
             with contextlib.suppress(OSError):
-                partial_dir.parent.rmdir()  # feats.partial/ once every shard is done
+                layout.partial_dir.parent.rmdir()  # feats.partial/ once every shard is done
 
 
 def _run_locked(
     records: Sequence[InputRecord], models: Sequence[AnatCL], layout: OutputLayout, meta: dict[str, Any],
     dim: int, dev: Any, stopped: dict[str, int], *, resume: bool, overwrite: bool, progress: bool, qc: bool,
-    head: Any, coverage: float | None, prior_failures: Sequence[dict[str, Any]], iter_encoded: Any, **encode_kwargs: Any,
+    head: Any, coverage: float | None, prior_failures: Sequence[dict[str, Any]], **encode_kwargs: Any,
 ) -> EmbedSummary:
     """The body of :func:`run_embed`, run while holding the output's lock; ``encode_kwargs`` go to ``iter_encoded``."""
+    from ..encoding.encoder import iter_encoded
+
     batch_size = int(encode_kwargs.get("batch_size", 8))
     out, fmt, partial_dir, errors_path = layout.out, layout.fmt, layout.partial_dir, layout.errors_path
     if out.exists() and not (resume or overwrite):
@@ -897,8 +880,9 @@ def _run_locked(
     wanted = {r.path for r in records}
     fresh = _Freshness(wanted)
     done: set[tuple[str, int | None]] = set()
+    existing: pa.Table | None = None
     if resume:
-        existing, existing_meta = _read_existing(out, fmt) if out.exists() else (None, None)
+        existing, existing_meta = _read_existing(out, fmt)
         for label, m in (("the existing output", existing_meta), ("the interrupted run", parts.metadata())):
             if m is None:
                 continue
@@ -929,8 +913,6 @@ def _run_locked(
 
     extra = None
     if qc:
-        import functools
-
         from ..qc.metrics import qc_metrics
 
         extra = functools.partial(qc_metrics, config=models[0].config.preprocess)
@@ -976,13 +958,8 @@ def _run_locked(
 
     import pyarrow as pa
 
-    # Re-read everything written (earlier output + all parts), drop stale rows, assemble the final table.
-    all_tables: list[pa.Table] = []
-    if resume and out.exists():
-        existing, _ = _read_existing(out, fmt)
-        if existing is not None:
-            all_tables.append(fresh.filter(existing))
-    all_tables.extend(fresh.filter(t.replace_schema_metadata(None)) for t in parts.tables())
+    # Everything written (earlier output + all parts, read again), stale rows dropped, is the final table.
+    all_tables = [fresh.filter(t) for t in ([existing] if existing is not None else []) + parts.tables()]
     empty = _build_table([], fold_ids, models[0].config.name, [], np.zeros((0, dim * len(models)), np.float32), [], dim=dim)
     final = pa.concat_tables([empty, *all_tables], promote_options="default") if all_tables else empty
     final = _dedupe(_sort_table(final))
@@ -1009,16 +986,12 @@ def _some(paths: set[str], n: int = 3) -> str:
 
 def _dedupe(table: pa.Table) -> pa.Table:
     """Keep the first row of each (path, fold) (a resumed run never writes one twice, but be safe)."""
-    keys = list(zip(table.column("path").to_pylist(), table.column("fold").to_pylist()))
-    seen: set[tuple[Any, Any]] = set()
-    keep = []
-    for i, key in enumerate(keys):
-        if key not in seen:
-            seen.add(key)
-            keep.append(i)
-    if len(keep) == len(keys):
+    first: dict[tuple[Any, Any], int] = {}
+    for i, key in enumerate(zip(table.column("path").to_pylist(), table.column("fold").to_pylist())):
+        first.setdefault(key, i)
+    if len(first) == table.num_rows:
         return table
-    return table.take(keep)
+    return table.take(list(first.values()))
 
 
 def check_head(head_dir: str | os.PathLike[str], models: Sequence[AnatCL]) -> None:
