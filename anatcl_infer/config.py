@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -246,9 +247,14 @@ class ModelConfig:
         return cls.from_dict(data)
 
 
-def _version_tuple(version: str) -> tuple[int, ...]:
+def _version_tuple(version: object) -> tuple[int, ...]:
+    """``major.minor.patch`` as integers, from each part's leading digits.
+
+    A pre-release or local suffix does not count (``"0.2.0rc1"`` -> ``(0, 2, 0)``, not
+    ``(0, 2, 1)``), and a value that is not text (a hand-edited JSON number) reads as 0.
+    """
     parts = []
-    for piece in version.split(".")[:3]:
-        digits = "".join(ch for ch in piece if ch.isdigit())
+    for piece in str(version).split(".")[:3] if isinstance(version, str) else ():
+        digits = re.match(r"\d*", piece.strip()).group()
         parts.append(int(digits) if digits else 0)
     return tuple(parts)

@@ -500,3 +500,27 @@ def test_head_files_get_the_umask_modes(tmp_path):
         assert stat.S_IMODE((tmp_path / "h" / name).stat().st_mode) == 0o644
     assert stat.S_IMODE((tmp_path / "h").stat().st_mode) == 0o755
     assert sorted(p.name for p in (tmp_path / "h").iterdir()) == ["head.json", "head.safetensors"]
+
+
+@pytest.mark.parametrize("written, warns", [("0.1.0rc1", False), ("0.1.0+lab", False), (7, False), ("99.0", True)])
+def test_head_written_by_another_version_warns_only_when_newer(tmp_path, caplog, written, warns):
+    X, age = _attenuated(n=60, seed=8)
+    fit_head(_table(X), _labels(age), "age", metadata=_meta()).save(tmp_path / "h")
+    cfg_path = tmp_path / "h" / "head.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["package_version"] = written  # a pre-release, a local build, a hand-edited number, a newer release
+    cfg_path.write_text(json.dumps(cfg))
+    with caplog.at_level("WARNING", logger="anatcl_infer"):
+        Head.load(tmp_path / "h")
+    assert ("newer than the installed" in caplog.text) is warns
+
+
+def test_a_csv_feature_table_in_a_folder_named_like_tsv_is_read_as_csv(tmp_path):
+    from anatcl_infer.downstream.features import read_features
+
+    X, _ = _attenuated(n=5, dim=4, seed=9)
+    folder = tmp_path / "study.tsv.d"
+    folder.mkdir()
+    _table(X).to_csv(folder / "feats.csv", index=False)
+    df, _ = read_features(folder / "feats.csv")
+    np.testing.assert_allclose(df[feature_names(4)].to_numpy(), X.astype(np.float32), rtol=1e-6)

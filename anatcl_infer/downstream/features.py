@@ -173,7 +173,7 @@ def _read_one(p: str) -> tuple[pd.DataFrame, dict[str, Any]]:
 
     meta: dict[str, Any] = {}
     if p.endswith((".csv", ".tsv", ".csv.gz", ".tsv.gz")):
-        df = pd.read_csv(p, sep="\t" if ".tsv" in p else ",", dtype={c: str for c in STRING_COLUMNS})
+        df = pd.read_csv(p, sep="\t" if p.endswith((".tsv", ".tsv.gz")) else ",", dtype={c: str for c in STRING_COLUMNS})
         sidecar = p + ".meta.json"
         if os.path.isfile(sidecar):
             try:
