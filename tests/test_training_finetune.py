@@ -140,3 +140,37 @@ def test_cli_train_then_finetune(setup, tmp_path):
     res = runner.invoke(app, ["train", "--manifest", str(manifest), "--out", str(tmp_path / "r2"), "--preprocess",
                               str(spec), "--device", "cpu", "--batch-size", "64", "-q"])
     assert res.exit_code == 1 and "lower --batch-size" in res.output
+
+
+def test_saved_head_files_are_whole_and_shareable(setup, tmp_path, monkeypatch):
+    """Under a group-writable umask every output file is group-writable and no temporary is left;
+    a crash while the head config is written leaves the previous head, not a half-written one."""
+    manifest, pretrained = setup
+    old = os.umask(0o002)
+    try:
+        finetune(pretrained, manifest, "age", tmp_path / "ft", FinetuneConfig(epochs=1, device="cpu"))
+    finally:
+        os.umask(old)
+    names = sorted(p.name for p in (tmp_path / "ft").iterdir())
+    assert not [n for n in names if n.startswith(".") or n.endswith(".tmp")], names
+    for name in ("finetune_head.json", "finetune_head.safetensors", "model.safetensors", "config.json"):
+        assert stat.S_IMODE((tmp_path / "ft" / name).stat().st_mode) == 0o664, name
+    before = (tmp_path / "ft" / HEAD_CONFIG).read_bytes()
+
+    import pathlib
+
+    import anatcl_infer.training.finetune as ft
+
+    real_write_text = pathlib.Path.write_text
+
+    def disk_full_midway(self, data, *args, **kwargs):
+        if HEAD_CONFIG in self.name:  # the head config (or its temporary): half of it, then the disk is full
+            real_write_text(self, data[: len(data) // 2], *args, **kwargs)
+            raise OSError(28, "No space left on device")
+        return real_write_text(self, data, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "write_text", disk_full_midway)
+    with pytest.raises(OSError):
+        ft._save(load_finetuned(tmp_path / "ft"), tmp_path / "ft", FinetuneConfig(epochs=1, device="cpu"), pretrained, [])
+    assert (tmp_path / "ft" / HEAD_CONFIG).read_bytes() == before
+    assert not [p.name for p in (tmp_path / "ft").iterdir() if p.name.startswith(".") or p.name.endswith(".tmp")]

@@ -34,6 +34,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..weights.checkpoint import load_pretrained_dir, save_pretrained
+from .._files import atomic_path
 from ..config import PreprocessConfig
 from ..model.devices import resolve_device
 from ..errors import ConfigError, HeadError
@@ -389,7 +390,10 @@ def _save(model: FinetunedModel, out: Path, config: FinetuneConfig, source: Any,
         "target_mean": model.target_mean.detach().reshape(1),
         "target_std": model.target_std.detach().reshape(1),
     }
-    save_file(tensors, str(out / HEAD_WEIGHTS))
+    # each file appears whole, with the umask's mode; head.json last, so a crash never leaves a
+    # config naming weights that are not there
+    with atomic_path(out / HEAD_WEIGHTS) as tmp:
+        save_file(tensors, str(tmp))
     meta = {
         "format": "anatcl-infer-finetune/1",
         "task": model.task,
@@ -401,7 +405,8 @@ def _save(model: FinetunedModel, out: Path, config: FinetuneConfig, source: Any,
         "config": dataclasses.asdict(config),
         "final": history[-1] if history else {},
     }
-    (out / HEAD_CONFIG).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    with atomic_path(out / HEAD_CONFIG) as tmp:
+        tmp.write_text(json.dumps(meta, indent=2, default=str) + "\n")
     logger.info("saved the fine-tuned encoder and %s to %s", HEAD_WEIGHTS, out)
 
 

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
+from .._files import atomic_dir, atomic_path
 from ..weights.checkpoint import clean_state_dict, load_state_dict_strict, save_pretrained
 from ..config import ModelConfig, PreprocessConfig
 from ..model.devices import resolve_device
@@ -344,9 +345,10 @@ def train(
         )
     if dist_info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "train_config.json").write_text(
-            json.dumps({"train": config.to_dict(), "model": model_config.to_dict(), "world_size": dist_info.world_size}, indent=2) + "\n"
-        )
+        with atomic_path(run_dir / "train_config.json") as tmp:
+            tmp.write_text(
+                json.dumps({"train": config.to_dict(), "model": model_config.to_dict(), "world_size": dist_info.world_size}, indent=2) + "\n"
+            )
     log_path = run_dir / "log.jsonl"
     if dist_info.is_main and resume is not None:
         # epochs logged after the checkpoint (a crash between saves) are dropped: they will be redone
@@ -431,8 +433,6 @@ def train(
     load_state_dict_strict(final, clean_state_dict({k: v.detach().cpu() for k, v in model.state_dict().items()}))
     final.eval()
     if dist_info.is_main:
-        from .._files import atomic_dir
-
         with atomic_dir(export_dir) as tmp:  # appears whole, readable as the umask allows (a lab can share it)
             save_pretrained(final, tmp)
             (tmp / "training.json").write_text(
