@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -245,6 +246,20 @@ class ModelConfig:
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{path} is not valid JSON: {exc}") from None
         return cls.from_dict(data)
+
+
+#: values of ANATCL_OFFLINE / HF_HUB_OFFLINE that turn offline mode on
+_TRUE = {"1", "true", "yes", "on"}
+
+
+def is_offline() -> bool:
+    """True when ``ANATCL_OFFLINE`` or ``HF_HUB_OFFLINE`` is set to a true value (read on each call).
+
+    Example:
+        >>> import os; os.environ["ANATCL_OFFLINE"] = "1"; is_offline()
+        True
+    """
+    return any(os.environ.get(var, "").strip().lower() in _TRUE for var in ("ANATCL_OFFLINE", "HF_HUB_OFFLINE"))
 
 
 def _version_tuple(version: object) -> tuple[int, ...]:

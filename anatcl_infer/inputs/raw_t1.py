@@ -38,7 +38,7 @@ import numpy as np
 
 from .._files import atomic_path, regular_file_sha256
 from .._version import __version__
-from ..config import REFERENCE_AFFINE, REFERENCE_SHAPE
+from ..config import REFERENCE_AFFINE, REFERENCE_SHAPE, is_offline
 from ..errors import (
     ConfigError,
     DownloadError,
@@ -142,10 +142,6 @@ def prep_status() -> dict[str, Any]:
     return status
 
 
-def _offline() -> bool:
-    return any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on") for k in ("ANATCL_OFFLINE", "HF_HUB_OFFLINE"))
-
-
 def _missing_models_message(missing: list[str]) -> str:
     root = _deepmriprep_models_dir()
     shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
@@ -174,7 +170,7 @@ def fetch_deepmriprep_models() -> Path:
     missing = missing_deepmriprep_models()
     if not missing:
         return _deepmriprep_models_dir()
-    if _offline():
+    if is_offline():
         raise OfflineError("offline mode is on (ANATCL_OFFLINE/HF_HUB_OFFLINE): " + _missing_models_message(missing), url=_DEEPMRIPREP_REPO)
     utils = _require("deepmriprep.utils", "deepmriprep")
     try:

@@ -391,7 +391,7 @@ class AnatCL(nn.Module):
     ) -> str:
         """Push a saved model directory with :func:`anatcl_infer.weights.publish.push_to_hub`."""
         from ..errors import OfflineError
-        from ..weights.download import is_offline
+        from ..config import is_offline
         from ..weights.publish import push_to_hub
 
         for name, value in (("create_pr", create_pr), ("allow_patterns", allow_patterns), ("ignore_patterns", ignore_patterns),

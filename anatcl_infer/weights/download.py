@@ -22,6 +22,7 @@ import urllib.request
 from pathlib import Path
 
 from .._files import atomic_path, regular_file_sha256
+from ..config import is_offline
 from ..errors import DownloadError, IntegrityError, OfflineError
 
 __all__ = [
@@ -40,7 +41,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20
-_TRUE = {"1", "true", "yes", "on"}
 
 _PREFETCH = (
     "on a machine with network run {command} and copy its cache directory ($ANATCL_CACHE, see `anatcl models`) "
@@ -92,16 +92,6 @@ def cache_dir() -> Path:
         return Path.home() / "Library" / "Caches" / "anatcl"
     xdg = os.environ.get("XDG_CACHE_HOME", "").strip()
     return (Path(xdg) if xdg else Path.home() / ".cache") / "anatcl"
-
-
-def is_offline() -> bool:
-    """True when ``ANATCL_OFFLINE`` or ``HF_HUB_OFFLINE`` is set to a true value.
-
-    Example:
-        >>> import os; os.environ["ANATCL_OFFLINE"] = "1"; is_offline()
-        True
-    """
-    return any(os.environ.get(var, "").strip().lower() in _TRUE for var in ("ANATCL_OFFLINE", "HF_HUB_OFFLINE"))
 
 
 #: hex SHA-256 of a regular file (the package's one hashing helper; a FIFO or device is refused)
