@@ -239,3 +239,33 @@ def test_dataset_description_survives_an_odd_source_description(tmp_path, conten
     desc = json.loads(write_dataset_description(tmp_path / "out", bids).read_text())
     assert desc["Name"] == "AnatCL features of ds" and desc["SourceDatasets"] == [{"URL": bids.resolve().as_uri()}]
     assert desc["DatasetLinks"] == {"raw": bids.resolve().as_uri()}
+
+
+def test_participant_run_hashes_the_weights_once_not_per_subject(model_dir, tmp_path, monkeypatch):
+    """Two subjects, two embed jobs: the weights' SHA-256 (for the sidecars and the tables) is computed once."""
+    import sys
+
+    from anatcl_infer.jobs import embed
+    from anatcl_infer.jobs.bids import run_participant
+    from anatcl_infer.weights.loading import load_model
+
+    bids = tmp_path / "ds"
+    _make_bids(bids)
+    model = load_model(model_dir)
+    hashed = []
+    real = type(model).state_dict
+
+    def counting(self, *args, **kwargs):
+        if sys._getframe(1).f_code.co_name == "weights_sha256":
+            hashed.append(id(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "state_dict", counting)
+    summary = run_participant(bids, bids / "derivatives" / "anatcl", [model], device="cpu", num_workers=0, progress=False)
+    assert not summary.failures and len(summary.written) == len(SCANS)
+    assert hashed == [id(model)]
+    # outside a participant run nothing is remembered: changed weights get a new digest
+    before = embed.weights_sha256(model)
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    assert embed.weights_sha256(model) != before

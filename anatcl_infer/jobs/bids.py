@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 from .._files import atomic_path
 from .._version import __version__
 from ..errors import ConfigError, InputError
-from .embed import _file_sha256, _read_table, _sort_table, _write_table, weights_sha256
+from .embed import _file_sha256, _read_table, _sort_table, _write_table, weights_sha256, weights_unchanged
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -364,6 +364,7 @@ def _work_name(subject: str, session_labels: Sequence[str] | None, desc: str) ->
     return f"sub-{subject}{ses}_desc-{desc}"
 
 
+@weights_unchanged()  # one embed job per subject: hash each fold's weights once, not per subject
 def run_participant(
     bids_dir: str | os.PathLike[str],
     output_dir: str | os.PathLike[str],
