@@ -43,7 +43,10 @@ def test_classify_folder_example(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_bids_to_pandas_example(tmp_path):
+def test_bids_to_pandas_example(tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # its synthetic dataset goes to a temporary folder
     out = tmp_path / "feats.parquet"
     res = _main("bids_to_pandas")(["--n", "3", "--out", str(out)])
     df = res["df"]
