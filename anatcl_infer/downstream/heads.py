@@ -835,7 +835,8 @@ def _fit_fold(
 
     splits = list(_splitter(kind, cv, seed, groups is not None).split(X, y, groups))
     param = _grid_param(kind)
-    grid = GridSearchCV(_pipeline(kind), {param: list(alphas)}, cv=splits, scoring=_scoring(kind)).fit(X, y)
+    # refit=False: only the chosen strength is used (the final models are fitted below)
+    grid = GridSearchCV(_pipeline(kind), {param: list(alphas)}, cv=splits, scoring=_scoring(kind), refit=False).fit(X, y)
     strength = float(grid.best_params_[param])
     pipe = _pipeline(kind, strength)
     res = cross_validate(pipe, X, y, cv=splits, return_estimator=True, return_indices=True)
