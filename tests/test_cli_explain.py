@@ -93,3 +93,25 @@ def test_without_a_head_the_principal_direction_is_mapped(setup, tmp_path):
 def test_help_lists_explain():
     res = runner.invoke(app, ["explain", "--help"])
     assert res.exit_code == 0 and "--head" in res.output and "gradient x input" in res.output
+
+
+@pytest.mark.slow
+def test_a_t1_model_explains_the_t1_images_of_a_folder_not_its_grey_matter_maps(setup, tmp_path):
+    """A folder holding T1 images and an mwp1 map: a T1 model's inputs are the T1 images (as `anatcl embed` finds them)."""
+    import dataclasses
+
+    _, _, head_dir = setup
+    prep = dataclasses.replace(PREP3, input_kind="t1", intensity="robust")
+    torch.manual_seed(0)
+    t1_model = save_pretrained(AnatCL(ModelConfig(name="t1-model", source="unit-test", fold=0, preprocess=prep)), tmp_path / "t1m")
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    gm = np.ascontiguousarray(mni_gm_on_grid()[::2, ::2, ::2])
+    for name in ("sub-01_T1w.nii.gz", "sub-02_T1w.nii.gz", "mwp1sub-01_T1w.nii.gz"):
+        save_nifti(scans / name, 100.0 * gm + 20.0, affine=np.array(GRID3_AFFINE))
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["explain", str(scans), "--model", str(t1_model), "--head", str(head_dir), "--out", str(out),
+                              "--device", "cpu", "--no-pictures", "-q"])
+    assert res.exit_code == 0, res.output
+    inputs = sorted(r["path"].rsplit("/", 1)[-1] for r in _rows(out))
+    assert inputs == ["mwp1sub-01_T1w.nii.gz", "sub-01_T1w.nii.gz", "sub-02_T1w.nii.gz"]

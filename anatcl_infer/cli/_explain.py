@@ -45,11 +45,15 @@ def explain_cmd(
     from ..inputs.discovery import discover_inputs
     from ..qc.explain import explain
 
+    try:
+        input_kind = _input_kind(model)
+    except AnatCLError as exc:
+        raise fail(str(exc), 2) from None
     paths: list[str] = []
     failures: list[tuple[str, str, str]] = []
     for spec in inputs:  # one spec at a time, so a missing one is reported and the others still run
         try:
-            paths.extend(r.path for r in discover_inputs([spec]))
+            paths.extend(r.path for r in discover_inputs([spec], input_kind=input_kind))
         except InputError as exc:
             failures.append((spec, exc.stage, str(exc.args[0])))
     paths = list(dict.fromkeys(paths))
@@ -73,6 +77,17 @@ def explain_cmd(
     if bad:
         typer.echo(f"error: {len(bad)} of {len(maps)} inputs failed; see {out / 'explain.csv'}", err=True)
         raise typer.Exit(1)
+
+
+def _input_kind(model: str) -> str:
+    """What a folder or BIDS dataset is searched for: the input kind in a model directory's
+    ``config.json`` (no weights are read); grey-matter maps for registry models and weight files."""
+    from ..config import CONFIG_NAME, ModelConfig
+
+    path = Path(model)
+    if (path / CONFIG_NAME).is_file():
+        return ModelConfig.load(path).preprocess.input_kind
+    return "gm"
 
 
 def _class_value(head: Path, text: str) -> object:
