@@ -118,3 +118,21 @@ def test_t1_to_mni_sidecar_records_the_source_hash(tmp_path, monkeypatch):
     assert side["source_sha256"] == hashlib.sha256(Path(src).read_bytes()).hexdigest()
     assert side["output"] == out.name and side["steps"][0]["seed"] == 1234
     assert sorted(os.listdir(out.parent)) == sorted([out.name, "sub-01_T1w_space-MNI152aff_T1w.json"])
+
+
+def test_the_registration_template_is_read_while_its_file_exists():
+    """The packaged template is read inside importlib.resources' as_file block (a zipped install
+    extracts it to a temporary file that is gone afterwards); it is the 3 mm MNI T1 on disk."""
+    seen = {}
+
+    class FakeSitk:
+        sitkFloat32 = "float32"
+
+        @staticmethod
+        def ReadImage(path, pixel):
+            seen["exists"], seen["pixel"] = Path(path).is_file(), pixel
+            return nib.load(path).shape
+
+    shape = prep._read_template(FakeSitk)
+    assert seen == {"exists": True, "pixel": "float32"}
+    assert len(shape) == 3 and min(shape) > 40

@@ -304,11 +304,13 @@ def skull_strip(t1: str | os.PathLike[str], out: str | os.PathLike[str], *, devi
     return target
 
 
-def _template_path() -> Path:
+def _read_template(sitk: ModuleType) -> Any:
+    """The packaged registration template as a SimpleITK image (read while the file is sure to exist,
+    also from a zipped install)."""
     from importlib import resources
 
-    with resources.as_file(resources.files("anatcl_infer.inputs").joinpath("data", REGISTRATION_TEMPLATE)) as p:
-        return Path(p)
+    with resources.as_file(resources.files("anatcl_infer.inputs").joinpath("data", REGISTRATION_TEMPLATE)) as path:
+        return sitk.ReadImage(str(path), sitk.sitkFloat32)
 
 
 def _reference_image(sitk: ModuleType) -> Any:
@@ -361,7 +363,7 @@ def register_to_mni(
     if int(seed) <= 0:
         raise ConfigError(f"seed must be a positive integer (ITK takes 0 as 'seed from the clock'), got {seed!r}")
     sitk = _require("SimpleITK", "SimpleITK")
-    fixed = sitk.ReadImage(str(_template_path()), sitk.sitkFloat32)
+    fixed = _read_template(sitk)
     moving = sitk.ReadImage(str(src), sitk.sitkFloat32)
     if moving.GetDimension() == 4:
         size = list(moving.GetSize())
