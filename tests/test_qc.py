@@ -373,3 +373,17 @@ def test_docstring_examples_run(module, monkeypatch):
     mod = importlib.import_module(f"anatcl_infer.{module}")
     result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
     assert result.failed == 0 and result.attempted > 0
+
+
+def test_another_grid_is_said_once_not_per_input(caplog):
+    affine = [[-3.0, 0, 0, 90], [0, 3.0, 0, -126], [0, 0, 3.0, -72], [0, 0, 0, 1]]
+    cfg = PreprocessConfig(grid_shape=(61, 73, 61), crop=((0, 61), (3, 67), (0, 61)), grid_affine=affine)
+    data = np.ascontiguousarray(mni_gm_on_grid()[::2, ::2, ::2])
+    from anatcl_infer.qc import metrics
+
+    if hasattr(metrics, "_warn_off_template"):
+        metrics._warn_off_template.cache_clear()  # an earlier test may have used this grid in this process
+    with caplog.at_level("WARNING", logger="anatcl_infer"):
+        for scale in (1.0, 0.9, 0.8):
+            qc_metrics(prepare(data * scale, cfg, assume_reference_grid=True), config=cfg)
+    assert caplog.text.count("not on this config's grid") == 1

@@ -14,6 +14,7 @@ outside the crop box, when it matches the template better flipped, or when its i
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -85,6 +86,12 @@ def _orientation(volume: np.ndarray, gm: np.ndarray, corr: float, affine: np.nda
 
 def _weights(volume: np.ndarray, floor: float) -> np.ndarray:
     return np.clip(volume.astype(np.float64, copy=False) - floor, 0.0, None)
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_off_template(grid_shape: tuple[int, ...], grid_affine: tuple[tuple[float, ...], ...]) -> None:
+    """Say once per grid (and process), not once per input, that the template metrics are NaN."""
+    logger.warning("the GM template is not on this config's grid %s: template metrics are NaN", grid_shape)
 
 
 def _fraction_outside_crop(grid: np.ndarray, config: PreprocessConfig, floor: float) -> float:
@@ -176,7 +183,7 @@ def qc_metrics(
         out["qc_brain_coverage"] = float(signal[core].mean()) if core.any() else nan
         out["qc_signal_outside_brain"] = float(weights[~brain].sum()) / total if total > 0 else nan
     else:
-        logger.warning("the GM template is not on this config's grid %s: template metrics are NaN", config.grid_shape)
+        _warn_off_template(tuple(config.grid_shape), tuple(map(tuple, config.grid_affine)))
         p1, p50, p99 = (float(v) for v in np.percentile(volume, [1, 50, 99]))
         out["qc_template_corr"] = nan
         out["qc_brain_coverage"] = nan
