@@ -135,7 +135,7 @@ def linear_probe(
     from sklearn.exceptions import UndefinedMetricWarning
     from sklearn.model_selection import GridSearchCV, cross_validate
 
-    from .heads import ALPHAS, _grid_param, _pipeline, _scoring, _splitter, single_threaded
+    from .heads.estimators import ALPHAS, _grid_param, _pipeline, _scoring, _splitter, single_threaded
 
     Xm = _as_matrix(X)
     y_arr = np.asarray(y.to_numpy() if hasattr(y, "to_numpy") else y)
