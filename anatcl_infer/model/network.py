@@ -17,7 +17,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..config import ModelConfig
 from ..errors import ConfigError
 from .resnet import (  # noqa: F401  (the building blocks, re-exported from their old home)
     ARCHITECTURES,
@@ -37,7 +36,7 @@ __all__ = ["ResNet3D", "AnatCL", "ARCHITECTURES", "build_encoder"]
 
 @register_model_class
 class AnatCL(AnatCLNetwork):
-    """AnatCL encoder plus projection head, carrying its :class:`ModelConfig`.
+    """AnatCL encoder plus projection head, carrying its :class:`~anatcl_infer.config.ModelConfig`.
 
     ``model(x)`` returns the (B, 512) features used for linear probing;
     ``model(x, head=True)`` returns the (B, 128) L2-normalised projections the
