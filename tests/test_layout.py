@@ -1,27 +1,36 @@
 """The package's layout: stages that data flows through, one way, and no import cycle.
 
 Every import inside ``anatcl_infer`` (module level and inside functions, ``TYPE_CHECKING`` blocks
-excepted) must point at the same or a lower stage. Convenience methods that reach up (``AnatCL.encode``
-calls the encoder, ``AnatCL.save_pretrained`` the checkpoint writer) are listed in ``UPWARD`` and
-import lazily, inside the method.
+excepted) must point at the same or a lower stage, with no exception, and the graph of those
+imports has no cycle. Stages are given per top-level name, or per module where a folder spans
+stages: ``model.resnet`` (the bare network) is stage 1, while ``model.network`` (the public
+``AnatCL``, whose ``encode``/``from_pretrained``/``save_pretrained`` call the encoder and the
+weights stage) sits above both.
 """
 
 from __future__ import annotations
 
 import ast
 import importlib
+import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
-
-import pytest
 
 PKG_DIR = Path(__file__).resolve().parents[1] / "anatcl_infer"
 
-#: Stage of each top-level name of the package, lowest first.
+#: Stage of each top-level name of the package, lowest first; a dotted key (``model.resnet``) gives
+#: one module its own stage, and ``<package>.__init__`` a package's ``__init__``. A module takes the
+#: stage of its longest listed prefix.
 STAGES = {
     "_version": 0, "errors": 0, "_optional": 0, "config": 0, "_files": 0,
-    "inputs": 1, "model": 1,
+    "inputs": 1, "model.resnet": 1, "model.fused": 1, "model.devices": 1,
     "weights": 2,
     "encoding": 3,
+    # the public AnatCL: the stage-1 network plus conveniences calling the encoder and the weights
+    # stage; the package's __init__ re-exports it
+    "model.network": 3.5, "model.__init__": 3.5,
     "downstream": 4, "sklearn": 4,
     "qc": 5,
     "jobs": 6,
@@ -29,22 +38,11 @@ STAGES = {
     "cli": 8, "__main__": 8, "__init__": 8,
 }
 
-#: (importing module, imported module) pairs allowed to reach a higher stage, lazily.
-UPWARD = {
-    ("anatcl_infer.model.network", "anatcl_infer.encoding.encoder"),
-    ("anatcl_infer.model.network", "anatcl_infer.weights.checkpoint"),
-    # Hub conventions (AnatCL.from_pretrained / push_to_hub, the PyTorchModelHubMixin API): loading goes
-    # through load_model (strict keys, safe formats, hashes) and publishing through weights.publish
-    ("anatcl_infer.model.network", "anatcl_infer.weights.loading"),
-    ("anatcl_infer.model.network", "anatcl_infer.weights.download"),
-    ("anatcl_infer.model.network", "anatcl_infer.weights.publish"),
-}
 
-
-def _modules() -> dict[str, Path]:
+def _modules(pkg_dir: Path = PKG_DIR) -> dict[str, Path]:
     out = {}
-    for path in sorted(PKG_DIR.rglob("*.py")):
-        parts = ["anatcl_infer", *path.relative_to(PKG_DIR).with_suffix("").parts]
+    for path in sorted(pkg_dir.rglob("*.py")):
+        parts = [pkg_dir.name, *path.relative_to(pkg_dir).with_suffix("").parts]
         if parts[-1] == "__init__" and len(parts) > 1:
             parts = parts[:-1]
         out[".".join(parts)] = path
@@ -61,6 +59,7 @@ def _imports(name: str, path: Path, modules: dict[str, Path]) -> list[tuple[str,
     """(imported package module, at module level?) for every import in one file."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
     is_pkg = path.name == "__init__.py"
+    root = name.split(".")[0]
     found: list[tuple[str, bool]] = []
 
     def resolve(target: str) -> str | None:
@@ -81,14 +80,14 @@ def _imports(name: str, path: Path, modules: dict[str, Path]) -> list[tuple[str,
                     mod = ".".join(base + ([child.module] if child.module else []))
                 else:
                     mod = child.module or ""
-                if mod.startswith("anatcl_infer"):
+                if mod.split(".")[0] == root:
                     for alias in child.names:  # `from .pkg import submodule` imports the submodule
                         full = resolve(f"{mod}.{alias.name}") if f"{mod}.{alias.name}" in modules else resolve(mod)
                         if full:
                             found.append((full, top))
             elif isinstance(child, ast.Import):
                 for alias in child.names:
-                    if alias.name.startswith("anatcl_infer"):
+                    if alias.name.split(".")[0] == root:
                         full = resolve(alias.name)
                         if full:
                             found.append((full, top))
@@ -99,9 +98,51 @@ def _imports(name: str, path: Path, modules: dict[str, Path]) -> list[tuple[str,
     return found
 
 
-def _stage(module: str) -> int:
-    parts = module.split(".")
-    return STAGES["__init__"] if len(parts) == 1 else STAGES[parts[1]]
+def _stage(module: str, modules: dict[str, Path]) -> float:
+    parts = module.split(".")[1:]
+    if modules[module].name == "__init__.py":
+        parts.append("__init__")
+    for n in range(len(parts), 0, -1):
+        key = ".".join(parts[:n])
+        if key in STAGES:
+            return STAGES[key]
+    raise KeyError(f"{module} has no stage: add it (or its folder) to STAGES in {Path(__file__).name}")
+
+
+def _graph(modules: dict[str, Path]) -> dict[str, set[str]]:
+    """module -> the package modules it imports, at module level or inside functions.
+
+    ``from pkg import sub`` imports the submodule ``pkg.sub``; ``import pkg.sub`` and
+    ``from pkg.sub import name`` import ``pkg.sub`` only (not ``pkg``'s ``__init__``).
+    """
+    return {name: {t for t, _top in _imports(name, path, modules) if t != name} for name, path in modules.items()}
+
+
+def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle of ``graph`` as [a, b, ..., a], or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    stack: list[str] = []
+
+    def dfs(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state:
+                found = dfs(nxt)
+                if found:
+                    return found
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state:
+            found = dfs(node)
+            if found:
+                return found
+    return None
 
 
 def test_every_module_imports():
@@ -111,9 +152,10 @@ def test_every_module_imports():
         importlib.import_module(name)
 
 
-def test_every_top_level_name_has_a_stage():
-    for name in _modules():
-        _stage(name)
+def test_every_module_has_a_stage():
+    modules = _modules()
+    for name in modules:
+        _stage(name, modules)
 
 
 def test_no_lower_stage_imports_a_higher_one():
@@ -121,43 +163,83 @@ def test_no_lower_stage_imports_a_higher_one():
     bad = []
     for name, path in modules.items():
         for target, _top in _imports(name, path, modules):
-            if _stage(target) > _stage(name) and (name, target) not in UPWARD:
-                bad.append(f"{name} (stage {_stage(name)}) imports {target} (stage {_stage(target)})")
+            if _stage(target, modules) > _stage(name, modules):
+                bad.append(f"{name} (stage {_stage(name, modules)}) imports {target} (stage {_stage(target, modules)})")
     assert not bad, "\n".join(bad)
 
 
-def test_upward_conveniences_import_lazily():
+def test_no_import_cycle_even_through_imports_inside_functions():
+    cycle = _find_cycle(_graph(_modules()))
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_loaders_build_the_public_class_without_importing_it():
+    """The weights stage gets ``AnatCL`` by registration: importing only the base module registers it."""
+    code = (
+        "from anatcl_infer.model.resnet import model_class\n"
+        "from anatcl_infer.weights.checkpoint import model_with_weights\n"
+        "cls = model_class()\n"
+        "print(cls.__module__, cls.__name__, hasattr(cls, 'encode'))\n"
+    )
+    root = str(PKG_DIR.parent)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
+                         env={**os.environ, "PYTHONPATH": root}, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["anatcl_infer.model.network", "AnatCL", "True"]
     modules = _modules()
-    for name, target in UPWARD:
-        tops = [top for t, top in _imports(name, modules[name], modules) if t == target]
-        assert tops and not any(tops), f"{name} -> {target} must be imported inside the method only"
+    for low in ("anatcl_infer.weights.checkpoint", "anatcl_infer.weights.loading", "anatcl_infer.weights.convert",
+                "anatcl_infer.encoding.encoder", "anatcl_infer.model.resnet"):
+        assert "anatcl_infer.model.network" not in _graph(modules)[low], f"{low} imports the public class"
 
 
-def test_no_import_cycle():
+def test_the_checker_sees_what_it_must(tmp_path):
+    """The graph builder and the cycle finder on a made-up package: what they count is what they claim."""
+    pkg = tmp_path / "fakepkg"
+    files = {
+        "__init__.py": "from .low import base\n",
+        "low.py": """
+            from typing import TYPE_CHECKING
+            if TYPE_CHECKING:
+                from .high import Public  # typing only: no edge
+            base = 1
+            def build():
+                from .mid import helper  # inside a function: an edge
+        """,
+        "mid.py": "import fakepkg.sub.leaf  # the submodule, not fakepkg's __init__\n",
+        "other.py": "from . import mid  # a submodule\nfrom .sub import leaf\n",
+        "high.py": "from .sub.leaf import thing\n",
+        "sub/__init__.py": "",
+        "sub/leaf.py": "class Public:\n    def go(self):\n        from ..high import x\n",
+    }
+    for rel, text in files.items():
+        (pkg / rel).parent.mkdir(parents=True, exist_ok=True)
+        (pkg / rel).write_text(textwrap.dedent(text))
+    modules = _modules(pkg)
+    graph = _graph(modules)
+    assert graph == {
+        "fakepkg": {"fakepkg.low"},
+        "fakepkg.low": {"fakepkg.mid"},
+        "fakepkg.mid": {"fakepkg.sub.leaf"},
+        "fakepkg.other": {"fakepkg.mid", "fakepkg.sub.leaf"},
+        "fakepkg.high": {"fakepkg.sub.leaf"},
+        "fakepkg.sub": set(),
+        "fakepkg.sub.leaf": {"fakepkg.high"},
+    }
+    assert _imports("fakepkg.low", modules["fakepkg.low"], modules) == [("fakepkg.mid", False)]
+    assert _imports("fakepkg.sub.leaf", modules["fakepkg.sub.leaf"], modules) == [("fakepkg.high", False)]
+    cycle = _find_cycle(graph)  # only through the import inside a method
+    assert cycle is not None and cycle[0] == cycle[-1] and set(cycle) == {"fakepkg.high", "fakepkg.sub.leaf"}
+    graph["fakepkg.sub.leaf"] = set()
+    assert _find_cycle(graph) is None
+
+
+def test_stages_per_module():
     modules = _modules()
-    graph = {name: {t for t, top in _imports(name, path, modules) if top and t != name}
-             for name, path in modules.items()}
-    # a package's __init__ re-exporting its own submodules is not a cycle with them
-    for name in graph:
-        graph[name] = {t for t in graph[name] if not t.startswith(name + ".")}
-    state: dict[str, int] = {}
-    stack: list[str] = []
-
-    def dfs(node: str) -> None:
-        state[node] = 1
-        stack.append(node)
-        for nxt in sorted(graph.get(node, ())):
-            if state.get(nxt) == 1:
-                cycle = stack[stack.index(nxt):] + [nxt]
-                pytest.fail("import cycle: " + " -> ".join(cycle))
-            if nxt not in state:
-                dfs(nxt)
-        stack.pop()
-        state[node] = 2
-
-    for node in sorted(graph):
-        if node not in state:
-            dfs(node)
+    assert _stage("anatcl_infer.model.resnet", modules) == _stage("anatcl_infer.model.devices", modules) == 1
+    assert _stage("anatcl_infer.weights", modules) == _stage("anatcl_infer.weights.loading", modules) == 2
+    assert _stage("anatcl_infer.encoding.encoder", modules) < _stage("anatcl_infer.model.network", modules)
+    assert _stage("anatcl_infer.model", modules) == _stage("anatcl_infer.model.network", modules)
+    assert _stage("anatcl_infer", modules) == STAGES["__init__"]
 
 
 def test_folders_name_the_stages():

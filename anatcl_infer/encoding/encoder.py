@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ..model.devices import resolve_device
+from ..model.resnet import AnatCLNetwork
 from ..errors import AnatCLError, ConfigError, InputError, InputFailureWarning, user_stacklevel
 
 if TYPE_CHECKING:
@@ -477,9 +478,7 @@ def extract_features(inputs: Any, model: Any = "anatcl-global", fold: int = 0, *
     unknown = sorted(set(encode_kwargs) - set(_ENCODE_KWARGS))
     if unknown:
         raise TypeError(f"unexpected keyword argument(s) {unknown}; valid ones are {list(_ENCODE_KWARGS)}")
-    from ..model.network import AnatCL
-
-    if not isinstance(model, AnatCL):
+    if not isinstance(model, AnatCLNetwork):
         from ..weights.loading import load_model
 
         if not isinstance(model, (str, os.PathLike)):

@@ -1,203 +1,55 @@
-"""The AnatCL network: a 3D ResNet encoder and its contrastive projection head.
+"""The public :class:`AnatCL`: the network plus the conveniences that call the stages above it.
 
-Parameter names are identical to the authors' checkpoints (``encoder.conv1.weight``,
-``encoder.layer1.0.bn1.running_mean``, ``head.0.weight``...), so their state dicts
-load with strict key checking.
+:class:`~anatcl_infer.model.resnet.AnatCLNetwork` (stage 1) is the network; this class adds
+``encode`` (the encoding stage), ``from_pretrained``, ``save_pretrained`` and ``push_to_hub`` (the
+weights stage), so this module sits above both, like transformers' ``PreTrainedModel`` above its
+loaders. It imports them inside the methods: the lower stages import ``anatcl_infer.model.resnet``
+and ``devices``, which runs this package's ``__init__`` and so this module, and a module-level
+import of theirs here would find them half-imported.
+
+Defining :class:`AnatCL` registers it (:func:`~anatcl_infer.model.resnet.register_model_class`), so
+the loaders, which take the class to build as ``cls``, return it by default. The building blocks
+are re-exported: ``from anatcl_infer.model.network import ResNet3D`` keeps working.
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-
-from ..config import ModelConfig
 from ..errors import ConfigError
-from . import fused as _fused
+from .resnet import (  # noqa: F401  (the building blocks, re-exported from their old home)
+    ARCHITECTURES,
+    AnatCLNetwork,
+    BasicBlock3D,
+    Bottleneck3D,
+    ResNet3D,
+    build_encoder,
+    register_model_class,
+)
 
 if TYPE_CHECKING:
     import numpy as np
 
 __all__ = ["ResNet3D", "AnatCL", "ARCHITECTURES", "build_encoder"]
 
-logger = logging.getLogger(__name__)
 
-
-class BasicBlock3D(nn.Module):
-    """Two 3x3x3 convolutions with a residual connection (ResNet-18/34)."""
-
-    expansion = 1
-
-    def __init__(self, in_planes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv3d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm3d(planes)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv3d(planes, planes, 3, stride=1, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm3d(planes)
-        self.downsample = downsample
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(out + identity)
-
-
-class Bottleneck3D(nn.Module):
-    """1x1x1 -> 3x3x3 -> 1x1x1 bottleneck block (ResNet-50/101)."""
-
-    expansion = 4
-
-    def __init__(self, in_planes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv3d(in_planes, planes, 1, bias=False)
-        self.bn1 = nn.BatchNorm3d(planes)
-        self.conv2 = nn.Conv3d(planes, planes, 3, stride=stride, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm3d(planes)
-        self.conv3 = nn.Conv3d(planes, planes * self.expansion, 1, bias=False)
-        self.bn3 = nn.BatchNorm3d(planes * self.expansion)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = downsample
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return self.relu(out + identity)
-
-
-#: architecture name -> (block type, blocks per stage)
-ARCHITECTURES: dict[str, tuple[type[nn.Module], tuple[int, int, int, int]]] = {
-    "resnet18": (BasicBlock3D, (2, 2, 2, 2)),
-    "resnet34": (BasicBlock3D, (3, 4, 6, 3)),
-    "resnet50": (Bottleneck3D, (3, 4, 6, 3)),
-    "resnet101": (Bottleneck3D, (3, 4, 23, 3)),
-}
-
-
-class ResNet3D(nn.Module):
-    """3D ResNet trunk ending in global average pooling (no classifier).
-
-    Args:
-        block: :class:`BasicBlock3D` or :class:`Bottleneck3D`.
-        layers: number of blocks in each of the four stages.
-        in_channels: input channels (1 for a single MRI volume).
-    """
-
-    def __init__(self, block: type[nn.Module], layers: Sequence[int], in_channels: int = 1) -> None:
-        super().__init__()
-        self.in_planes = 64
-        self.conv1 = nn.Conv3d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm3d(64)
-        self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool3d(kernel_size=3, stride=2, padding=1)
-        self.layer1 = self._make_layer(block, 64, layers[0], stride=1)
-        self.layer2 = self._make_layer(block, 128, layers[1], stride=2)
-        self.layer3 = self._make_layer(block, 256, layers[2], stride=2)
-        self.layer4 = self._make_layer(block, 512, layers[3], stride=2)
-        self.avgpool = nn.AdaptiveAvgPool3d(1)
-        self.num_features = 512 * block.expansion  # type: ignore[attr-defined]
-        #: run inference on CPU through the fused plan of :mod:`anatcl_infer.model.fused`
-        self.fused = True
-        if self.conv1.weight.is_meta:  # built to receive checkpoint weights: nothing to initialise
-            return
-        for m in self.modules():
-            if isinstance(m, nn.Conv3d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm3d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-
-    def _make_layer(self, block: type[nn.Module], planes: int, blocks: int, stride: int) -> nn.Sequential:
-        expansion = block.expansion  # type: ignore[attr-defined]
-        downsample = None
-        if stride != 1 or self.in_planes != planes * expansion:
-            downsample = nn.Sequential(
-                nn.Conv3d(self.in_planes, planes * expansion, kernel_size=1, stride=stride, bias=False),
-                nn.BatchNorm3d(planes * expansion),
-            )
-        layers = [block(self.in_planes, planes, stride, downsample)]
-        self.in_planes = planes * expansion
-        layers += [block(self.in_planes, planes) for _ in range(1, blocks)]
-        return nn.Sequential(*layers)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _fused.eligible(self, x):
-            try:
-                return _fused.run_fused(self, x)
-            except (RuntimeError, NotImplementedError) as exc:  # pragma: no cover - depends on the torch build
-                logger.warning("fused CPU inference unavailable (%s); using the plain forward", exc)
-                self.fused = False
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return torch.flatten(self.avgpool(x), 1)
-
-
-def build_encoder(architecture: str = "resnet18") -> ResNet3D:
-    """Build an (untrained) encoder by name: resnet18, resnet34, resnet50 or resnet101."""
-    try:
-        block, layers = ARCHITECTURES[architecture]
-    except KeyError:
-        raise ConfigError(
-            f"unknown architecture {architecture!r}; choose one of {sorted(ARCHITECTURES)}"
-        ) from None
-    return ResNet3D(block, layers)
-
-
-class AnatCL(nn.Module):
-    """AnatCL encoder plus projection head, carrying its :class:`ModelConfig`.
+@register_model_class
+class AnatCL(AnatCLNetwork):
+    """AnatCL encoder plus projection head, carrying its :class:`~anatcl_infer.config.ModelConfig`.
 
     ``model(x)`` returns the (B, 512) features used for linear probing;
     ``model(x, head=True)`` returns the (B, 128) L2-normalised projections the
     contrastive loss works on. ``x`` is (B, 1, 121, 128, 121) float32 for the
-    published models (see ``model.config.preprocess``).
+    published models (see ``model.config.preprocess``). The network itself is
+    :class:`~anatcl_infer.model.resnet.AnatCLNetwork`; this class adds :meth:`encode` and the
+    Hugging Face Hub methods.
 
     Example:
         >>> model = AnatCL(ModelConfig(source="untrained"))
         >>> model(torch.zeros(1, 1, 32, 32, 32)).shape
         torch.Size([1, 512])
     """
-
-    def __init__(self, config: ModelConfig | None = None) -> None:
-        super().__init__()
-        self.config = config if config is not None else ModelConfig()
-        self.encoder = build_encoder(self.config.architecture)
-        dim = self.encoder.num_features
-        if dim != self.config.feature_dim:
-            raise ConfigError(
-                f"architecture {self.config.architecture!r} gives {dim}-d features "
-                f"but the config says feature_dim={self.config.feature_dim}"
-            )
-        self.head = nn.Sequential(
-            nn.Linear(dim, dim), nn.ReLU(inplace=True), nn.Linear(dim, self.config.projection_dim)
-        )
-
-    def forward(self, x: torch.Tensor, head: bool = False) -> torch.Tensor:
-        """Features (B, feature_dim), or unit-norm projections with ``head=True``."""
-        feats = self.encoder(x)
-        if not head:
-            return feats
-        return F.normalize(self.head(feats), dim=1)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The (B, feature_dim) encoder output (same as ``model(x)``)."""
-        return self.encoder(x)
-
-    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        """Unit-norm projections of precomputed features."""
-        return F.normalize(self.head(features), dim=1)
-
-    @property
-    def device(self) -> torch.device:
-        """Device of the weights."""
-        return next(self.parameters()).device
 
     def encode(self, inputs: Any, **kwargs: Any) -> np.ndarray:
         """Embed images into (N, feature_dim) float32 features, in input order.
@@ -242,7 +94,7 @@ class AnatCL(nn.Module):
                 ``model.safetensors``), ``device`` (or ``map_location``), ``strict`` (only ``True``).
 
         Returns:
-            The model in eval mode, carrying its :class:`ModelConfig`.
+            The model (an instance of the class it is called on) in eval mode, carrying its :class:`ModelConfig`.
 
         Example:
             >>> model = AnatCL.from_pretrained("myorg/anatcl-global-fold0", revision="v1")  # doctest: +SKIP
@@ -274,12 +126,12 @@ class AnatCL(nn.Module):
             text = "hf://" + text[len("hf-hub:"):].lstrip("/")
         local = Path(text).expanduser()
         if not text.startswith("hf://") and local.exists():
-            return load_model(local, revision=revision, sha256=sha256, device=device)
+            return load_model(local, revision=revision, sha256=sha256, device=device, cls=cls)
         if text.startswith("hf://") or re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?", text):
             repo, rev = parse_hf_address(text if text.startswith("hf://") else f"hf://{text}", revision)
             files = hf_download(repo, (CONFIG_NAME, WEIGHTS_NAME), revision=rev, token=token)
-            return load_model(files[WEIGHTS_NAME].parent, sha256=sha256, device=device)
-        return load_model(text, fold=model_kwargs.get("fold", 0), revision=revision, sha256=sha256, device=device)
+            return load_model(files[WEIGHTS_NAME].parent, sha256=sha256, device=device, cls=cls)
+        return load_model(text, fold=model_kwargs.get("fold", 0), revision=revision, sha256=sha256, device=device, cls=cls)
 
     def save_pretrained(
         self,

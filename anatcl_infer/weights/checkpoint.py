@@ -17,6 +17,7 @@ import torch
 from .._files import atomic_dir, atomic_path
 from ..config import CONFIG_NAME, WEIGHTS_NAME, ModelConfig
 from ..errors import CheckpointError, StateDictMismatchError
+from ..model.resnet import AnatCLNetwork, model_class
 
 __all__ = [
     "clean_state_dict",
@@ -114,16 +115,21 @@ def check_weights(state_dict: Mapping[str, torch.Tensor], expected: Mapping[str,
             raise CheckpointError(f"{where}{key} holds {value.dtype} values where the network expects {ref.dtype}", path=path)
 
 
-def model_with_weights(config: ModelConfig, state_dict: Mapping[str, torch.Tensor], *, path: str | None = None) -> torch.nn.Module:
-    """An :class:`~anatcl_infer.model.AnatCL` in eval mode holding exactly ``state_dict``.
+def model_with_weights(
+    config: ModelConfig,
+    state_dict: Mapping[str, torch.Tensor],
+    *,
+    path: str | None = None,
+    cls: type[AnatCLNetwork] | None = None,
+) -> torch.nn.Module:
+    """A ``cls`` (default :func:`~anatcl_infer.model.resnet.model_class`, the public
+    :class:`~anatcl_infer.model.AnatCL`) in eval mode holding exactly ``state_dict``.
 
     The network is built on the ``meta`` device (no random initialisation, ~0.4 s saved
     per load) and the checkpoint tensors are assigned after the strict key check.
     """
-    from ..model.network import AnatCL
-
     with torch.device("meta"):
-        model = AnatCL(config)
+        model = (cls or model_class())(config)
     load_state_dict_strict(model, clean_state_dict(state_dict), path=path, assign=True)
     return model.eval()
 
@@ -171,26 +177,32 @@ def read_safetensors(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} is not a readable safetensors file ({exc}); re-create it with `anatcl convert`", path=str(path)) from None
 
 
-def model_from_safetensors(path: str | os.PathLike[str], config: ModelConfig) -> torch.nn.Module:
-    """An :class:`~anatcl_infer.model.AnatCL` holding a ``.safetensors`` file's weights, strictly.
+def model_from_safetensors(
+    path: str | os.PathLike[str], config: ModelConfig, *, cls: type[AnatCLNetwork] | None = None
+) -> torch.nn.Module:
+    """An :class:`~anatcl_infer.model.AnatCL` (or ``cls``) holding a ``.safetensors`` file's weights, strictly.
 
     The names and shapes in the header are checked before any tensor is read.
     """
-    check_safetensors_header(path, config)
-    return model_with_weights(config, read_safetensors(path), path=str(path))
+    check_safetensors_header(path, config, cls=cls)
+    return model_with_weights(config, read_safetensors(path), path=str(path), cls=cls)
 
 
-def load_pretrained_dir(directory: str | os.PathLike[str], *, config: ModelConfig | None = None) -> torch.nn.Module:
-    """Build an :class:`~anatcl_infer.model.AnatCL` from a ``config.json`` + ``model.safetensors`` directory."""
+def load_pretrained_dir(
+    directory: str | os.PathLike[str], *, config: ModelConfig | None = None, cls: type[AnatCLNetwork] | None = None
+) -> torch.nn.Module:
+    """Build an :class:`~anatcl_infer.model.AnatCL` (or ``cls``) from a ``config.json`` + ``model.safetensors`` directory."""
     directory = Path(directory)
     cfg = config if config is not None else ModelConfig.load(directory)
     weights = directory / WEIGHTS_NAME
     if not weights.is_file():
         raise CheckpointError(f"{weights} not found: a model directory holds {CONFIG_NAME} and {WEIGHTS_NAME}", path=str(weights))
-    return model_from_safetensors(weights, cfg)
+    return model_from_safetensors(weights, cfg, cls=cls)
 
 
-def check_safetensors_header(path: str | os.PathLike[str], config: ModelConfig) -> None:
+def check_safetensors_header(
+    path: str | os.PathLike[str], config: ModelConfig, *, cls: type[AnatCLNetwork] | None = None
+) -> None:
     """Compare the tensor names and shapes a ``.safetensors`` header declares with the network, before reading any.
 
     Raises:
@@ -199,15 +211,13 @@ def check_safetensors_header(path: str | os.PathLike[str], config: ModelConfig) 
     """
     from safetensors import SafetensorError, safe_open
 
-    from ..model.network import AnatCL
-
     try:
         with safe_open(str(path), framework="pt") as handle:
             shapes = {clean_name(k): tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path} is not a readable safetensors file ({exc}); re-create it with `anatcl convert`", path=str(path)) from None
     with torch.device("meta"):
-        model = AnatCL(config)
+        model = (cls or model_class())(config)
     fake = {k: torch.empty(v, device="meta") for k, v in shapes.items()}
     expected = model.state_dict()
     if set(fake) != set(expected) or any(tuple(fake[k].shape) != tuple(expected[k].shape) for k in expected):

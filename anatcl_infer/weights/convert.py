@@ -13,13 +13,16 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .checkpoint import clean_state_dict, model_from_safetensors, model_with_weights, read_safetensors, save_pretrained
 from ..config import ModelConfig
 from ..errors import CheckpointError
+
+if TYPE_CHECKING:
+    from ..model.resnet import AnatCLNetwork
 
 __all__ = ["extract_state_dict", "read_checkpoint", "model_from_checkpoint", "convert_checkpoint", "guess_identity"]
 
@@ -99,8 +102,10 @@ def guess_identity(text: str) -> tuple[str, str, int | None]:
     return "anatcl", "unknown", fold
 
 
-def model_from_checkpoint(path: str | os.PathLike[str], config: ModelConfig) -> torch.nn.Module:
-    """Build an :class:`~anatcl_infer.model.AnatCL` from an original checkpoint, strictly.
+def model_from_checkpoint(
+    path: str | os.PathLike[str], config: ModelConfig, *, cls: type[AnatCLNetwork] | None = None
+) -> torch.nn.Module:
+    """Build an :class:`~anatcl_infer.model.AnatCL` (or ``cls``) from an original checkpoint, strictly.
 
     Raises:
         StateDictMismatchError: missing, unexpected or mis-shaped keys (all listed).
@@ -109,8 +114,8 @@ def model_from_checkpoint(path: str | os.PathLike[str], config: ModelConfig) -> 
         >>> model = model_from_checkpoint("fold0.pth", ModelConfig(fold=0))  # doctest: +SKIP
     """
     if Path(path).suffix == ".safetensors":
-        return model_from_safetensors(path, config)  # names and shapes checked before any tensor is read
-    return model_with_weights(config, read_checkpoint(path), path=str(path))
+        return model_from_safetensors(path, config, cls=cls)  # names and shapes checked before any tensor is read
+    return model_with_weights(config, read_checkpoint(path), path=str(path), cls=cls)
 
 
 def convert_checkpoint(src: str | os.PathLike[str], out_dir: str | os.PathLike[str], config: ModelConfig) -> Path:

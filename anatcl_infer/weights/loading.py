@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     import torch
 
     from ..model.network import AnatCL
+    from ..model.resnet import AnatCLNetwork
 
 __all__ = ["load_model", "fetch_registry_model", "registry_model_dir", "parse_hf_address", "cached_state", "UNVERIFIED_SUFFIX"]
 
@@ -243,7 +244,7 @@ def _load_url(url: str, sha256: str | None) -> Path:
     return _download_and_convert(url, target, ModelConfig(variant=variant, fold=fold, name=name), sha256, hint=hint)
 
 
-def _load_local(path: Path, sha256: str | None) -> AnatCL:
+def _load_local(path: Path, sha256: str | None, cls: type[AnatCLNetwork] | None = None) -> AnatCL:
     """Build a model from a local directory, ``.safetensors`` or original checkpoint."""
     from .checkpoint import load_pretrained_dir
     from .convert import guess_identity, model_from_checkpoint
@@ -257,7 +258,7 @@ def _load_local(path: Path, sha256: str | None) -> AnatCL:
             )
         if sha256:
             verify_sha256(path / WEIGHTS_NAME, sha256)
-        return load_pretrained_dir(path)  # type: ignore[return-value]
+        return load_pretrained_dir(path, cls=cls)  # type: ignore[return-value]
     if path.suffix == ".safetensors":
         if sha256:
             verify_sha256(path, sha256)
@@ -272,7 +273,7 @@ def _load_local(path: Path, sha256: str | None) -> AnatCL:
                 "write one with `anatcl convert` to make the spec travel with the weights",
                 path, CONFIG_NAME, config.preprocess.model_input_shape,
             )
-        return model_from_checkpoint(path, config)  # type: ignore[return-value]
+        return model_from_checkpoint(path, config, cls=cls)  # type: ignore[return-value]
     actual = verify_sha256(path, sha256)
     known = find_by_sha256(actual)
     if known is not None:  # a published file: its identity comes from its content
@@ -282,7 +283,7 @@ def _load_local(path: Path, sha256: str | None) -> AnatCL:
     else:
         name, variant, fold = guess_identity(str(path))
         config = ModelConfig(name=name, variant=variant, fold=fold, source=str(path.resolve()), source_sha256=actual)
-    return model_from_checkpoint(path, config)  # type: ignore[return-value]
+    return model_from_checkpoint(path, config, cls=cls)  # type: ignore[return-value]
 
 
 def load_model(
@@ -292,6 +293,7 @@ def load_model(
     revision: str | None = None,
     sha256: str | None = None,
     device: str | torch.device | None = None,
+    cls: type[AnatCLNetwork] | None = None,
 ) -> AnatCL:
     """Load AnatCL weights from the registry, the Hub, a URL or a local file.
 
@@ -310,9 +312,11 @@ def load_model(
             ``.safetensors`` files and Hub repositories.
         device: ``"cpu"``, ``"cuda"``, ``"mps"``, a ``torch.device``, or ``None`` for the
             best available.
+        cls: the class to build (what ``AnatCL.from_pretrained`` passes); default
+            :func:`~anatcl_infer.model.resnet.model_class`, the public ``AnatCL``.
 
     Returns:
-        An :class:`~anatcl_infer.model.AnatCL` in eval mode on ``device``, carrying its
+        An :class:`~anatcl_infer.model.AnatCL` (or ``cls``) in eval mode on ``device``, carrying its
         :class:`~anatcl_infer.config.ModelConfig` (``model.config``).
 
     Raises:
@@ -345,13 +349,13 @@ def load_model(
         files = hf_download(repo, (CONFIG_NAME, WEIGHTS_NAME), revision=rev)
         if sha256:
             verify_sha256(files[WEIGHTS_NAME], sha256)
-        model = load_pretrained_dir(files[WEIGHTS_NAME].parent)
+        model = load_pretrained_dir(files[WEIGHTS_NAME].parent, cls=cls)
     elif is_url:
-        model = load_pretrained_dir(_load_url(text, sha256))
+        model = load_pretrained_dir(_load_url(text, sha256), cls=cls)
     else:
         path = Path(text).expanduser()
         if path.exists():
-            model = _load_local(path, sha256)
+            model = _load_local(path, sha256, cls)
         elif path.suffix in (*_CHECKPOINT_SUFFIXES, ".safetensors") or os.sep in text or "/" in text:
             raise CheckpointError(
                 f"{path} does not exist; check the path (a Hub repository is written hf://org/name, "
@@ -359,7 +363,7 @@ def load_model(
                 path=str(path),
             )
         else:
-            model = load_pretrained_dir(fetch_registry_model(text, 0 if fold is None else fold, sha256=sha256, revision=revision))
+            model = load_pretrained_dir(fetch_registry_model(text, 0 if fold is None else fold, sha256=sha256, revision=revision), cls=cls)
             fold = None  # used
     cfg = model.config
     if fold not in (None, 0, cfg.fold):
