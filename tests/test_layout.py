@@ -247,3 +247,13 @@ def test_folders_name_the_stages():
     assert {"inputs", "model", "weights", "encoding", "downstream", "qc", "jobs", "training", "cli"} <= folders
     loose = sorted(p.name for p in PKG_DIR.glob("*.py"))
     assert loose == ["__init__.py", "__main__.py", "_files.py", "_optional.py", "_version.py", "config.py", "errors.py", "sklearn.py"]
+
+
+#: a room a newcomer can hold in their head
+MAX_MODULE_LINES = 600
+
+
+def test_no_module_is_longer_than_a_room():
+    long = {name: n for name, path in _modules().items()
+            if (n := len(path.read_text(encoding="utf-8").splitlines())) > MAX_MODULE_LINES}
+    assert not long, f"split these modules by responsibility (over {MAX_MODULE_LINES} lines): {long}"
