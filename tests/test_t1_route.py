@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import warnings
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -282,3 +283,51 @@ def test_route_options_are_checked():
 def test_arrays_without_a_header_are_refused_by_the_t1_route():
     with pytest.raises(InputError, match="NIfTI paths or nibabel images"):
         prepare_t1(np.zeros((4, 4, 4)), spec=T1_SPEC)
+
+
+# --- QC --------------------------------------------------------------------------------------------
+
+
+def test_a_low_registration_similarity_is_flagged():
+    from anatcl_infer.qc.metrics import add_qc_flags, outlier_reasons
+
+    rows = [{"qc_registration_ncc": v} for v in (0.95, 0.94, 0.96, 0.95, 0.95, 0.75, 0.86)]
+    reasons = outlier_reasons(rows, expected_kind=None)
+    assert reasons[:5] == [""] * 5
+    assert reasons[5] == "registration to MNI152: NCC 0.750 < 0.8"
+    assert reasons[6].startswith("registration to MNI152: NCC 0.860 (robust z")  # fine alone, odd in its cohort
+    assert outlier_reasons([{"qc_template_corr": 0.9}], expected_kind=None) == [""]  # no route column: no rule
+    import pyarrow as pa
+
+    table = add_qc_flags(pa.table({"qc_registration_ncc": [0.9, 0.6]}), expected_kind="t1")
+    assert table.column("qc_flag").to_pylist() == [False, True]
+
+
+@needs_sitk
+@pytest.mark.slow
+def test_qc_shows_the_registered_image_and_its_similarity(displaced, registered, tmp_path):
+    pytest.importorskip("matplotlib")
+    import csv
+    import shutil
+
+    from anatcl_infer.qc.report import build_qc_report
+
+    out, side, prep = registered
+    # a second registered image whose sidecar records a doubtful registration
+    low = tmp_path / "sub-09_T1w_space-MNI152aff_T1w.nii.gz"
+    shutil.copyfile(out, low)
+    low.with_name("sub-09_T1w_space-MNI152aff_T1w.json").write_text(json.dumps({**side, "registration_ncc": 0.75}))
+    report = build_qc_report([str(out), str(low)], tmp_path / "qc", config=T1_SPEC)
+    rows = {Path(r["path"]).name: r for r in csv.DictReader(open(report.metrics_csv))}
+    good, bad = rows[out.name], rows[low.name]
+    assert float(good["qc_registration_ncc"]) >= 0.98 and good["qc_flag"] == "false"
+    assert good["qc_skull_strip"] == "none (auto: already skull-stripped)"
+    assert bad["qc_flag"] == "true" and "registration to MNI152: NCC 0.750 < 0.8" in bad["qc_reasons"]
+    page = report.index.read_text()
+    assert "<th>registration NCC</th>" in page and '<td class="r">0.75</td>' in page
+    assert (report.out_dir / good["image"]).stat().st_size > 10_000
+    # straight from the raw T1 (the route's result in prep_dir is reused), the same columns
+    route_report = build_qc_report([displaced[0]], tmp_path / "qc2", config=T1_SPEC, from_t1=T1Route(prep_dir=str(prep)))
+    (item,) = route_report.items
+    assert item.ok and item.path == displaced[0] and item.metrics["qc_registration_ncc"] == side["registration_ncc"]
+    assert item.metrics["qc_prep_output"] == str(out)

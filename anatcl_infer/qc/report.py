@@ -118,17 +118,24 @@ class QCReport:
 def _caption(metrics: dict[str, float | str]) -> str:
     corr = metrics.get("qc_template_corr", float("nan"))
     cover = metrics.get("qc_brain_coverage", float("nan"))
-    text = (
+    return (
         f"kind {metrics.get('qc_kind')} ({float(metrics.get('qc_kind_confidence', float('nan'))):.2f}), "
         f"template r {float(corr):.3f}, GM coverage {float(cover):.3f}, "
         f"range {readable(metrics.get('qc_min'))}..{readable(metrics.get('qc_max'))}, "
         f"conform {metrics.get('qc_method')}"
     )
+
+
+def _title(source: str, metrics: dict[str, float | str]) -> str | None:
+    """The picture's first line for a raw-T1 route: the input, then its registration's similarity (kept
+    when a long path is shortened from the left)."""
     ncc = _float(metrics.get("qc_registration_ncc"))
-    if not math.isnan(ncc):
-        low = f" LOW (< {LOW_REGISTRATION_NCC:g})" if ncc < LOW_REGISTRATION_NCC else ""
-        text += f"\nregistered to MNI152 (affine): NCC {ncc:.3f}{low}; skull-strip: {metrics.get('qc_skull_strip') or 'n/a'}"
-    return text
+    if math.isnan(ncc):
+        return None
+    low = f" LOW (< {LOW_REGISTRATION_NCC:g})" if ncc < LOW_REGISTRATION_NCC else ""
+    strip = str(metrics.get("qc_skull_strip") or "")
+    strip = "deepbet" if strip == "deepbet" else "none"
+    return f"{source}  [affine to MNI152: NCC {ncc:.3f}{low}; skull-strip {strip}]"
 
 
 def _float(value: Any) -> float:
@@ -222,7 +229,7 @@ def qc_one(
         metrics = {**qc_metrics(prepared, config=config), **route}
         name = output_stem(index, source) + ".png"
         target = None if images_dir is None else Path(images_dir) / name
-        png = render_slices(prepared, target, config=config, subtitle=_caption(metrics))
+        png = render_slices(prepared, target, config=config, title=_title(source, metrics), subtitle=_caption(metrics))
         if target is not None:
             png = b""  # on disk; thousands of pictures must not travel back from workers or stay in memory
         thumb = make_thumbnail(prepared, os.path.basename(source), config=config)
