@@ -331,3 +331,27 @@ def test_qc_shows_the_registered_image_and_its_similarity(displaced, registered,
     (item,) = route_report.items
     assert item.ok and item.path == displaced[0] and item.metrics["qc_registration_ncc"] == side["registration_ncc"]
     assert item.metrics["qc_prep_output"] == str(out)
+
+
+def test_in_memory_images_are_registered_but_never_written_or_reused(tmp_path, monkeypatch):
+    """The route's bookkeeping around the registration (a stand-in here; the real one is tested above)."""
+    from anatcl_infer.inputs.registration import Registration
+
+    calls = []
+
+    def fake_register(data, affine, *, grid_shape, grid_affine, threads, path, **kwargs):
+        calls.append((path, threads))
+        return Registration(np.ones(grid_shape, np.float32), np.asarray(grid_affine), 0.93, np.eye(4), {"seed": kwargs["seed"]})
+
+    monkeypatch.setattr(t1_route, "register_volume", fake_register)
+    brain, affine = _brain_2mm()
+    img = nib.Nifti1Image(brain.astype(np.float32), affine)
+    made, side = prepare_t1(img, spec=T1_SPEC3, prep_dir=tmp_path / "prep")
+    assert isinstance(made, nib.Nifti1Image) and made.shape == (61, 73, 61) and side["output"] is None
+    assert side["source_sha256"] is None and side["registration_ncc"] == 0.93
+    assert not list((tmp_path / "prep").iterdir())  # nothing written: an in-memory image has no name of its own
+    # a path input is written under a name that stays inside prep_dir, whatever name is asked for
+    src = save_nifti(tmp_path / "sub-05_T1w.nii.gz", brain.astype(np.float32), affine)
+    out, _ = prepare_t1(src, spec=T1_SPEC3, prep_dir=tmp_path / "prep", name="../../escape")
+    assert out.parent == tmp_path / "prep" and out.name == ".._.._escape_space-MNI152aff_T1w.nii.gz"
+    assert calls[0][1] is None  # in the main process ITK keeps its own thread count

@@ -36,7 +36,6 @@ import json
 import logging
 import os
 import re
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -383,7 +382,8 @@ def _prepare_mni(
 
     source, sha = _source(item)
     name = name or (_safe_stem(item) if isinstance(item, (str, os.PathLike)) else "image")
-    target = prep_dir / f"{name}_space-MNI152aff_T1w.nii.gz" if prep_dir is not None else None
+    # an in-memory image has no file to hash: it is neither written (its name could collide) nor reused
+    target = prep_dir / f"{name}_space-MNI152aff_T1w.nii.gz" if prep_dir is not None and sha is not None else None
     if target is not None and route.resume:
         record = _reusable(target, sha, spec, route.skull_strip, ROUTES["t1"])
         if record is not None:
@@ -409,7 +409,7 @@ def _prepare_mni(
     if strip:
         data, _mask, step = _strip(data, affine, route.device, source)
         steps.append(step)
-    threads = route.threads if route.threads is not None else (1 if _in_loader_worker() else None)
+    threads = route.threads if route.threads is not None else (1 if _in_worker_process() else None)
     reg = register_volume(
         data, affine, grid_shape=spec.grid_shape, grid_affine=spec.grid_affine, seed=route.seed,
         iterations=route.iterations, threads=threads, min_ncc=route.min_ncc, path=source,
@@ -439,10 +439,12 @@ def _prepare_mni(
     return target, _write_sidecar(target, record)
 
 
-def _in_loader_worker() -> bool:
-    """Whether this process is a torch DataLoader worker (one ITK thread there: the forward has the others)."""
-    data = sys.modules.get("torch.utils.data")
-    return bool(data is not None and data.get_worker_info() is not None)
+def _in_worker_process() -> bool:
+    """Whether this process is a worker (a DataLoader's or a process pool's): one ITK thread there, as
+    its siblings and the forward have the other cores."""
+    import multiprocessing
+
+    return multiprocessing.parent_process() is not None
 
 
 def prepare_t1(
@@ -502,6 +504,8 @@ def prepare_t1(
 def run_t1_route(item: Any, spec: PreprocessConfig, route: T1Route, *, name: str | None = None) -> tuple[Any, dict[str, Any]]:
     """:func:`prepare_t1` with its options in a :class:`T1Route` (what the loader workers call)."""
     prep_dir = Path(route.prep_dir) if route.prep_dir is not None else None
+    if name is not None:
+        name = _UNSAFE.sub("_", str(name))[:160] or "input"  # a file name inside prep_dir, never a path
     if prep_dir is not None:
         prep_dir.mkdir(parents=True, exist_ok=True)
     if spec.input_kind == "gm":
