@@ -31,7 +31,7 @@ __all__ = ["encode", "extract_features", "iter_encoded", "EncodedBatch", "Failur
 
 logger = logging.getLogger(__name__)
 
-_ENCODE_KWARGS = ("batch_size", "device", "num_workers", "progress", "precision", "amp", "strict", "on_error", "assume_reference_grid")
+_ENCODE_KWARGS = ("batch_size", "device", "num_workers", "progress", "precision", "amp", "strict", "on_error", "assume_reference_grid", "from_t1")
 
 
 @dataclass(frozen=True)
@@ -98,12 +98,20 @@ class _PrepareDataset(torch.utils.data.Dataset):
         strict: bool,
         extra: Callable[[Any], dict[str, Any]] | None,
         assume_reference_grid: bool = False,
+        t1_route: Any = None,
     ) -> None:
         self.items = items
         self.config = config
         self.strict = strict
         self.extra = extra
         self.assume_reference_grid = assume_reference_grid
+        # --- raw-T1 route (from_t1=): run per item in the worker, before `prepare` ---
+        self.t1_route = t1_route
+        self.t1_names: list[str | None] = []
+        if t1_route is not None:
+            from ..inputs.t1_route import prep_names
+
+            self.t1_names = prep_names(list(items))
 
     def __len__(self) -> int:
         return len(self.items)
@@ -113,9 +121,15 @@ class _PrepareDataset(torch.utils.data.Dataset):
         try:
             from ..inputs.preprocess import prepare
 
+            target, route_info = item, {}
+            if self.t1_route is not None:  # raw T1 -> the model's input kind, on its grid (inputs/t1_route.py)
+                from ..inputs.t1_route import route_qc, run_t1_route
+
+                target, sidecar = run_t1_route(item, self.config, self.t1_route, name=self.t1_names[index])
+                route_info = {**route_qc(sidecar, target), "source": _describe(item)}
             # QC (`embed --qc`) needs the conformed grid for qc_signal_outside_crop; it is freed with `prepared`
             prepared = prepare(
-                item, self.config, strict=self.strict, keep_grid=self.extra is not None,
+                target, self.config, strict=self.strict, keep_grid=self.extra is not None,
                 assume_reference_grid=self.assume_reference_grid, emit_warnings=False,
             )
             info: dict[str, Any] = {
@@ -128,6 +142,7 @@ class _PrepareDataset(torch.utils.data.Dataset):
             }
             if self.extra is not None:
                 info.update(self.extra(prepared))
+            info.update(route_info)
             return index, prepared.array, info, None
         except InputError as exc:
             return index, None, None, Failure(index, _describe(item), exc.stage, str(exc.args[0]))
@@ -305,6 +320,7 @@ def iter_encoded(
     extra_info: Callable[[Any], dict[str, Any]] | None = None,
     progress_desc: str = "embedding",
     assume_reference_grid: bool = False,
+    from_t1: Any = False,
 ) -> Iterator[EncodedBatch]:
     """Yield :class:`EncodedBatch` objects in input order; bad inputs are reported, not raised.
 
@@ -314,7 +330,9 @@ def iter_encoded(
     ``warnings`` (plain sentences) and ``kind_warning``; nothing is emitted here — callers
     show them (:func:`encode` through :mod:`warnings`, ``anatcl embed`` on stderr). A row
     whose features are not finite is turned into a failure (``stage="encode"``).
-    ``precision`` and ``amp`` are described in :func:`encode`.
+    ``precision``, ``amp`` and ``from_t1`` are described in :func:`encode`; with ``from_t1`` the
+    raw-T1 route runs in the loader workers and its ``qc_registration_ncc``, ``qc_skull_strip``
+    and ``qc_prep_output`` join each row's info.
     """
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size!r}")
@@ -325,7 +343,13 @@ def iter_encoded(
         model.to(dev)
     model.eval()
     workers = default_num_workers(dev, len(items)) if num_workers is None else int(num_workers)
-    dataset = _PrepareDataset(items, model.config.preprocess, strict, extra_info, assume_reference_grid)
+    route = None
+    if from_t1:
+        from ..inputs.t1_route import as_t1_route, check_t1_route
+
+        route = as_t1_route(from_t1)
+        check_t1_route(model.config.preprocess, route)  # a missing tool or weights: once, before any input
+    dataset = _PrepareDataset(items, model.config.preprocess, strict, extra_info, assume_reference_grid, route)
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
@@ -369,6 +393,7 @@ def encode(
     strict: bool = False,
     on_error: str = "raise",
     assume_reference_grid: bool = False,
+    from_t1: Any = False,
 ) -> np.ndarray:
     """Embed inputs into an (N, 512) float32 array, in input order.
 
@@ -409,6 +434,12 @@ def encode(
             shape, on your word that they are stored like the reference grid (x from right
             to left, as CAT12 writes it). Without it such arrays are refused, because an
             array in RAS order would be embedded mirrored.
+        from_t1: the inputs are raw native-space T1s: ``True`` (or a
+            :class:`~anatcl_infer.inputs.t1_route.T1Route` with ``prep_dir``, ``skull_strip``...)
+            runs the route of the model's ``input_kind`` first, in the loader workers: ``gm`` ->
+            deepmriprep's mwp1 map; ``t1`` -> deepbet skull-stripping (when needed), affine
+            registration to MNI152, the model's grid (:func:`~anatcl_infer.inputs.t1_route.prepare_t1`).
+            Needs the ``[prep]`` extra.
 
     Returns:
         ``np.ndarray`` of shape (N, feature_dim), float32.
@@ -433,6 +464,7 @@ def encode(
     for batch in iter_encoded(
         model, items, batch_size=batch_size, device=device, num_workers=num_workers,
         progress=progress, precision=precision, amp=amp, strict=strict, assume_reference_grid=assume_reference_grid,
+        from_t1=from_t1,
     ):
         for info in batch.infos:  # one warning per input that has any, in the calling process
             emit_input_warnings(info.get("source", "<input>"), info.get("warnings", []), info.get("kind_warning"))
@@ -468,7 +500,8 @@ def extract_features(inputs: Any, model: Any = "anatcl-global", fold: int = 0, *
         fold: cross-validation fold of a registry model (0-4).
         **encode_kwargs: ``batch_size``, ``device``, ``num_workers``, ``progress``, ``precision``,
             ``amp`` (deprecated), ``strict``, ``on_error`` (``"raise"`` or ``"warn"``: NaN rows for
-            failed inputs, rows aligned with the inputs), ``assume_reference_grid`` (see :func:`encode`).
+            failed inputs, rows aligned with the inputs), ``assume_reference_grid``, ``from_t1`` (raw T1s:
+            the route of the model's input kind runs first; see :func:`encode`).
             A 4D in-memory input is one row per volume; a path is one row.
 
     Example:

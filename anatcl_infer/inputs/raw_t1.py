@@ -14,24 +14,23 @@ JSON sidecar beside it recording the tool, its version, the template and the ste
 * :func:`t1_to_mni` — a skull-stripped T1 affinely registered to MNI152, for models
   whose spec says ``input_kind="t1"``: **deepbet** skull-stripping (its weights ship in
   its wheel) then **SimpleITK** affine registration (Mattes mutual information) to the
-  packaged 3 mm MNI152 T1 (``anatcl_infer/inputs/data/mni152_t1_3mm.nii.gz``).
+  packaged 3 mm MNI152 T1 (``anatcl_infer/inputs/data/mni152_t1_3mm.nii.gz``;
+  :mod:`anatcl_infer.inputs.registration`).
 
-Install with ``pip install "anatcl-infer[prep]"``. Nothing here is imported by the rest of
-the package.
+Install with ``pip install "anatcl-infer[prep]"``. The one entry point that follows a
+model's input kind, with skull-strip detection, reuse and the similarity check, is
+:func:`anatcl_infer.inputs.t1_route.prepare_t1`; the functions here are its building blocks.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-import importlib
-import importlib.metadata
 import json
 import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -46,6 +45,10 @@ from ..errors import (
     MissingDependencyError,
     OfflineError,
 )
+from .registration import REGISTRATION_TEMPLATE, register_volume
+from .registration import read_template as _read_template
+from .registration import require_tool as _require
+from .registration import tool_version as _version
 
 __all__ = [
     "REGISTRATION_TEMPLATE",
@@ -61,33 +64,11 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_INSTALL = 'pip install "anatcl-infer[prep]"'
 _DEEPMRIPREP_REPO = "https://github.com/wwu-mmll/deepmriprep/tree/main/deepmriprep/data/models"
-#: File name (in ``anatcl_infer/inputs/data``) of the fixed image of the affine registration.
-REGISTRATION_TEMPLATE = "mni152_t1_3mm.nii.gz"
 _GRID_NAME = "CAT12 1.5 mm MNI grid 121x145x121"
 
 
 # --- dependencies ---------------------------------------------------------------------------------
-
-
-def _require(module: str, package: str) -> ModuleType:
-    """Import an optional dependency or say how to install it."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:
-        raise MissingDependencyError(
-            f"{package} is needed for this step but cannot be imported ({exc}); install it with `{_INSTALL}`",
-            package=package,
-            extra="prep",
-        ) from None
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 def _deepbet_weights() -> list[Path]:
@@ -304,28 +285,6 @@ def skull_strip(t1: str | os.PathLike[str], out: str | os.PathLike[str], *, devi
     return target
 
 
-def _read_template(sitk: ModuleType) -> Any:
-    """The packaged registration template as a SimpleITK image (read while the file is sure to exist,
-    also from a zipped install)."""
-    from importlib import resources
-
-    with resources.as_file(resources.files("anatcl_infer.inputs").joinpath("data", REGISTRATION_TEMPLATE)) as path:
-        return sitk.ReadImage(str(path), sitk.sitkFloat32)
-
-
-def _reference_image(sitk: ModuleType) -> Any:
-    """An empty SimpleITK image on the reference grid (ITK works in LPS millimetres)."""
-    ras_to_lps = np.diag([-1.0, -1.0, 1.0])
-    affine = np.asarray(REFERENCE_AFFINE, dtype=np.float64)
-    matrix = ras_to_lps @ affine[:3, :3]
-    spacing = np.linalg.norm(matrix, axis=0)
-    image = sitk.Image([int(n) for n in REFERENCE_SHAPE], sitk.sitkFloat32)
-    image.SetSpacing([float(s) for s in spacing])
-    image.SetDirection([float(v) for v in (matrix / spacing).ravel()])
-    image.SetOrigin([float(v) for v in ras_to_lps @ affine[:3, 3]])
-    return image
-
-
 def register_to_mni(
     image: str | os.PathLike[str],
     out: str | os.PathLike[str],
@@ -333,6 +292,7 @@ def register_to_mni(
     seed: int = 1234,
     iterations: int = 200,
     threads: int | None = None,
+    min_ncc: float | None = None,
 ) -> tuple[Path, dict[str, Any]]:
     """Affinely register a skull-stripped T1 to the MNI152 T1 and resample it onto the reference grid.
 
@@ -348,69 +308,31 @@ def register_to_mni(
         threads: ITK threads (default: ITK's choice). With several threads sums are
             taken in a varying order and results differ in the 3rd-4th decimal from
             run to run; ``threads=1`` makes them bit-reproducible.
+        min_ncc: fail when the similarity to the template (``info["ncc"]``) is below this.
 
     Returns:
-        ``(out, info)`` with the transform parameters and final metric value.
+        ``(out, info)`` with the transform (ITK parameters and a RAS 4x4 matrix), the final
+        metric value and the similarity to the template (``ncc``).
 
     Raises:
         MissingDependencyError: SimpleITK is not installed.
-        InputError: the registration failed.
+        InputError: the registration failed or its similarity is below ``min_ncc``.
 
     Example:
         >>> path, info = register_to_mni("sub-01_brain.nii.gz", "sub-01_mni.nii.gz")  # doctest: +SKIP
     """
+    from .io import load_volume
+
     src = _check_input(image)
     if int(seed) <= 0:
         raise ConfigError(f"seed must be a positive integer (ITK takes 0 as 'seed from the clock'), got {seed!r}")
-    sitk = _require("SimpleITK", "SimpleITK")
-    fixed = _read_template(sitk)
-    moving = sitk.ReadImage(str(src), sitk.sitkFloat32)
-    if moving.GetDimension() == 4:
-        size = list(moving.GetSize())
-        moving = sitk.Extract(moving, size[:3] + [0], [0, 0, 0, 0])
-    if moving.GetDimension() != 3:
-        raise InputError(f"needs a 3-D image, got {moving.GetDimension()}-D", path=str(src), stage="check")
-    previous_threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
-    if threads is not None:
-        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(int(threads))
-    try:
-        initial = sitk.CenteredTransformInitializer(
-            fixed, moving, sitk.AffineTransform(3), sitk.CenteredTransformInitializerFilter.MOMENTS
-        )
-        reg = sitk.ImageRegistrationMethod()
-        if threads is not None:
-            reg.SetNumberOfThreads(int(threads))
-        reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
-        reg.SetMetricSamplingStrategy(reg.RANDOM)
-        reg.SetMetricSamplingPercentage(0.25, seed)
-        reg.SetInterpolator(sitk.sitkLinear)
-        reg.SetOptimizerAsRegularStepGradientDescent(
-            learningRate=2.0, minStep=1e-4, numberOfIterations=iterations, gradientMagnitudeTolerance=1e-8
-        )
-        reg.SetOptimizerScalesFromPhysicalShift()
-        reg.SetShrinkFactorsPerLevel([2, 1])
-        reg.SetSmoothingSigmasPerLevel([1.0, 0.0])
-        reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
-        reg.SetInitialTransform(initial, inPlace=False)
-        transform = reg.Execute(fixed, moving)
-    except RuntimeError as exc:  # ITK exceptions surface as RuntimeError
-        raise InputError(f"affine registration to MNI152 failed: {exc}", path=str(src), stage="conform") from None
-    finally:
-        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(previous_threads)
-    resampled = sitk.Resample(moving, _reference_image(sitk), transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-    data = np.transpose(sitk.GetArrayFromImage(resampled), (2, 1, 0))  # ITK arrays are (z, y, x)
-    target = _save_nifti(data, np.asarray(REFERENCE_AFFINE), Path(out))
-    info = {
-        "method": "SimpleITK affine registration (Mattes MI, regular-step gradient descent, 2 levels)",
-        "simpleitk_version": sitk.Version.VersionString() if hasattr(sitk, "Version") else _version("SimpleITK"),
-        "template": f"MNI152 ICBM 2009a symmetric T1 (skull-stripped), 3 mm ({REGISTRATION_TEMPLATE}, packaged)",
-        "transform_parameters": [float(v) for v in transform.GetParameters()] if hasattr(transform, "GetParameters") else [],
-        "final_metric": float(reg.GetMetricValue()),
-        "stop_condition": str(reg.GetOptimizerStopConditionDescription()),
-        "seed": seed,
-        "threads": threads,
-    }
-    return target, info
+    _require("SimpleITK", "SimpleITK")
+    data, affine = load_volume(src)
+    reg = register_volume(
+        data, affine, grid_shape=REFERENCE_SHAPE, grid_affine=REFERENCE_AFFINE, seed=seed, iterations=iterations,
+        threads=threads, min_ncc=min_ncc, path=str(src),
+    )
+    return _save_nifti(reg.data, reg.affine, Path(out)), reg.info
 
 
 def t1_to_mni(
@@ -479,6 +401,7 @@ def t1_to_gm(
     *,
     device: str = "cpu",
     allow_download: bool = False,
+    name: str | None = None,
 ) -> Path:
     """Raw T1 -> CAT12-style modulated grey-matter map (mwp1) on the reference grid, via deepmriprep.
 
@@ -492,6 +415,7 @@ def t1_to_gm(
         device: ``"cpu"`` (about 100 s per scan) or a GPU.
         allow_download: let deepmriprep fetch its missing weights from GitHub (needs
             internet); without it, missing weights are an error that says how to get them.
+        name: the output's name after ``mwp1`` (default: the input's file stem).
 
     Returns:
         ``out_dir/mwp1<name>.nii.gz`` (CAT12 naming, found by ``anatcl embed DIR``) with a
@@ -517,7 +441,7 @@ def t1_to_gm(
         fetch_deepmriprep_models()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    target = out / f"mwp1{_stem(src)}.nii.gz"
+    target = out / f"mwp1{name or _stem(src)}.nii.gz"
     with tempfile.TemporaryDirectory(dir=out) as work:
         try:
             produced = _run_deepmriprep(src, Path(work), device)

@@ -10,6 +10,8 @@ correlation with the mean grey-matter template is low in absolute terms
 (< ``min_corr``) or relative to the cohort (robust z-score below ``-z``), when its
 template-GM coverage is a robust outlier on the low side, when brain signal lies
 outside the crop box, when it matches the template better flipped, or when its input-kind guess is not what the model expects.
+For raw T1s embedded through the T1 route, also when their affine registration to MNI152 is
+less similar to the template than :data:`LOW_REGISTRATION_NCC` or than their cohort.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from ..config import PreprocessConfig
 from ..errors import ConfigError
 from ..inputs.template import GMTemplate, load_gm_template, to_model_space
 
-__all__ = ["QC_COLUMNS", "add_qc_flags", "flag_outliers", "outlier_reasons", "qc_metrics", "robust_z"]
+__all__ = ["LOW_REGISTRATION_NCC", "QC_COLUMNS", "ROUTE_QC_COLUMNS", "add_qc_flags", "flag_outliers", "outlier_reasons", "qc_metrics", "robust_z"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +50,12 @@ QC_COLUMNS: tuple[str, ...] = (
     "qc_n_warnings",
     "qc_warnings",
 )
+
+#: Columns of the raw-T1 route (:func:`anatcl_infer.inputs.t1_route.route_qc`), present for T1 routes only.
+ROUTE_QC_COLUMNS: tuple[str, ...] = ("qc_registration_ncc", "qc_skull_strip", "qc_prep_output")
+#: A registration to MNI152 less similar than this to the template is flagged (below
+#: ``T1Route.min_ncc``, 0.7 by default, the input fails instead).
+LOW_REGISTRATION_NCC = 0.8
 
 _GM_CORE = 0.5  # template voxels with GM probability >= this count for coverage
 _SIGNAL = 0.1  # a voxel has signal above min + 10% of the (p99 - min) range
@@ -258,6 +266,7 @@ def outlier_reasons(
     min_corr: float = 0.5,
     max_outside_crop: float = 0.01,
     expected_kind: str | None = "gm",
+    min_registration_ncc: float = LOW_REGISTRATION_NCC,
 ) -> list[str]:
     """Why each input of a cohort looks odd (``""`` when it does not).
 
@@ -271,7 +280,9 @@ def outlier_reasons(
     3. robust z-score of ``qc_brain_coverage`` below ``-z``: missing brain;
     4. ``qc_signal_outside_crop > max_outside_crop``: the crop cuts brain away;
     5. ``qc_orientation`` is a flip (``"flipped A/P"``...);
-    6. ``qc_kind`` differs from ``expected_kind`` (skipped when ``None``).
+    6. ``qc_kind`` differs from ``expected_kind`` (skipped when ``None``);
+    7. raw-T1 route: ``qc_registration_ncc < min_registration_ncc`` (the registration to
+       MNI152 is doubtful), or its robust z-score is below ``-z`` within the cohort.
 
     Args:
         metrics: rows of :func:`qc_metrics` as a DataFrame, a list of dicts or a dict of columns.
@@ -279,6 +290,7 @@ def outlier_reasons(
         min_corr: absolute floor on the template correlation.
         max_outside_crop: largest acceptable fraction of signal outside the crop box.
         expected_kind: the input kind the model expects (``config.input_kind``).
+        min_registration_ncc: floor on the similarity of a registered T1 to the template.
 
     Example:
         >>> rows = [{"qc_template_corr": c} for c in (0.9, 0.91, 0.89, 0.9, 0.92, 0.3)]
@@ -292,8 +304,10 @@ def outlier_reasons(
     outside = _floats(cols.get("qc_signal_outside_crop"), n)
     kinds = cols.get("qc_kind")
     orient = cols.get("qc_orientation")
+    reg = _floats(cols.get("qc_registration_ncc"), n)
     zc = robust_z(corr)
     zv = robust_z(cover)
+    zr = robust_z(reg)
     reasons: list[str] = []
     for i in range(n):
         r: list[str] = []
@@ -311,6 +325,10 @@ def outlier_reasons(
             kind = str(kinds[i])
             if kind not in (expected_kind, "", "unknown", "nan", "None"):
                 r.append(f"looks like {kind!r}, the model expects {expected_kind!r}")
+        if np.isfinite(reg[i]) and reg[i] < min_registration_ncc:
+            r.append(f"registration to MNI152: NCC {reg[i]:.3f} < {min_registration_ncc:g}")
+        elif np.isfinite(zr[i]) and zr[i] < -z:
+            r.append(f"registration to MNI152: NCC {reg[i]:.3f} (robust z {zr[i]:.1f})")
         reasons.append("; ".join(r))
     return reasons
 
@@ -321,7 +339,7 @@ def flag_outliers(metrics: Any, **kwargs: Any) -> Any:
     Args:
         metrics: rows of :func:`qc_metrics` (DataFrame, list of dicts or dict of columns).
         **kwargs: thresholds passed to :func:`outlier_reasons` (``z``, ``min_corr``,
-            ``max_outside_crop``, ``expected_kind``).
+            ``max_outside_crop``, ``expected_kind``, ``min_registration_ncc``).
 
     Returns:
         A ``pandas.Series`` named ``qc_flag`` on the DataFrame's index when given a

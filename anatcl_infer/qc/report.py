@@ -15,6 +15,11 @@ cohort's outliers and writes, in ``out_dir``:
 * ``images/NNNN_<name>.png`` — the three-slice picture of each input;
 * ``contact_sheet.png`` (``contact_sheet_NN.png`` past 48 inputs).
 
+Raw T1s of a T1 route (``from_t1=``, or registered images in a ``prep_dir`` whose JSON
+sidecar is read beside them) are shown as registered onto the model's grid, under the
+reference brain's outline, with their similarity to the template (``qc_registration_ncc``),
+flagged when low.
+
 One bad input is recorded (path, stage, message) and does not stop the others. Every
 file is written atomically (temporary file, then rename) with the process umask's mode.
 """
@@ -37,7 +42,7 @@ from .._files import atomic_path, output_stem
 from .._version import __version__
 from ..config import PreprocessConfig
 from ..errors import AnatCLError
-from .metrics import QC_COLUMNS, outlier_reasons, qc_metrics
+from .metrics import LOW_REGISTRATION_NCC, QC_COLUMNS, ROUTE_QC_COLUMNS, outlier_reasons, qc_metrics
 from .plots import Thumbnail, make_thumbnail, render_contact_sheet, render_slices, slice_positions_mm
 
 __all__ = ["QCItem", "QCReport", "build_qc_report", "qc_one", "readable", "write_html", "write_metrics_csv"]
@@ -121,6 +126,46 @@ def _caption(metrics: dict[str, float | str]) -> str:
     )
 
 
+def _title(source: str, metrics: dict[str, float | str]) -> str | None:
+    """The picture's first line for a raw-T1 route: the input, then its registration's similarity (kept
+    when a long path is shortened from the left)."""
+    ncc = _float(metrics.get("qc_registration_ncc"))
+    if math.isnan(ncc):
+        return None
+    low = f" LOW (< {LOW_REGISTRATION_NCC:g})" if ncc < LOW_REGISTRATION_NCC else ""
+    strip = str(metrics.get("qc_skull_strip") or "")
+    strip = "deepbet" if strip == "deepbet" else "none"
+    return f"{source}  [affine to MNI152: NCC {ncc:.3f}{low}; skull-strip {strip}]"
+
+
+def _float(value: Any) -> float:
+    try:
+        return float(value) if value is not None and value != "" else float("nan")
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def _route_sidecar(item: Any) -> dict[str, Any] | None:
+    """The raw-T1 route's sidecar beside a registered image (``<name>.json``), when there is one."""
+    import json
+
+    if not isinstance(item, (str, os.PathLike)):
+        return None
+    path = Path(item)
+    name = path.name
+    for ext in (".nii.gz", ".nii"):
+        if name.endswith(ext):
+            side = path.with_name(name[: -len(ext)] + ".json")
+            break
+    else:
+        return None
+    try:
+        record = json.loads(side.read_text()) if side.is_file() else None
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and record.get("route") == "t1_to_mni" else None
+
+
 def qc_one(
     item: Any,
     index: int,
@@ -129,6 +174,8 @@ def qc_one(
     strict: bool = False,
     images_dir: str | os.PathLike[str] | None = None,
     model_name: str | None = None,
+    from_t1: Any = None,
+    prep_names: Sequence[str | None] | None = None,
 ) -> QCItem:
     """Prepare, measure and draw one input; failures are returned, not raised.
 
@@ -139,6 +186,11 @@ def qc_one(
         strict: refuse inputs that do not look like what the model expects.
         images_dir: where to write the PNG (``None``: keep the bytes only).
         model_name: used in kind warnings.
+        from_t1: a :class:`~anatcl_infer.inputs.t1_route.T1Route` (or True): ``item`` is a raw
+            T1; the route of ``config.input_kind`` runs first and the picture shows its result.
+            Without it, an input with a T1-route sidecar beside it gets the route's columns too.
+        prep_names: output names in the route's ``prep_dir``, by ``index``
+            (:func:`~anatcl_infer.inputs.t1_route.prep_names`; default: the file's stem).
 
     Returns:
         A :class:`QCItem` (``ok=False`` with ``stage`` and ``error`` when it failed).
@@ -153,8 +205,20 @@ def qc_one(
     from ..inputs.preprocess import describe_item, prepare
 
     source = describe_item(item)
+    route: dict[str, Any] = {}
     try:
-        prepared = prepare(item, config, strict=strict, keep_grid=True, model_name=model_name, emit_warnings=False)
+        target = item
+        if from_t1:
+            from ..inputs.t1_route import as_t1_route, route_qc, run_t1_route
+
+            name = prep_names[index] if prep_names is not None else None
+            target, sidecar = run_t1_route(item, config, as_t1_route(from_t1), name=name)  # type: ignore[arg-type]
+            route = route_qc(sidecar, target)
+        elif (sidecar := _route_sidecar(item)) is not None:
+            from ..inputs.t1_route import route_qc
+
+            route = route_qc(sidecar, item)
+        prepared = prepare(target, config, strict=strict, keep_grid=True, model_name=model_name, emit_warnings=False)
     except AnatCLError as exc:
         stage = getattr(exc, "stage", "prepare")
         message = str(exc.args[0]) if exc.args else str(exc)
@@ -162,10 +226,10 @@ def qc_one(
     except Exception as exc:  # any library's exception is this input's failure (and pickles back as text)
         return QCItem(path=source, ok=False, stage="read", error=f"{type(exc).__name__}: {exc}")
     try:
-        metrics = qc_metrics(prepared, config=config)
+        metrics = {**qc_metrics(prepared, config=config), **route}
         name = output_stem(index, source) + ".png"
         target = None if images_dir is None else Path(images_dir) / name
-        png = render_slices(prepared, target, config=config, subtitle=_caption(metrics))
+        png = render_slices(prepared, target, config=config, title=_title(source, metrics), subtitle=_caption(metrics))
         if target is not None:
             png = b""  # on disk; thousands of pictures must not travel back from workers or stay in memory
         thumb = make_thumbnail(prepared, os.path.basename(source), config=config)
@@ -219,11 +283,14 @@ def write_metrics_csv(items: Sequence[QCItem], path: str | os.PathLike[str]) -> 
     Example:
         >>> write_metrics_csv(report.items, "qc/qc_metrics.csv")  # doctest: +SKIP
     """
-    header = ["path", "status", "stage", "error", "qc_flag", "qc_reasons", *QC_COLUMNS, "image", *_SLICE_COLUMNS]
+    columns = list(QC_COLUMNS)
+    if any(col in it.metrics for it in items for col in ROUTE_QC_COLUMNS):  # raw-T1 routes only
+        columns += ROUTE_QC_COLUMNS
+    header = ["path", "status", "stage", "error", "qc_flag", "qc_reasons", *columns, "image", *_SLICE_COLUMNS]
     rows = []
     for it in items:
         row = [it.path, "ok" if it.ok else "failed", it.stage, it.error, str(bool(it.flagged)).lower(), it.reasons]
-        row += [_fmt(it.metrics.get(col)) for col in QC_COLUMNS]
+        row += [_fmt(it.metrics.get(col)) for col in columns]
         row.append(f"images/{it.image_name}" if it.image_name else "")
         row += [f"{v:g}" for v in it.slices_mm] if it.slices_mm else ["", "", ""]
         rows.append(row)
@@ -310,6 +377,8 @@ def _row(it: QCItem, num: int) -> dict[str, Any]:
         range=f"{readable(m.get('qc_min'))} .. {readable(m.get('qc_max'))}",
         zeros=readable(m.get("qc_zero_fraction")),
         method=str(m.get("qc_method", "")),
+        reg_ncc=readable(m.get("qc_registration_ncc")) if "qc_registration_ncc" in m else "",
+        reg_low=_float(m.get("qc_registration_ncc")) < LOW_REGISTRATION_NCC,
         n_warn=len(it.warnings),
         reasons=it.reasons,
         warnings=list(it.warnings),
@@ -351,6 +420,8 @@ def write_html(
         n_inputs=len(items),
         n_failed=sum(not it.ok for it in items),
         n_flagged=sum(it.flagged for it in items),
+        show_reg=any("qc_registration_ncc" in it.metrics for it in items),
+        low_reg=LOW_REGISTRATION_NCC,
         rows=[_row(it, numbers[id(it)]) for it in _order(items)],
         sheets=[str(s) for s in contact_sheets],
         version=__version__,
@@ -371,6 +442,7 @@ def build_qc_report(
     model_name: str | None = None,
     progress: bool = False,
     failures: Sequence[tuple[str, str, str]] = (),
+    from_t1: Any = None,
 ) -> QCReport:
     """QC a cohort: pictures, metrics, flags, a contact sheet and one HTML page.
 
@@ -384,6 +456,9 @@ def build_qc_report(
         progress: show a progress bar.
         failures: ``(path, stage, message)`` of inputs that failed before this step
             (e.g. discovery), reported with the others.
+        from_t1: the inputs are raw T1s: ``True`` or a
+            :class:`~anatcl_infer.inputs.t1_route.T1Route`; each goes through the route of
+            ``config.input_kind`` first (see :func:`qc_one`). Tools are checked once, first.
 
     Returns:
         A :class:`QCReport`.
@@ -401,11 +476,24 @@ def build_qc_report(
 
     _matplotlib()  # fail early, before any work, when the extra is missing
     config = config or PreprocessConfig()
+    inputs = list(inputs)
+    if from_t1:
+        from ..inputs.t1_route import as_t1_route, check_t1_route
+
+        from_t1 = as_t1_route(from_t1)
+        check_t1_route(config, from_t1)
     out = Path(out_dir)
     images = out / "images"
     images.mkdir(parents=True, exist_ok=True)
-    inputs = list(inputs)
-    task = functools.partial(qc_one, config=config, strict=strict, images_dir=str(images), model_name=model_name)
+    names = None
+    if from_t1:
+        from ..inputs.t1_route import prep_names
+
+        names = prep_names(inputs)
+    task = functools.partial(
+        qc_one, config=config, strict=strict, images_dir=str(images), model_name=model_name,
+        from_t1=from_t1 or None, prep_names=names,
+    )
     items = [QCItem(path=p, ok=False, stage=s, error=e) for p, s, e in failures]
     items += _run(task, inputs, max(1, int(workers)), progress)
     for it in items:
