@@ -355,3 +355,40 @@ def test_in_memory_images_are_registered_but_never_written_or_reused(tmp_path, m
     out, _ = prepare_t1(src, spec=T1_SPEC3, prep_dir=tmp_path / "prep", name="../../escape")
     assert out.parent == tmp_path / "prep" and out.name == ".._.._escape_space-MNI152aff_T1w.nii.gz"
     assert calls[0][1] is None  # in the main process ITK keeps its own thread count
+
+
+@needs_sitk
+@pytest.mark.slow
+def test_anatcl_embed_from_t1_follows_a_t1_model_and_keeps_its_registered_images(displaced, tmp_path):
+    """`anatcl embed native/ --from-t1 --model <T1 model>`: the T1 route (not deepmriprep), offline,
+    registered images in --prep-dir with sidecars, reused by --resume."""
+    import pyarrow.parquet as pq
+    from typer.testing import CliRunner
+
+    from anatcl_infer.cli import app
+    from anatcl_infer.model.network import AnatCL
+    from anatcl_infer.weights.checkpoint import save_pretrained
+
+    torch.manual_seed(0)
+    mdir = save_pretrained(AnatCL(ModelConfig(name="t1-cli", source="unit-test", fold=0, preprocess=T1_SPEC3)), tmp_path / "t1m")
+    native = tmp_path / "native"
+    native.mkdir()
+    (native / "sub-01_T1w.nii.gz").write_bytes(Path(displaced[0]).read_bytes())
+    args = ["embed", str(native), "--from-t1", "--model", str(mdir), "--out", str(tmp_path / "feats.parquet"),
+            "--prep-dir", str(tmp_path / "prep"), "--no-skull-strip", "--device", "cpu", "--workers", "0", "-q"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "deepmriprep" not in res.output
+    prep = sorted(p.name for p in (tmp_path / "prep").iterdir())
+    assert prep == ["sub-01_T1w_space-MNI152aff_T1w.json", "sub-01_T1w_space-MNI152aff_T1w.nii.gz"]
+    side = json.loads((tmp_path / "prep" / prep[0]).read_text())
+    assert side["registration_ncc"] >= 0.98 and side["route"] == "t1_to_mni"
+    table = pq.read_table(tmp_path / "feats.parquet").to_pandas()
+    assert len(table) == 1 and table["path"].iloc[0].endswith("sub-01_T1w.nii.gz")
+    assert table["qc_registration_ncc"].iloc[0] >= 0.98
+    meta = json.loads(pq.read_schema(tmp_path / "feats.parquet").metadata[b"anatcl_infer"])
+    assert meta["t1_route"]["skull_strip"] is False
+    before = (tmp_path / "prep" / prep[1]).stat().st_mtime_ns
+    res = CliRunner().invoke(app, [*args, "--overwrite"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "prep" / prep[1]).stat().st_mtime_ns == before  # reused, not registered again

@@ -14,8 +14,9 @@ _EPILOG = (
     "  anatcl embed derivatives/cat12/ --out feats.parquet\n\n"
     "  anatcl embed 'scans/*_mwp1.nii.gz' --fold all --out feats.parquet --resume\n\n"
     "  anatcl embed bids_root/ --out feats/ --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT\n\n"
+    "  anatcl embed native_t1s/ --from-t1 --model runs/t1/export --out feats.parquet --prep-dir prep/\n\n"
     "Inputs must be CAT12-style mwp1 grey-matter maps in MNI space for the published models "
-    "(see `anatcl qc` to check what the model sees)."
+    "(see `anatcl qc` to check what the model sees), or raw T1s with --from-t1 ([prep] extra)."
 )
 
 
@@ -79,8 +80,10 @@ def embed(
     shard: Optional[str] = typer.Option(None, "--shard", help="I/N: embed only block I of N of the sorted inputs (SLURM arrays); --out is then a directory."),
     precision: str = typer.Option("fp32", "--precision", help="fp32 (default), bf16 or fp16: arithmetic of the forward pass. bf16 needs a GPU or a CPU with native bf16 (AVX512-BF16/AMX); ~2.5x faster there; rows stay at cosine ~0.99999 to fp32 but subject differences shift more (benchmarks/NOTES.md): validate on your cohort. Recorded in the table's metadata."),
     amp: bool = typer.Option(False, "--amp", help="Deprecated: use --precision bf16 (CUDA only)."),
-    from_t1: bool = typer.Option(False, "--from-t1", help="Inputs are raw T1s: make mwp1 grey-matter maps with deepmriprep first (extra [prep]), then embed them."),
-    prep_dir: Optional[Path] = typer.Option(None, "--prep-dir", help="Where --from-t1 writes its maps (default: <out>.prep/ beside the output); maps already there are reused."),
+    from_t1: bool = typer.Option(False, "--from-t1", help="Inputs are raw native-space T1s (extra [prep]); the route follows the model's input kind: grey-matter models -> deepmriprep mwp1 maps (downloads its weights once); T1 models -> deepbet skull-stripping, affine registration to MNI152 (SimpleITK), the model's grid (offline). Runs in the loader workers."),
+    prep_dir: Optional[Path] = typer.Option(None, "--prep-dir", help="Where --from-t1 writes its maps / registered T1s with JSON sidecars (default: <out>.prep/ beside the output); those whose source is unchanged (SHA-256) are reused."),
+    skull_strip: Optional[bool] = typer.Option(None, "--skull-strip/--no-skull-strip", help="T1 models with --from-t1: force deepbet skull-stripping on or off (default: decided per input; already skull-stripped inputs are not stripped again)."),
+    min_ncc: float = typer.Option(0.7, "--min-ncc", min=-1.0, max=1.0, help="T1 models with --from-t1: an input whose registration to MNI152 is less similar than this to the template (NCC) fails instead of being embedded misplaced."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar, warnings and errors only."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
 ) -> None:
@@ -128,7 +131,20 @@ def embed(
 
             check_head(head, models)  # a mismatched head fails now, not after embedding everything
         prep_failures: list[dict] = []
-        if from_t1:
+        route = None
+        if skull_strip is not None and not (from_t1 and models[0].config.preprocess.input_kind == "t1"):
+            log.warning("--skull-strip/--no-skull-strip only applies to T1 models with --from-t1; ignored")
+        if from_t1 and models[0].config.preprocess.input_kind == "t1":
+            from ..inputs.t1_route import T1Route, check_t1_route
+
+            records = discover_inputs(inputs, input_kind="t1")
+            base = layout.dataset or layout.out
+            # deepbet runs in the loader workers, which are forked: CUDA cannot be used there, so the route
+            # stays on the CPU (the forward still uses --device)
+            route = T1Route(prep_dir=str(prep_dir or base.with_name(base.name + ".prep")), skull_strip=skull_strip,
+                            min_ncc=min_ncc, device="cpu")
+            check_t1_route(models[0].config.preprocess, route)  # a missing tool: exit 2 before any input
+        elif from_t1:
             records = discover_inputs(inputs, input_kind="t1")
             base = layout.dataset or layout.out
             records, prep_failures = _t1_to_gm_records(records, prep_dir or base.with_name(base.name + ".prep"), device, quiet)
@@ -143,7 +159,7 @@ def embed(
             records, models, out, fmt=layout.fmt, batch_size=batch_size,
             device=None if device == "auto" else device, num_workers=workers, resume=resume,
             overwrite=overwrite, strict=strict, progress=not quiet, amp=amp, qc=qc, head=head, precision=precision,
-            prior_failures=prep_failures, shard=layout.shard, coverage=coverage,
+            prior_failures=prep_failures, shard=layout.shard, coverage=coverage, from_t1=route,
         )
     except AnatCLError as exc:
         raise fail(str(exc), 2) from None

@@ -41,6 +41,9 @@ def qc(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Whose preprocessing spec to use: a registry name or a model directory (no weights are needed). Default: the published grey-matter spec."),
     strict: bool = typer.Option(False, "--strict", help="Fail inputs that do not look like what the model expects (instead of flagging them)."),
     workers: int = typer.Option(1, "--workers", "-j", min=1, help="Processes preparing and drawing in parallel."),
+    from_t1: bool = typer.Option(False, "--from-t1", help="Inputs are raw native-space T1s: run the route of the model's input kind first (extra [prep]); pictures show the registered image, with its similarity to MNI152 (flagged when low)."),
+    prep_dir: Optional[Path] = typer.Option(None, "--prep-dir", help="With --from-t1: where the registered images and sidecars go (default: <out>/prep); unchanged sources are reused, e.g. from an `anatcl embed --from-t1 --prep-dir` run."),
+    skull_strip: Optional[bool] = typer.Option(None, "--skull-strip/--no-skull-strip", help="With --from-t1 and a T1 model: force deepbet on or off (default: decided per input)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar, warnings and errors only."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
 ) -> None:
@@ -62,15 +65,21 @@ def qc(
     for spec in inputs:  # one spec at a time, so a missing one is reported and the others still run
         try:
             problems: list[tuple[str, str, str]] = []
-            paths.extend(r.path for r in discover_inputs([spec], input_kind=config.input_kind, problems=problems))  # type: ignore[attr-defined]
+            kind = "t1" if from_t1 else config.input_kind  # type: ignore[attr-defined]
+            paths.extend(r.path for r in discover_inputs([spec], input_kind=kind, problems=problems))
             failures.extend(problems)
         except InputError as exc:
             failures.append((spec, exc.stage, str(exc.args[0])))
     paths = list(dict.fromkeys(paths))
+    route = None
+    if from_t1:
+        from ..inputs.t1_route import T1Route
+
+        route = T1Route(prep_dir=str(prep_dir or out / "prep"), skull_strip=skull_strip)
     try:
         report = build_qc_report(
             paths, out, config=config, strict=strict, workers=workers,  # type: ignore[arg-type]
-            model_name=None if model is None else label, progress=not quiet, failures=failures,
+            model_name=None if model is None else label, progress=not quiet, failures=failures, from_t1=route,
         )
     except AnatCLError as exc:
         raise fail(str(exc), 2) from None

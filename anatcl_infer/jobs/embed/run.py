@@ -103,6 +103,7 @@ def run_embed(
     prior_failures: Sequence[dict[str, Any]] = (),
     shard: tuple[int, int] | None = None,
     coverage: float | None = 0.9,
+    from_t1: Any = None,
 ) -> EmbedSummary:
     """Embed ``records`` with one model per fold and write one table.
 
@@ -124,6 +125,9 @@ def run_embed(
             recorded in the table's metadata, and a resume must use the same one.
         prior_failures: failures of earlier stages (e.g. the raw-T1 route) to report with these.
         shard: ``(i, n)``: embed block ``i`` of ``n`` of ``records`` into ``out/part-i-of-n``.
+        from_t1: a :class:`~anatcl_infer.inputs.t1_route.T1Route` for a T1 model's raw native-space
+            T1s: skull-stripping, registration and resampling run in the loader workers, before the
+            model's preprocessing; recorded in the table's metadata (a resume must use the same route).
 
     Returns:
         An :class:`EmbedSummary`; ``summary.failures`` lists the inputs that failed.
@@ -160,6 +164,8 @@ def run_embed(
         check_head(head, models)  # before any embedding
     if layout.shard is not None:
         meta["shard"] = {"index": layout.shard[0], "count": layout.shard[1], "n_inputs": n_total}
+    if from_t1 is not None:
+        meta["t1_route"] = {k: getattr(from_t1, k) for k in ("skull_strip", "min_ncc", "iterations", "seed") if hasattr(from_t1, k)}
     dim = models[0].config.feature_dim
 
     lock = _OutputLock(layout.lock_path, layout.dataset or layout.out)
@@ -173,6 +179,7 @@ def run_embed(
                     prior_failures=prior_failures,
                     # passed through to iter_encoded as they are:
                     batch_size=batch_size, num_workers=num_workers, precision=precision, strict=strict,
+                    **({"from_t1": from_t1} if from_t1 is not None else {}),
                 )
             except Interrupted:
                 raise
