@@ -1,0 +1,271 @@
+"""Forward-only byte streams of an image file, decompressed on the fly, with bounded memory and a deadline.
+
+The reader (:mod:`anatcl_infer.inputs.io`) moves bytes through these streams and nothing else:
+what the bytes mean is decided by nibabel's header classes (:mod:`anatcl_infer.inputs.headers`).
+
+* :class:`PlainStream`: an uncompressed file (``seek`` to skip, ``readinto`` straight into the
+  caller's array).
+* :class:`CompressedStream`: a gzip (``isal`` when installed, else ``zlib``) or bzip2 file, read
+  from disk in 1 MiB chunks and inflated into the caller's buffer. Every gzip member is read
+  (``pigz -i``, ``bgzip``), in time linear in the file's length whatever the number of members:
+  each member's decoder is fed a piece that starts small and doubles, so the bytes a finished
+  member leaves over (which ``zlib`` copies) are never more than what it consumed.
+
+Neither ever holds the whole file: memory is the caller's buffer plus one chunk. Each stream
+carries a :class:`Deadline`; past it, the next step raises :class:`DeadlineExceeded`.
+"""
+
+from __future__ import annotations
+
+import bz2
+import time
+import zlib
+from typing import Any, BinaryIO
+
+__all__ = [
+    "Deadline",
+    "StreamError",
+    "Truncated",
+    "CorruptStream",
+    "DeadlineExceeded",
+    "PlainStream",
+    "CompressedStream",
+    "GZIP_MAGIC",
+    "BZIP2_MAGIC",
+]
+
+GZIP_MAGIC = b"\x1f\x8b"
+BZIP2_MAGIC = b"BZh"
+
+_CHUNK = 1 << 20  # compressed bytes read from disk at a time
+_MIN_PIECE = 64  # first piece fed to a new member's decoder (an empty gzip member is 20 bytes)
+_MAX_OUT = 4 << 20  # decompressed bytes produced per decoder call
+_PLAIN_STEP = 64 << 20  # uncompressed bytes read per system call (a deadline check between)
+
+
+class StreamError(Exception):
+    """Base of the stream errors (turned into :class:`~anatcl_infer.errors.InputError` by the reader).
+
+    Attributes:
+        codec: ``"gzip"`` or ``"bzip2"`` (the compression whose stream failed).
+    """
+
+    def __init__(self, message: str, codec: str = "gzip") -> None:
+        super().__init__(message)
+        self.codec = codec
+
+
+class Truncated(StreamError):
+    """The compressed stream ends inside a member: the file was cut short."""
+
+
+class CorruptStream(StreamError):
+    """The decoder refused the stream (bad data, CRC or length)."""
+
+
+class DeadlineExceeded(StreamError):
+    """Reading this input took longer than its deadline."""
+
+
+class Deadline:
+    """A point in time after which reading one input stops.
+
+    Args:
+        seconds: the time allowed from now; ``None`` or a value <= 0 for no limit.
+    """
+
+    def __init__(self, seconds: float | None) -> None:
+        self.seconds = seconds if seconds is not None and seconds > 0 else None
+        self._end = time.monotonic() + self.seconds if self.seconds is not None else None
+
+    def check(self) -> None:
+        """Raise :class:`DeadlineExceeded` once the deadline has passed."""
+        if self._end is not None and time.monotonic() > self._end:
+            raise DeadlineExceeded(f"reading took longer than its {self.seconds:g} s deadline")
+
+
+class PlainStream:
+    """An uncompressed file read forward (skips are seeks).
+
+    Attributes:
+        position: how many bytes of the file lie before the next byte read.
+    """
+
+    def __init__(self, fh: BinaryIO, deadline: Deadline) -> None:
+        self._fh = fh
+        self.deadline = deadline
+        self.position = 0
+
+    def readinto(self, out: memoryview) -> int:
+        """Fill ``out`` from the file; returns how many bytes it holds (fewer at the end of the file)."""
+        filled = 0
+        while filled < len(out):
+            self.deadline.check()
+            n = self._fh.readinto(out[filled: filled + _PLAIN_STEP])
+            if not n:
+                break
+            filled += n
+        self.position += filled
+        return filled
+
+    def skip(self, n: int) -> int:
+        """Move ``n`` bytes forward (past the end of the file is allowed: the next read gets nothing)."""
+        self._fh.seek(n, 1)
+        self.position += n
+        return n
+
+    def close(self) -> None:
+        """Close the file."""
+        self._fh.close()
+
+
+def _gzip_backend() -> Any:
+    try:
+        from isal import isal_zlib as backend
+    except ImportError:  # pragma: no cover - isal is a dependency on CPython
+        backend = zlib
+    return backend
+
+
+class _GzipMember:
+    """One gzip member's decoder (zlib-style: ``unconsumed_tail`` and ``unused_data``)."""
+
+    def __init__(self, backend: Any) -> None:
+        self._d = backend.decompressobj(31)  # 16 + 15: gzip header and trailer, CRC checked
+
+    def feed(self, piece: memoryview, max_out: int) -> tuple[bytes, int, bool, bytes]:
+        """Decompress from ``piece``: (output, input bytes consumed, member ended, bytes to put back)."""
+        d = self._d
+        out = d.decompress(piece, max_out)
+        consumed = len(piece) - len(d.unconsumed_tail) - len(d.unused_data)
+        return out, consumed, bool(d.eof), b""
+
+
+class _Bzip2Member:
+    """One bzip2 stream's decoder (it keeps unconsumed input itself)."""
+
+    def __init__(self) -> None:
+        self._d = bz2.BZ2Decompressor()
+
+    def feed(self, piece: memoryview, max_out: int) -> tuple[bytes, int, bool, bytes]:
+        """Decompress from ``piece``: (output, input bytes consumed, stream ended, bytes to put back)."""
+        d = self._d
+        if d.needs_input:
+            out, consumed = d.decompress(piece, max_out), len(piece)  # it keeps what it does not use yet
+        else:
+            out, consumed = d.decompress(b"", max_out), 0
+        return out, consumed, bool(d.eof), (d.unused_data if d.eof else b"")
+
+
+class CompressedStream:
+    """The decompressed bytes of a gzip or bzip2 file, read forward in bounded memory.
+
+    Args:
+        fh: the open file, positioned at its start.
+        codec: ``"gzip"`` or ``"bzip2"``.
+        deadline: when reading must stop.
+
+    Attributes:
+        position: how many decompressed bytes lie before the next byte read.
+        members: how many members (gzip) or streams (bzip2) have been started.
+    """
+
+    def __init__(self, fh: BinaryIO, codec: str, deadline: Deadline) -> None:
+        self._fh = fh
+        self.deadline = deadline
+        self.codec = codec
+        self._magic = GZIP_MAGIC if codec == "gzip" else BZIP2_MAGIC
+        self._new_member = (lambda b=_gzip_backend(): _GzipMember(b)) if codec == "gzip" else _Bzip2Member
+        self._buf = memoryview(b"")
+        self._pos = 0
+        self._member: Any = None
+        self._piece = _MIN_PIECE
+        self._ended = False
+        self._scratch: bytearray | None = None
+        self.position = 0
+        self.members = 0
+
+    def _more_input(self) -> bool:
+        """Read the next chunk of the file, keeping what is left of the current one."""
+        data = self._fh.read(_CHUNK)
+        if not data:
+            return False
+        rest = self._buf[self._pos:]
+        self._buf = memoryview(bytes(rest) + data if len(rest) else data)
+        self._pos = 0
+        return True
+
+    def _start_member(self) -> bool:
+        """At a member boundary: start the next member, or end the stream (end of file, zero
+        padding or other trailing bytes, which gzip readers ignore or refuse only when reached)."""
+        while len(self._buf) - self._pos < len(self._magic):
+            if not self._more_input():
+                break
+        head = bytes(self._buf[self._pos: self._pos + len(self._magic)])
+        if head != self._magic:
+            if self.members == 0:
+                raise CorruptStream(f"the file does not start with the {self.codec} signature", self.codec)
+            self._ended = True
+            return False
+        self._member = self._new_member()
+        self._piece = _MIN_PIECE
+        self.members += 1
+        return True
+
+    def readinto(self, out: memoryview) -> int:
+        """Fill ``out`` with the next decompressed bytes; returns how many (fewer at the end of the stream).
+
+        Raises:
+            Truncated: the file ends inside a member.
+            CorruptStream: the decoder refuses the data.
+            DeadlineExceeded: the deadline passed.
+        """
+        filled = 0
+        want = len(out)
+        while filled < want and not self._ended:
+            self.deadline.check()
+            if self._member is None and not self._start_member():
+                break
+            if self._pos >= len(self._buf) and not self._more_input():
+                raise Truncated("the compressed stream ends before its end marker", self.codec)
+            piece = self._buf[self._pos: self._pos + self._piece]
+            try:
+                part, consumed, eof, back = self._member.feed(piece, min(want - filled, _MAX_OUT))
+            except (zlib.error, OSError, ValueError, EOFError) as exc:  # isal raises IsalError (an OSError)
+                raise CorruptStream(f"{type(exc).__name__}: {exc}", self.codec) from None
+            except Exception as exc:  # any other decoder error
+                raise CorruptStream(f"{type(exc).__name__}: {exc}", self.codec) from None
+            if part:
+                out[filled: filled + len(part)] = part
+                filled += len(part)
+            self._pos += consumed
+            if back:  # bytes after a bzip2 stream that its decoder had taken in: read them again
+                self._buf = memoryview(back + bytes(self._buf[self._pos:]))
+                self._pos = 0
+            if eof:
+                self._member = None
+            elif consumed == len(piece) and self._piece < _CHUNK:
+                self._piece *= 2  # the member goes on: feed it more at a time
+        self.position += filled
+        return filled
+
+    def skip(self, n: int) -> int:
+        """Decompress and drop ``n`` bytes (into a 1 MiB scratch buffer); returns how many were there."""
+        if self._scratch is None:
+            self._scratch = bytearray(min(_CHUNK, max(n, 1)))
+        view = memoryview(self._scratch)
+        done = 0
+        while done < n:
+            got = self.readinto(view[: min(len(view), n - done)])
+            done += got
+            if not got:
+                break
+        return done
+
+    def exceeds(self, limit: int) -> bool:
+        """Whether more than ``limit`` decompressed bytes are left (reads at most ``limit + 1``)."""
+        return self.skip(limit + 1) > limit
+
+    def close(self) -> None:
+        """Close the file."""
+        self._fh.close()
