@@ -240,6 +240,7 @@ def _format_name(klass: type) -> tuple[str, int]:
 
 def _check_raw_fields(raw: Any, fmt: str, name: str | None) -> None:
     """The refusal rules on fields nibabel would silently fix or trust (before its ``check_fix``)."""
+    family = fmt.split("-")[0].split()[0]  # "NIfTI" or "Analyze"
     dim = [int(d) for d in np.asarray(raw["dim"]).tolist()]
     if not 1 <= dim[0] <= 7:
         raise _refuse("has a corrupt header: its number of dimensions (dim[0]) is not between 1 and 7; re-export the "
@@ -251,14 +252,14 @@ def _check_raw_fields(raw: Any, fmt: str, name: str | None) -> None:
     code = int(raw["datatype"])
     if code in _COMPLEX_OR_RGB:
         raise _refuse(
-            f"holds {_COMPLEX_OR_RGB[code]} data ({fmt} datatype {code}); the model takes one real-valued "
+            f"holds {_COMPLEX_OR_RGB[code]} data ({family} datatype {code}); the model takes one real-valued "
             "intensity per voxel — give the grey-matter map itself", name, "datatype")
     try:
         dtype = np.dtype(raw.get_data_dtype())
     except Exception:
         dtype = None
     if dtype is None or dtype.kind not in "iuf" or dtype.fields is not None:
-        raise _refuse(f"has an unknown or unsupported {fmt} datatype code {code}; save it as float32 or a scaled "
+        raise _refuse(f"has an unknown or unsupported {family} datatype code {code}; save it as float32 or a scaled "
                       "integer type", name, "datatype")
     bitpix = int(raw["bitpix"])
     if bitpix != dtype.itemsize * 8:
