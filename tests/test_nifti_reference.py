@@ -400,6 +400,7 @@ def test_4d_file_is_n_volumes(tmp_path):
     err = _refused(path, "volumes", how=lambda p: prepare(p, SMALL, emit_warnings=False), stage="check")
     assert "holding 3 volumes" in str(err)
     assert read_nifti(path).shape == (*SHAPE, 3)
+    assert _same_bits(load_volume(path, 1)[0], ref[..., 1])
     with pytest.raises(InputError, match="volume 3 does not exist"):
         read_volume(path, 3)
 

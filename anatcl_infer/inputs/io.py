@@ -26,7 +26,6 @@ decompression by the declared size, and costs quadratic time on many empty gzip 
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import stat
@@ -39,6 +38,8 @@ import numpy as np
 from ..errors import InputError
 from .headers import MAX_DATA_BYTES, MAX_HEADER_BYTES, REFUSALS, HeaderInfo, header_bytes_needed, image_class_for, is_pair_name, nibabel_messages, parse_header
 from .streams import BZIP2_MAGIC, GZIP_MAGIC, CompressedStream, CorruptStream, Deadline, DeadlineExceeded, PlainStream, Truncated
+from .streams import open_regular as _open_regular
+from .streams import printable as _printable
 
 if TYPE_CHECKING:
     from nibabel.spatialimages import SpatialImage
@@ -94,42 +95,8 @@ def read_timeout() -> float | None:
         return _DEFAULT_TIMEOUT
 
 
-def _printable(name: str) -> str:
-    """``name`` with undecodable bytes shown as ``\\xNN`` (safe to print and store)."""
-    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
 def _fail(message: str, name: str | None, reason: str, stage: str = "read") -> InputError:
     return InputError(message, path=name, stage=stage, reason=reason)
-
-
-def _open_regular(p: Path, name: str) -> int:
-    """Open ``p`` for reading if it is a regular file (a FIFO never blocks: checked first)."""
-    try:
-        st = os.stat(p)
-    except FileNotFoundError:
-        if os.path.lexists(p):
-            raise _fail("is a broken symbolic link (its target does not exist); fix or remove the link", name, "not-a-file") from None
-        raise _fail("file not found (it may have been moved or deleted); check the path", name, "not-a-file") from None
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise _fail("is a symbolic link loop; fix or remove the link", name, "not-a-file") from None
-        raise _fail(f"cannot be examined ({exc.strerror or exc}); check the path and its permissions", name, "not-a-file") from None
-    if stat.S_ISDIR(st.st_mode):
-        raise _fail("is a directory, not an image file; give the image files inside it, or the folder to search", name, "not-a-file")
-    if not stat.S_ISREG(st.st_mode):
-        what = "a named pipe (FIFO)" if stat.S_ISFIFO(st.st_mode) else ("a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "a socket or special file")
-        raise _fail(f"is {what}, not a regular file; only image files are read", name, "not-a-file")
-    try:
-        fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
-    except FileNotFoundError:
-        raise _fail("file not found (it was deleted after it was listed); check the path", name, "not-a-file") from None
-    except OSError as exc:
-        raise _fail(f"cannot be opened ({exc.strerror or exc}); check its permissions", name, "not-a-file") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):  # replaced between stat and open
-        os.close(fd)
-        raise _fail("is not a regular file; only image files are read", name, "not-a-file")
-    return fd
 
 
 def _identity(fd: int) -> tuple[int, ...]:
@@ -226,6 +193,9 @@ def _open_input(path: str | os.PathLike[str], deadline: Deadline) -> _Opened:
     except OSError as exc:  # an I/O error while reading (EIO on a network disk, ...)
         stream.close()
         raise _fail(f"cannot be read ({type(exc).__name__}: {exc}); check the file and its disk", name, "not-a-file") from None
+    except MemoryError:
+        stream.close()
+        raise _fail("does not fit in memory while its header is read; free memory or use fewer loader workers", name, "memory") from None
     except BaseException:
         stream.close()
         raise
@@ -302,6 +272,8 @@ def _read_block(opened: _Opened, start: int, n: int) -> np.ndarray:
         raise
     except OSError as exc:  # an I/O error while reading (EIO on a network disk, ...)
         raise _fail(f"cannot be read ({type(exc).__name__}: {exc}); check the file and its disk", name, "not-a-file") from None
+    except MemoryError:
+        raise _fail("does not fit in memory while it is decompressed; free memory or use fewer loader workers", name, "memory") from None
     if filled != n:
         have = "less" if filled < 0 else f"{start + filled} bytes"
         raise _fail(f"is truncated: the header announces {info.offset + info.data_bytes} bytes of image data and header "

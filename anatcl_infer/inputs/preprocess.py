@@ -448,14 +448,20 @@ def prepare(
 ) -> Prepared:
     """Turn one input into the array the model receives.
 
-    Steps: read; check (:func:`~anatcl_infer.inputs.checks.check_volume`); conform onto
+    Steps: read; the orientation rule (an image without orientation — NIfTI codes both 0, an
+    Analyze pair, an MGH without ``goodRASFlag`` — is refused unless it has exactly
+    ``config.grid_shape``, then taken as lying on the grid, with a warning); check
+    (:func:`~anatcl_infer.inputs.checks.check_volume`); conform onto
     ``config.grid_shape``/``grid_affine`` (exact whenever the voxel centres coincide);
     guess the input kind and compare it with ``config.input_kind``; crop (and pad);
     normalise intensities per ``config.intensity``.
 
     Args:
-        item: a path to a NIfTI file; a nibabel image; an ``(array, affine)`` tuple (numpy
-            or torch); a TorchIO ``ScalarImage`` or ``Subject``; a MONAI ``MetaTensor``
+        item: a path to an image file (NIfTI ``.nii``/``.nii.gz``, a ``.hdr``/``.img`` pair,
+            ``.mgh``/``.mgz``: read exactly as nibabel reads it, see
+            :func:`~anatcl_infer.inputs.io.read_volume`; a 4D file is refused here — give one
+            :class:`~anatcl_infer.inputs.io.NiftiVolume` per volume, as :func:`split_volumes`
+            makes them); a nibabel image; an ``(array, affine)`` tuple (numpy or torch); a TorchIO ``ScalarImage`` or ``Subject``; a MONAI ``MetaTensor``
             (their affines are used, so RAS-ordered arrays reach the model the right way
             round); or, with ``assume_reference_grid=True`` only, a numpy array or tensor
             without affine (or a ``.npy`` file of one) of shape ``config.grid_shape``

@@ -13,14 +13,22 @@ what the bytes mean is decided by nibabel's header classes (:mod:`anatcl_infer.i
 
 Neither ever holds the whole file: memory is the caller's buffer plus one chunk. Each stream
 carries a :class:`Deadline`; past it, the next step raises :class:`DeadlineExceeded`.
+:func:`open_regular` opens only regular files (a FIFO, a device, a directory or a broken link is
+refused, with its reason, before anything is read).
 """
 
 from __future__ import annotations
 
 import bz2
+import errno
+import os
+import stat
 import time
 import zlib
+from pathlib import Path
 from typing import Any, BinaryIO
+
+from ..errors import InputError
 
 __all__ = [
     "Deadline",
@@ -32,6 +40,8 @@ __all__ = [
     "CompressedStream",
     "GZIP_MAGIC",
     "BZIP2_MAGIC",
+    "open_regular",
+    "printable",
 ]
 
 GZIP_MAGIC = b"\x1f\x8b"
@@ -269,3 +279,41 @@ class CompressedStream:
     def close(self) -> None:
         """Close the file."""
         self._fh.close()
+
+
+def _not_a_file(message: str, name: str) -> InputError:
+    return InputError(message, path=name, stage="read", reason="not-a-file")
+
+
+def printable(name: str) -> str:
+    """``name`` with undecodable bytes shown as ``\\xNN`` (safe to print and store)."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def open_regular(p: Path, name: str) -> int:
+    """Open ``p`` for reading if it is a regular file (a FIFO never blocks: checked first)."""
+    try:
+        st = os.stat(p)
+    except FileNotFoundError:
+        if os.path.lexists(p):
+            raise _not_a_file("is a broken symbolic link (its target does not exist); fix or remove the link", name) from None
+        raise _not_a_file("file not found (it may have been moved or deleted); check the path", name) from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise _not_a_file("is a symbolic link loop; fix or remove the link", name) from None
+        raise _not_a_file(f"cannot be examined ({exc.strerror or exc}); check the path and its permissions", name) from None
+    if stat.S_ISDIR(st.st_mode):
+        raise _not_a_file("is a directory, not an image file; give the image files inside it, or the folder to search", name)
+    if not stat.S_ISREG(st.st_mode):
+        what = "a named pipe (FIFO)" if stat.S_ISFIFO(st.st_mode) else ("a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "a socket or special file")
+        raise _not_a_file(f"is {what}, not a regular file; only image files are read", name)
+    try:
+        fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+    except FileNotFoundError:
+        raise _not_a_file("file not found (it was deleted after it was listed); check the path", name) from None
+    except OSError as exc:
+        raise _not_a_file(f"cannot be opened ({exc.strerror or exc}); check its permissions", name) from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # replaced between stat and open
+        os.close(fd)
+        raise _not_a_file("is not a regular file; only image files are read", name)
+    return fd
