@@ -48,6 +48,7 @@ GZIP_MAGIC = b"\x1f\x8b"
 BZIP2_MAGIC = b"BZh"
 
 _CHUNK = 1 << 20  # compressed bytes read from disk at a time
+_FIRST_CHUNK = 1 << 16  # the first read, enough for a header
 _MIN_PIECE = 64  # first piece fed to a new member's decoder (an empty gzip member is 20 bytes)
 _MAX_OUT = 4 << 20  # decompressed bytes produced per decoder call
 _PLAIN_STEP = 64 << 20  # uncompressed bytes read per system call (a deadline check between)
@@ -196,8 +197,8 @@ class CompressedStream:
         self.members = 0
 
     def _more_input(self) -> bool:
-        """Read the next chunk of the file, keeping what is left of the current one."""
-        data = self._fh.read(_CHUNK)
+        """Read the next chunk of the file (64 KiB first: a header needs little), keeping what is left of the current one."""
+        data = self._fh.read(_CHUNK if self.position or self.members > 1 else _FIRST_CHUNK)
         if not data:
             return False
         rest = self._buf[self._pos:]
