@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import bz2
 import functools
 import gzip
 import logging
@@ -209,6 +210,8 @@ def _nifti(rng: np.random.Generator, folder: Path, made: dict[str, Any], *, refe
     base = tuple(config.grid_shape)
     shape3 = base if reference or rng.random() < 0.3 else tuple(int(n + rng.integers(-4, 5)) for n in base)
     aff, shape3 = (np.array(config.grid_affine, dtype=np.float64), shape3) if reference else _affine(rng, shape3)
+    if not reference and rng.random() < 0.05:  # tiny: the data lies inside the first bytes read with the header
+        shape3 = tuple(int(n) for n in rng.integers(1, 7, 3))
     n_vol = _choose(rng, [None, 1, 2, 3], [0.85, 0.05, 0.06, 0.04])
     shape = shape3 if n_vol is None else (*shape3, n_vol)
     klass = {(1, False): nib.Nifti1Header, (2, False): nib.Nifti2Header, (1, True): nib.nifti1.Nifti1PairHeader,
@@ -260,14 +263,15 @@ def _nifti(rng: np.random.Generator, folder: Path, made: dict[str, Any], *, refe
         values = np.stack([values] + [values[::-1] for _ in range(n_vol - 1)], axis=-1)
     raw = values.astype(np.dtype(dtype).newbyteorder(endian)).tobytes(order="F")
     head = hdr.binaryblock + flag + ext
-    compress = rng.random() < 0.5
-    suffix = ".gz" if compress else ""
+    codec = _choose(rng, ["none", "gz", "bz2"], [0.5, 0.45, 0.05])
+    suffix = {"none": "", "gz": ".gz", "bz2": ".bz2"}[codec]
+    made["codec"] = codec
     stem = folder / f"v{made['index']}"
     if pair:
         img_bytes = b"\0" * data_at + raw
         hdr_path, img_path = stem.with_suffix(".hdr" + suffix), stem.with_suffix(".img" + suffix)
-        hdr_path.write_bytes(gzip.compress(head, mtime=0) if compress else head)
-        img_path.write_bytes(frame_gzip(img_bytes, rng, made) if compress else _plain_tail(img_bytes, rng, made))
+        hdr_path.write_bytes(_compress(head, codec, rng, {}))
+        img_path.write_bytes(_compress(img_bytes, codec, rng, made))
         missing = _choose(rng, ["none", "img", "hdr"], [0.92, 0.04, 0.04])
         made["pair_missing"] = missing
         if missing != "none":
@@ -275,8 +279,19 @@ def _nifti(rng: np.random.Generator, folder: Path, made: dict[str, Any], *, refe
         return _choose(rng, [hdr_path, img_path])
     body = head + b"\0" * max(data_at - len(head), 0) + raw
     path = stem.with_suffix(".nii" + suffix)
-    path.write_bytes(frame_gzip(body, rng, made) if compress else _plain_tail(body, rng, made))
+    path.write_bytes(_compress(body, codec, rng, made))
     return path
+
+
+def _compress(payload: bytes, codec: str, rng: np.random.Generator, made: dict[str, Any]) -> bytes:
+    """``payload`` as the file holds it: plain (maybe with a tail), gzip-framed, or bzip2 (maybe two streams)."""
+    if codec == "gz":
+        return frame_gzip(payload, rng, made)
+    if codec == "bz2":
+        cut = int(rng.integers(0, len(payload) + 1)) if rng.random() < 0.3 else len(payload)
+        made["bz2_streams"] = 1 if cut == len(payload) else 2
+        return bz2.compress(payload[:cut]) + (bz2.compress(payload[cut:]) if cut < len(payload) else b"")
+    return _plain_tail(payload, rng, made)
 
 
 def _analyze(rng: np.random.Generator, folder: Path, made: dict[str, Any], *, reference: bool) -> Path:

@@ -323,6 +323,16 @@ def test_each_input_has_a_deadline(tmp_path, monkeypatch):
     assert read_volume(good).data.shape == SHAPE  # the others are unaffected
 
 
+def test_trailing_bytes_after_the_gzip_stream(tmp_path):
+    member = gzip.compress(_nifti_bytes(_gm()))
+    padded = tmp_path / "padded.nii.gz"
+    padded.write_bytes(member + b"\0" * 5000)  # zero padding: ignored, as Python's gzip module ignores it
+    _assert_read_as_nibabel(padded)
+    garbage = tmp_path / "garbage.nii.gz"
+    garbage.write_bytes(member + b"not a gzip member")
+    assert "neither padding nor another gzip member" in str(_refused(garbage, "corrupt-stream"))
+
+
 def test_gzip_bomb_after_the_data_is_refused(tmp_path):
     path = tmp_path / "bomb.nii.gz"
     zeros = gzip.compress(b"\0" * (32 << 20), compresslevel=1)

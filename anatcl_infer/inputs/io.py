@@ -26,6 +26,7 @@ decompression by the declared size, and costs quadratic time on many empty gzip 
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import stat
@@ -217,6 +218,7 @@ def _open_pair(p: Path, name: str, deadline: Deadline) -> _Opened:
     stream, _ = _open_stream(hdr_path, name, deadline, has_header=True)
     try:
         head = _read_upto(stream, MAX_HEADER_BYTES + 1)
+        _check_garbage(stream, name)
     except (Truncated, CorruptStream, DeadlineExceeded) as exc:
         raise _stream_error(exc, name) from None
     except OSError as exc:
@@ -230,6 +232,13 @@ def _open_pair(p: Path, name: str, deadline: Deadline) -> _Opened:
     info = parse_header(klass, head, name, single=False)
     data, identity = _open_stream(img_path, name, deadline, has_header=False)
     return _Opened(info, data, b"", identity, name)
+
+
+def _check_garbage(stream: Any, name: str) -> None:
+    """Refuse bytes after a compressed file's last member that are neither zero padding nor a member."""
+    if getattr(stream, "garbage", False):
+        raise _fail(f"has bytes after the end of its {stream.codec} stream that are neither padding nor another "
+                    f"{stream.codec} member; the file is corrupt (gzip readers refuse it) — recreate it", name, "corrupt-stream")
 
 
 def _stream_error(exc: BaseException, name: str) -> InputError:
@@ -255,17 +264,20 @@ def _read_block(opened: _Opened, start: int, n: int) -> np.ndarray:
         view[: len(part)] = part
         filled = len(part)
     try:
-        gap = start + filled - stream.position
-        if gap < 0:
-            raise RuntimeError("the stream has already passed this volume")  # callers reopen before this
-        if gap and stream.skip(gap) < gap:
-            filled = -1
-        else:
-            filled += stream.readinto(view[filled:])
+        if filled < n:
+            gap = start + filled - stream.position
+            if gap < 0:
+                raise RuntimeError("the stream has already passed this volume")  # callers reopen before this
+            if gap and stream.skip(gap) < gap:
+                filled = -1
+            else:
+                filled += stream.readinto(view[filled:])
         end = info.offset + info.data_bytes
-        if filled == n and start + n == end and isinstance(stream, CompressedStream) and stream.exceeds(_INFLATE_MARGIN):
-            raise _fail(f"decompresses to more data than its header declares ({end} bytes for shape {info.shape}); the "
-                        "file is corrupt or hostile — it was not read further", name, "bomb")
+        if filled == n and start + n == end and isinstance(stream, CompressedStream):
+            if stream.exceeds(_INFLATE_MARGIN):
+                raise _fail(f"decompresses to more data than its header declares ({end} bytes for shape {info.shape}); the "
+                            "file is corrupt or hostile — it was not read further", name, "bomb")
+            _check_garbage(stream, name)
     except (Truncated, CorruptStream, DeadlineExceeded) as exc:
         raise _stream_error(exc, name) from None
     except InputError:
@@ -299,9 +311,17 @@ class _Cursor:
 
     @classmethod
     def keep(cls, opened: _Opened) -> None:
+        cls.close()
+        cls.opened = opened
+
+    @classmethod
+    def close(cls) -> None:
         if cls.opened is not None:
             cls.opened.close()
-        cls.opened = opened
+            cls.opened = None
+
+
+atexit.register(_Cursor.close)
 
 
 def _proxy(raw: np.ndarray, spec: Any) -> Any:

@@ -179,6 +179,8 @@ class CompressedStream:
     Attributes:
         position: how many decompressed bytes lie before the next byte read.
         members: how many members (gzip) or streams (bzip2) have been started.
+        garbage: the stream has ended, and what follows its last member is neither zero padding
+            nor another member (Python's gzip module refuses such a file when it reads that far).
     """
 
     def __init__(self, fh: BinaryIO, codec: str, deadline: Deadline) -> None:
@@ -195,6 +197,7 @@ class CompressedStream:
         self._scratch: bytearray | None = None
         self.position = 0
         self.members = 0
+        self.garbage = False
 
     def _more_input(self) -> bool:
         """Read the next chunk of the file (64 KiB first: a header needs little), keeping what is left of the current one."""
@@ -217,6 +220,8 @@ class CompressedStream:
             if self.members == 0:
                 raise CorruptStream(f"the file does not start with the {self.codec} signature", self.codec)
             self._ended = True
+            # zero padding is ignored (as Python's gzip module does); other bytes are garbage
+            self.garbage = bool(bytes(self._buf[self._pos: self._pos + 64]).strip(b"\0"))
             return False
         self._member = self._new_member()
         self._piece = _MIN_PIECE
