@@ -425,7 +425,7 @@ def read_volume(path: str | os.PathLike[str], volume: int | None = None, *, time
         if not 0 <= index < n:
             raise _fail(f"has {n} volume(s); volume {index} does not exist", name, "volumes", "check")
         start = info.offset + index * info.volume_bytes
-        if opened.stream.position > start:  # a cached stream already past this volume: start over
+        if opened.stream.position > max(start, len(opened.buffered)):  # a kept stream already past this volume: start over
             opened.close()
             opened = _open_input(path, deadline)
         raw_bytes = _read_block(opened, start, info.volume_bytes)

@@ -138,34 +138,14 @@ def _gzip_backend() -> Any:
     return backend
 
 
-class _GzipMember:
-    """One gzip member's decoder (zlib-style: ``unconsumed_tail`` and ``unused_data``)."""
-
-    def __init__(self, backend: Any) -> None:
-        self._d = backend.decompressobj(31)  # 16 + 15: gzip header and trailer, CRC checked
-
-    def feed(self, piece: memoryview, max_out: int) -> tuple[bytes, int, bool, bytes]:
-        """Decompress from ``piece``: (output, input bytes consumed, member ended, bytes to put back)."""
-        d = self._d
-        out = d.decompress(piece, max_out)
-        consumed = len(piece) - len(d.unconsumed_tail) - len(d.unused_data)
-        return out, consumed, bool(d.eof), b""
-
-
-class _Bzip2Member:
-    """One bzip2 stream's decoder (it keeps unconsumed input itself)."""
-
-    def __init__(self) -> None:
-        self._d = bz2.BZ2Decompressor()
-
-    def feed(self, piece: memoryview, max_out: int) -> tuple[bytes, int, bool, bytes]:
-        """Decompress from ``piece``: (output, input bytes consumed, stream ended, bytes to put back)."""
-        d = self._d
-        if d.needs_input:
-            out, consumed = d.decompress(piece, max_out), len(piece)  # it keeps what it does not use yet
-        else:
-            out, consumed = d.decompress(b"", max_out), 0
-        return out, consumed, bool(d.eof), (d.unused_data if d.eof else b"")
+def _bzip2_feed(d: Any, piece: memoryview, max_out: int) -> tuple[bytes, int, bool, bytes]:
+    """Feed a ``bz2.BZ2Decompressor`` (which keeps the input it does not use yet): (output, input
+    bytes consumed, stream ended, bytes after the stream's end that must be read again)."""
+    if d.needs_input:
+        out, consumed = d.decompress(piece, max_out), len(piece)
+    else:
+        out, consumed = d.decompress(b"", max_out), 0
+    return out, consumed, bool(d.eof), (d.unused_data if d.eof else b"")
 
 
 class CompressedStream:
@@ -188,7 +168,8 @@ class CompressedStream:
         self.deadline = deadline
         self.codec = codec
         self._magic = GZIP_MAGIC if codec == "gzip" else BZIP2_MAGIC
-        self._new_member = (lambda b=_gzip_backend(): _GzipMember(b)) if codec == "gzip" else _Bzip2Member
+        self._gzip = codec == "gzip"
+        self._backend = _gzip_backend() if self._gzip else None
         self._buf = memoryview(b"")
         self._pos = 0
         self._member: Any = None
@@ -212,18 +193,19 @@ class CompressedStream:
     def _start_member(self) -> bool:
         """At a member boundary: start the next member, or end the stream (end of file, zero
         padding or other trailing bytes, which gzip readers ignore or refuse only when reached)."""
-        while len(self._buf) - self._pos < len(self._magic):
+        magic = self._magic
+        while len(self._buf) - self._pos < len(magic):
             if not self._more_input():
                 break
-        head = bytes(self._buf[self._pos: self._pos + len(self._magic)])
-        if head != self._magic:
+        if self._buf[self._pos: self._pos + len(magic)] != magic:
             if self.members == 0:
                 raise CorruptStream(f"the file does not start with the {self.codec} signature", self.codec)
             self._ended = True
             # zero padding is ignored (as Python's gzip module does); other bytes are garbage
             self.garbage = bool(bytes(self._buf[self._pos: self._pos + 64]).strip(b"\0"))
             return False
-        self._member = self._new_member()
+        # gzip: 16 + 15 = a gzip header and trailer (CRC and length checked); bzip2: one stream
+        self._member = self._backend.decompressobj(31) if self._gzip else bz2.BZ2Decompressor()
         self._piece = _MIN_PIECE
         self.members += 1
         return True
@@ -238,6 +220,7 @@ class CompressedStream:
         """
         filled = 0
         want = len(out)
+        gz = self._gzip
         while filled < want and not self._ended:
             self.deadline.check()
             if self._member is None and not self._start_member():
@@ -245,11 +228,14 @@ class CompressedStream:
             if self._pos >= len(self._buf) and not self._more_input():
                 raise Truncated("the compressed stream ends before its end marker", self.codec)
             piece = self._buf[self._pos: self._pos + self._piece]
+            d = self._member
             try:
-                part, consumed, eof, back = self._member.feed(piece, min(want - filled, _MAX_OUT))
-            except (zlib.error, OSError, ValueError, EOFError) as exc:  # isal raises IsalError (an OSError)
-                raise CorruptStream(f"{type(exc).__name__}: {exc}", self.codec) from None
-            except Exception as exc:  # any other decoder error
+                if gz:  # zlib-style: what is not used is left in unconsumed_tail / unused_data
+                    part = d.decompress(piece, min(want - filled, _MAX_OUT))
+                    consumed, eof, back = len(piece) - len(d.unconsumed_tail) - len(d.unused_data), d.eof, b""
+                else:
+                    part, consumed, eof, back = _bzip2_feed(d, piece, min(want - filled, _MAX_OUT))
+            except Exception as exc:  # zlib.error, isal's IsalError (an OSError), bz2's OSError/EOFError...
                 raise CorruptStream(f"{type(exc).__name__}: {exc}", self.codec) from None
             if part:
                 out[filled: filled + len(part)] = part
