@@ -138,6 +138,23 @@ def test_nan_or_zero_slope_means_unscaled(tmp_path):
         assert _same_bits(_assert_read_as_nibabel(path), _gm())
 
 
+def test_nibabel_own_test_files_read_as_nibabel_reads_them():
+    folder = Path(nib.__file__).parent / "tests" / "data"
+    names = ["test.mgz", "example4d.nii.gz", "example_nifti2.nii.gz",
+             "functional.nii", "anatomical.nii", "standard.nii.gz", "reoriented_anat_moved.nii"]
+    for name in names:
+        ref, affine = _nibabel(folder / name)
+        volumes = ref.reshape(ref.shape[:3] + (-1,), order="F")
+        n = volumes.shape[-1]
+        for i in range(n):
+            read = read_volume(folder / name, i if n > 1 else None)
+            assert _same_bits(read.data, volumes[..., i]), (name, i)
+            np.testing.assert_array_equal(read.affine, affine, err_msg=name)
+    assert read_volume(folder / "test.mgz", 0).orientation == "mgh"
+    for name in ("analyze.hdr", "nifti1.hdr", "nifti2.hdr"):  # shipped without their .img
+        assert name.replace(".hdr", ".img is missing") in str(_refused(folder / name, "pair-missing"))
+
+
 # ---------------------------------------------------------------- offsets
 
 

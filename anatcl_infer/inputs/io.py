@@ -446,14 +446,18 @@ def _identity_of(path: str | os.PathLike[str]) -> tuple[int, ...]:
 
 
 def count_volumes(path: str | os.PathLike[str], *, timeout: float | None = -1.0) -> int:
-    """How many 3D volumes a file holds (its header only is read): 1 for a 3D file, N for a 4D one.
+    """How many 3D volumes a file holds (its header only is read): 1 for a 3D file, N for a 4D one
+    (1 for data that are no 3D volumes, such as 2D or 5D: the file is refused once when read).
 
     Raises:
         InputError: the file cannot be read or is refused (same rules as :func:`read_volume`).
     """
     opened = _open_input(path, Deadline(read_timeout() if timeout == -1.0 else timeout))
     try:
-        return opened.info.n_volumes if len(opened.info.shape) >= 3 else 1
+        shape = opened.info.shape
+        if len(shape) < 3 or any(s != 1 for s in shape[4:]):
+            return 1  # not volumes: refused once, when the file is read
+        return opened.info.n_volumes
     finally:
         opened.close()
 
