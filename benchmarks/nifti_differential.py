@@ -6,7 +6,7 @@ either read bit for bit as ``nibabel.load(path).get_fdata(dtype=float32)`` with 
 through the same ``prepare()`` conform path, or refused with a named reason. Anything else is a
 mismatch. Prints the counts (read-equal / refused by reason / mismatches) and exits 1 on any mismatch.
 
-    PYTHONPATH=. python benchmarks/nifti_differential.py --n 10000            # ~25 min on 2 cores
+    PYTHONPATH=. python benchmarks/nifti_differential.py --n 10000 --tmp /dev/shm   # ~25 min on 2 cores
     PYTHONPATH=. python benchmarks/nifti_differential.py --n 500 --seed 3 --workers 1
 """
 
@@ -50,12 +50,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the generator (variant i uses [seed, i])")
     parser.add_argument("--workers", type=int, default=2, help="processes (default 2)")
     parser.add_argument("--json", type=Path, default=None, help="also write the counts and mismatches here")
+    parser.add_argument("--tmp", type=Path, default=None, help="where the variants are written (default: the system's; /dev/shm is faster)")
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
     counts: collections.Counter[str] = collections.Counter()
     mismatches = []
-    with tempfile.TemporaryDirectory(prefix="nifti-diff-") as root:
+    with tempfile.TemporaryDirectory(prefix="nifti-diff-", dir=args.tmp) as root:
         jobs = [(args.seed, i, root) for i in range(args.n)]
         ctx = multiprocessing.get_context("fork")
         with ctx.Pool(args.workers) if args.workers > 1 else _Serial() as pool:
