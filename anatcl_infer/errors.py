@@ -113,12 +113,15 @@ class InputError(AnatCLError, ValueError):
     Attributes:
         path: the offending input, when it has one.
         stage: where it failed: ``"read"``, ``"check"``, ``"conform"``, ``"encode"``.
+        reason: a short name for why, when the reader refused the file (e.g. ``"offset-in-header"``,
+            ``"no-orientation"``, ``"truncated"``; see ``anatcl_infer.inputs.io.REASONS``), else None.
     """
 
-    def __init__(self, message: str, *, path: str | None = None, stage: str = "check") -> None:
+    def __init__(self, message: str, *, path: str | None = None, stage: str = "check", reason: str | None = None) -> None:
         super().__init__(message)
         self.path = path
         self.stage = stage
+        self.reason = reason
 
     def __str__(self) -> str:
         msg = str(self.args[0])

@@ -156,10 +156,12 @@ def test_extract_features_survives_the_corpus(corpus, model_dir):
         import numpy as np
         import anatcl_infer
         root = {str(corpus.root)!r}
-        paths = sorted(os.path.join(root, n) for n in os.listdir(root))
+        paths = sorted(os.path.join(root, n) for n in os.listdir(root) if n != "4d_mwp1.nii.gz")
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             X = anatcl_infer.extract_features(paths, model={str(model_dir)!r}, on_error="warn", num_workers=2, progress=False)
+            X4 = anatcl_infer.extract_features(os.path.join(root, "4d_mwp1.nii.gz"), model={str(model_dir)!r}, progress=False)
+        print("FOURD", X4.shape[0], bool(np.isfinite(X4).all()))
         failures = [w for w in caught if issubclass(w.category, anatcl_infer.InputFailureWarning)]
         kinds = [w for w in caught if issubclass(w.category, anatcl_infer.InputWarning)]
         assert len(failures) == 1, failures
@@ -179,9 +181,12 @@ def test_extract_features_survives_the_corpus(corpus, model_dir):
     assert "Traceback" not in text, text
     lines = text.splitlines()
     rows = {ln.split(" ", 2)[2]: ln.split(" ", 2)[1] for ln in lines if ln.startswith("ROW ")}
-    n = len(corpus.good) + len(corpus.warned) + len(corpus.failing)
-    assert f"ROWS {n} {n} NAN {len(corpus.failing)}" in text
-    for name in corpus.failing:
+    # a 4D file is one row per volume in Python (issue 21); `anatcl embed` and `anatcl qc` still refuse it
+    failing = {k: v for k, v in corpus.failing.items() if k != "4d_mwp1.nii.gz"}
+    assert "FOURD 3 True" in text
+    n = len(corpus.good) + len(corpus.warned) + len(failing)
+    assert f"ROWS {n} {n} NAN {len(failing)}" in text
+    for name in failing:
         assert rows[name] == "nan", name
         assert sum(_mentions(ln, name) for ln in lines if ln.startswith("  input ")) == 1, name
     for name in corpus.good + corpus.warned:

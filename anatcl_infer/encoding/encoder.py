@@ -139,6 +139,7 @@ class _PrepareDataset(torch.utils.data.Dataset):
                 "kind_confidence": float(prepared.kind.confidence),
                 "kind_warning": prepared.kind_warning,
                 "source": prepared.source,
+                "volume": prepared.volume,
             }
             if self.extra is not None:
                 info.update(self.extra(prepared))
@@ -282,14 +283,14 @@ def _forward(model: Any, x: torch.Tensor, device: torch.device) -> torch.Tensor:
 def _as_items(inputs: Any) -> list[Any]:
     """Normalise one input or many into a list of single-volume items.
 
-    A 4D in-memory input (an array or tensor stack, an ``(array, affine)`` tuple with
-    volumes last, a 4D nibabel image, a multi-channel TorchIO/MONAI image) becomes one item
-    per volume, in order; a path is always one item.
+    A 4D input (an array or tensor stack, an ``(array, affine)`` tuple with volumes last, a
+    4D nibabel image, a multi-channel TorchIO/MONAI image, a path to a 4D image file) becomes
+    one item per volume, in order.
     """
     from ..inputs.preprocess import split_volumes
 
     if isinstance(inputs, (str, os.PathLike)):
-        return [inputs]
+        return split_volumes(inputs)
     if isinstance(inputs, tuple) and len(inputs) == 2 and hasattr(inputs[0], "shape") and hasattr(inputs[1], "shape"):
         return split_volumes(inputs)
     if isinstance(inputs, np.ndarray) or isinstance(inputs, torch.Tensor):
@@ -397,10 +398,10 @@ def encode(
 ) -> np.ndarray:
     """Embed inputs into an (N, 512) float32 array, in input order.
 
-    Rows: one per input, and one per volume of a 4D in-memory input (a ``(N, X, Y, Z)``
-    array or tensor, an ``(array, affine)`` tuple with ``N`` volumes last, a 4D nibabel
-    image, a multi-channel TorchIO/MONAI image), in order. A path is always one row (a 4D
-    file is refused: split it first), so a list of paths gives exactly one row per path.
+    Rows: one per input, and one per volume of a 4D input (a ``(N, X, Y, Z)`` array or
+    tensor, an ``(array, affine)`` tuple with ``N`` volumes last, a 4D nibabel image, a
+    multi-channel TorchIO/MONAI image, a path to a 4D image file of ``N`` volumes), in order:
+    a list of paths to 3D files gives exactly one row per path.
 
     Every input whose kind or quality is doubtful gets one warning through :mod:`warnings`
     (:class:`~anatcl_infer.errors.InputKindWarning` when it does not look like what the
@@ -502,7 +503,7 @@ def extract_features(inputs: Any, model: Any = "anatcl-global", fold: int = 0, *
             ``amp`` (deprecated), ``strict``, ``on_error`` (``"raise"`` or ``"warn"``: NaN rows for
             failed inputs, rows aligned with the inputs), ``assume_reference_grid``, ``from_t1`` (raw T1s:
             the route of the model's input kind runs first; see :func:`encode`).
-            A 4D in-memory input is one row per volume; a path is one row.
+            A 4D input (in memory or a 4D file) is one row per volume.
 
     Example:
         >>> import anatcl_infer

@@ -112,7 +112,8 @@ def check_volume(
             does not place the image in MNI space.
 
     Returns:
-        Warnings (plain sentences); empty when nothing is suspicious.
+        Warnings (plain sentences); empty when nothing is suspicious (denormal values, a partial
+        field of view, oblique axes, an off-centre image, negative values are warned about).
 
     Raises:
         InputError: (``stage="check"``) not 3D; NaN or infinite values; an empty or constant
@@ -154,6 +155,9 @@ def check_volume(
         raise InputError("has an invalid or singular voxel-to-world affine; fix its header (sform/qform)", path=path, stage="check")
 
     warnings: list[str] = []
+    denormal = _denormal_warning(data, lo, hi)
+    if denormal:
+        warnings.append(denormal)
     sizes = voxel_sizes(affine)
     if np.any(sizes < _MIN_VOXEL_MM) or np.any(sizes > _MAX_VOXEL_MM):
         raise InputError(
@@ -217,6 +221,31 @@ def check_volume(
     if lo < -0.01 * abs(hi):  # interpolation leaves tiny negatives in real mwp1 maps; those are fine
         warnings.append(f"the image has negative values (minimum {lo:g}); CAT12 grey-matter maps are non-negative")
     return warnings
+
+
+# Share of the non-zero voxels (sampled) that may be denormal before a warning.
+_MAX_DENORMAL_SHARE = 0.01
+
+
+def _denormal_warning(data: np.ndarray, lo: float, hi: float) -> str | None:
+    """A warning when the map's values are denormal (below float32's smallest normal number), else None.
+
+    Such values (a map scaled by 1e-40...) lose precision, run slowly on CPUs and reach the model as
+    nearly zero; real maps have at most a few. Judged on every second voxel along each axis.
+    """
+    tiny = float(np.finfo(np.float32).tiny)
+    peak = max(abs(lo), abs(hi))
+    if peak < tiny:
+        return (f"its values are denormal (largest magnitude {peak:.3g}, below float32's smallest normal number "
+                f"{tiny:.3g}): the model sees an almost empty image; the map is probably scaled wrongly — check how it was written")
+    sample = np.asarray(data[::2, ::2, ::2], dtype=np.float32)
+    magnitude = np.abs(sample)
+    nonzero = int(np.count_nonzero(magnitude))
+    small = int(np.count_nonzero(magnitude < tiny)) - (magnitude.size - nonzero)
+    if nonzero and small > _MAX_DENORMAL_SHARE * nonzero:
+        return (f"{small / nonzero:.0%} of its non-zero values are denormal (below float32's smallest normal number "
+                f"{tiny:.3g}); they lose precision and reach the model as nearly zero — check how the map was written")
+    return None
 
 
 def _fmt_box(box: np.ndarray) -> str:

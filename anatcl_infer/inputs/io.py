@@ -1,29 +1,35 @@
-"""Reading NIfTI volumes fast and safely.
+"""Reading image files: nibabel's meaning, a bounded fast path for the bytes.
 
-``.nii.gz`` files are decompressed in one go (``isal`` when installed, the
-standard library's ``zlib`` otherwise) and parsed from memory with
-``Nifti1Image.from_bytes`` / ``Nifti2Image.from_bytes``: about twice as fast as
-nibabel's streaming reader, and independent of ``indexed_gzip`` (which nibabel
-picks up automatically and which is slower for whole-volume reads). Any other
-format nibabel understands is read by nibabel itself.
+One reading of every file. nibabel decides what a header means — which image class a file is,
+its shape, on-disk dtype, data offset, scaling and affine (:mod:`anatcl_infer.inputs.headers`);
+the array is computed by nibabel's own array-proxy code (``ArrayProxy._get_scaled``, what
+``get_fdata`` runs) over the bytes read here. So every file read here gives exactly
+``nibabel.load(path).get_fdata(dtype=np.float32)`` and ``nibabel.load(path).affine``, bit for
+bit — or it is refused with its reason (``InputError.reason``, see :data:`REASONS`).
 
-Why hand-written: nibabel's own ``.nii.gz`` path (and every other reader tried: SimpleITK,
-nibabel + ``indexed_gzip``) measured 2x slower for whole volumes (REFERENCE §6), and none
-bounds decompression by the size the header declares, which a gzip bomb needs.
+What is read: single-file NIfTI-1/-2 (``.nii``, ``.nii.gz``, ``.nii.bz2``), NIfTI-1/-2 and
+Analyze 7.5 pairs (``.hdr`` + ``.img``, each possibly compressed) and MGH (``.mgh``, ``.mgz``).
+Compression follows the file name, as in nibabel; a file whose bytes contradict its name is
+refused.
 
-Every failure is an :class:`~anatcl_infer.errors.InputError` with
-``stage="read"`` and a message saying what is wrong with the file.
+The bytes (:mod:`anatcl_infer.inputs.streams`): only regular files are opened; the header is
+read and judged before any image data; a compressed file is inflated as a stream (``isal``
+when installed, else ``zlib``; every gzip member, in linear time) straight into an array of the
+size the header declares, never holding the compressed file; a ``vox_offset`` is skipped, never
+stored; after the data, at most 1 MiB more may follow (more is a gzip bomb, refused). Memory
+is one volume above normal whatever the file's length. Each input has a deadline
+(:func:`read_timeout`, ``ANATCL_READ_TIMEOUT``, default 120 s) after which it alone fails.
+
+Why not ``nibabel.load``: for ``.nii.gz`` it reads 2x slower (REFERENCE §6), does not bound
+decompression by the declared size, and costs quadratic time on many empty gzip members.
 """
 
 from __future__ import annotations
 
-import errno
-import io
+import atexit
 import logging
 import os
 import stat
-import struct
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,405 +37,485 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import InputError
+from .headers import MAX_DATA_BYTES, MAX_HEADER_BYTES, REFUSALS, HeaderInfo, header_bytes_needed, image_class_for, is_pair_name, nibabel_messages, parse_header
+from .streams import BZIP2_MAGIC, GZIP_MAGIC, CompressedStream, CorruptStream, Deadline, DeadlineExceeded, PlainStream, Truncated
+from .streams import open_regular as _open_regular
+from .streams import printable as _printable
 
 if TYPE_CHECKING:
     from nibabel.spatialimages import SpatialImage
 
-__all__ = ["read_nifti", "load_volume", "validate_header", "HeaderInfo", "MAX_DATA_BYTES", "NIFTI_SUFFIXES"]
+__all__ = [
+    "read_nifti", "read_volume", "load_volume", "count_volumes", "read_timeout", "VolumeRead", "NiftiVolume",
+    "HeaderInfo", "MAX_DATA_BYTES", "NIFTI_SUFFIXES", "REASONS",
+]
 
 logger = logging.getLogger(__name__)
 
-#: File name endings treated as NIfTI by :func:`read_nifti` and input discovery.
+#: File name endings treated as NIfTI by input discovery.
 NIFTI_SUFFIXES: tuple[str, ...] = (".nii", ".nii.gz")
 
-_GZIP_MAGIC = b"\x1f\x8b"
+#: Every ``InputError.reason`` the reader gives, with what it means.
+REASONS: dict[str, str] = {
+    **REFUSALS,
+    "not-a-file": "missing, a directory, a FIFO, a device, a broken or looping link, unreadable",
+    "file-name": "a file name that is not valid UTF-8",
+    "empty": "a 0-byte file",
+    "compression": "bytes that contradict the name's compression (.gz not gzip, gzip named .nii), or zstd",
+    "format": "not a NIfTI, Analyze or MGH file",
+    "pair-missing": "one file of a .hdr/.img pair is missing",
+    "corrupt-stream": "a truncated or corrupt gzip/bzip2 stream",
+    "truncated": "less image data than the header declares",
+    "bomb": "more decompressed data after the image than any writer leaves (a gzip bomb)",
+    "scaling-non-finite": "the scale factor makes finite data infinite",
+    "deadline": "reading took longer than its deadline",
+    "memory": "the image does not fit in memory",
+    "volumes": "a 4D file given where one volume is taken, or more than 4 dimensions",
+    "not-3d": "fewer than 3 dimensions",
+    "no-orientation": "no orientation (NIfTI codes 0, Analyze, MGH without goodRASFlag) and not the reference grid's shape",
+}
 
-
-# How much more than its header declares a compressed image may inflate to (trailing padding
-# some writers add); past this the stream is refused, so a gzip bomb costs at most one volume.
+_DEFAULT_TIMEOUT = 120.0
+# How much decompressed data may follow the image (padding, an MGH footer) before it is a bomb.
 _INFLATE_MARGIN = 1 << 20
-# The most image data one input may declare: a 0.5 mm whole-head float64 volume is ~0.6 GB.
-MAX_DATA_BYTES = 1 << 30
-# Enough decompressed bytes to hold a NIfTI-1 (348) or NIfTI-2 (540) header and the extension flag.
-_HEADER_PEEK = 544
+_SNIFF = 1024  # header bytes read first (nibabel sniffs 1024 too)
+_CODECS = {".gz": "gzip", ".mgz": "gzip", ".bz2": "bzip2", ".zst": "zstd"}
 
 
-class _TooLarge(Exception):
-    """The decompressed stream is longer than the header allows."""
-
-
-def _backend() -> Any:
-    try:
-        from isal import isal_zlib as backend
-    except ImportError:  # pragma: no cover - isal is a dependency on CPython
-        backend = zlib
-    return backend
-
-
-def _decompress(raw: bytes, limit: int | None = None) -> bytes:
-    """Whole-buffer gzip decompression (every member), isal first, then zlib.
-
-    Args:
-        raw: the compressed file.
-        limit: the most bytes the result may hold (None: no bound). Each member is
-            inflated by one call bounded by what is left of ``limit``, so memory never
-            exceeds ``limit`` whatever the stream holds.
-
-    Raises:
-        EOFError: the stream ends before its last member is complete (a truncated file).
-        _TooLarge: the stream inflates to more than ``limit`` bytes.
-    """
-    backend = _backend()
-    parts = []
-    data = raw
-    total = 0
-    while True:
-        inflater = backend.decompressobj(31)  # 16 + 15: gzip header and trailer
-        if limit is None:
-            part = inflater.decompress(data)
-        else:
-            part = inflater.decompress(data, max(limit - total, 0) + 1)  # one byte more reveals an overflow
-            if total + len(part) > limit or inflater.unconsumed_tail:
-                raise _TooLarge
-        parts.append(part)
-        total += len(part)
-        if not inflater.eof:
-            raise EOFError("the compressed stream ends before its end marker")
-        data = inflater.unused_data
-        if not data.startswith(_GZIP_MAGIC):  # no further member (trailing zero padding is ignored)
-            break
-    return parts[0] if len(parts) == 1 else b"".join(parts)
-
-
-def _peek_gzip(raw: bytes, size: int = _HEADER_PEEK) -> bytes:
-    """The first ``size`` decompressed bytes of a gzip stream (fewer if it is shorter)."""
-    inflater = _backend().decompressobj(31)
-    return inflater.decompress(raw, size)
-
-
-def _nifti_version(buffer: bytes) -> int | None:
-    """1 or 2 from the header size field (either byte order), None if not NIfTI."""
-    if len(buffer) < 4:
+def read_timeout() -> float | None:
+    """Seconds one input may take to read: ``ANATCL_READ_TIMEOUT`` (``0``/``none``: no limit), default 120."""
+    raw = os.environ.get("ANATCL_READ_TIMEOUT", "").strip().lower()
+    if not raw:
+        return _DEFAULT_TIMEOUT
+    if raw in ("0", "none", "inf", "off"):
         return None
+    try:
+        return float(raw)
+    except ValueError:
+        logger.warning("ANATCL_READ_TIMEOUT=%r is not a number of seconds; using %g", raw, _DEFAULT_TIMEOUT)
+        return _DEFAULT_TIMEOUT
+
+
+def _fail(message: str, name: str | None, reason: str, stage: str = "read") -> InputError:
+    return InputError(message, path=name, stage=stage, reason=reason)
+
+
+def _identity(fd: int) -> tuple[int, ...]:
+    st = os.fstat(fd)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _open_stream(p: Path, name: str, deadline: Deadline, *, has_header: bool) -> tuple[Any, tuple[int, ...]]:
+    """A stream over one file, compressed or not as its name says (nibabel's rule), checked against its first bytes."""
+    fd = _open_regular(p, name)
+    fh = os.fdopen(fd, "rb")
+    try:
+        identity = _identity(fd)
+        first = fh.read(4)
+        fh.seek(0)
+        if not first:
+            raise _fail("is an empty file (0 bytes); the image was not written completely — recreate it", name, "empty")
+        ext = os.path.splitext(p.name)[1].lower()
+        codec = _CODECS.get(ext)
+        if codec == "zstd":
+            raise _fail("is zstd-compressed (.zst), which is not read here; decompress it (zstd -d) or save it as .nii.gz", name, "compression")
+        if codec == "gzip" and first[:2] != GZIP_MAGIC:
+            raise _fail(f"is named {ext} but is not gzip-compressed; rename it (e.g. to .nii) if it is an uncompressed image", name, "compression")
+        if codec == "bzip2" and first[:3] != BZIP2_MAGIC:
+            raise _fail("is named .bz2 but is not bzip2-compressed; rename it", name, "compression")
+        if codec is None and has_header and first[:2] == GZIP_MAGIC:
+            raise _fail(f"is gzip-compressed but named {p.name!r}; rename it to end in .gz (e.g. .nii.gz)", name, "compression")
+        stream = PlainStream(fh, deadline) if codec is None else CompressedStream(fh, codec, deadline)
+        return stream, identity
+    except BaseException:
+        fh.close()
+        raise
+
+
+def _read_upto(stream: Any, n: int) -> bytes:
+    buf = bytearray(n)
+    got = stream.readinto(memoryview(buf))
+    return bytes(buf[:got])
+
+
+@dataclass
+class _Opened:
+    """An input whose header has been read: its meaning, and the data file's stream."""
+
+    info: HeaderInfo
+    stream: Any
+    buffered: bytes  # the data file's first bytes, already read with the header (single files)
+    identity: tuple[int, ...]
+    name: str
+
+    def close(self) -> None:
+        self.stream.close()
+
+
+def _guess_message(head: bytes, name: str) -> InputError:
+    """Why a single file's first bytes are no header nibabel recognises."""
     for order in "<>":
-        (size,) = struct.unpack(order + "i", buffer[:4])
-        if size == 348:
-            return 1
-        if size == 540:
-            return 2
-    return None
+        size = int(np.frombuffer(head[:4].ljust(4, b"\0"), dtype=order + "i4")[0])
+        if size in (348, 540) and len(head) < size:
+            version = 1 if size == 348 else 2
+            return _fail(f"is truncated inside its NIfTI-{version} header ({len(head)} of {size} bytes); copy or recreate it", name, "truncated-header")
+    lower = name.lower()
+    if is_pair_name(lower) or lower.endswith(NIFTI_SUFFIXES) or ".nii." in lower:
+        return _fail("is not a NIfTI file (its header does not start like a NIfTI-1 or NIfTI-2 header); convert it to "
+                     ".nii/.nii.gz, e.g. with dcm2niix for DICOM", name, "format")
+    return _fail("cannot be read as a neuroimaging volume (read here: NIfTI-1/-2 .nii/.nii.gz, .hdr/.img pairs, "
+                 "MGH .mgh/.mgz); give a .nii or .nii.gz file", name, "format")
 
 
-def _from_nifti_bytes(buffer: bytes, path: str, version: int) -> SpatialImage:
-    """Parse an in-memory single-file NIfTI-``version`` image (its header already passed
-    :func:`validate_header`), checking that the data is all there."""
-    import nibabel as nib
-
-    klass = nib.Nifti1Image if version == 1 else nib.Nifti2Image
+def _open_input(path: str | os.PathLike[str], deadline: Deadline) -> _Opened:
+    """Open an input and read its header as nibabel does (refusals raised here)."""
+    p = Path(path)
+    name = _printable(os.fspath(p))
     try:
-        img = klass.from_bytes(buffer)
-    except Exception as exc:  # nibabel raises several types for bad headers
-        raise InputError(f"has a corrupt NIfTI-{version} header ({exc}); re-export the image", path=path, stage="read") from None
-    header = img.header
-    shape = tuple(int(s) for s in header.get_data_shape())
-    itemsize = header.get_data_dtype().itemsize
-    # the image's own header copy has vox_offset reset: read the offset from the file's header
-    offset = int(klass.header_class.from_fileobj(io.BytesIO(buffer)).get_data_offset())
-    needed = offset + int(np.prod(shape, dtype=np.int64)) * itemsize
-    if needed > len(buffer):
-        raise InputError(
-            f"is truncated: the header announces {needed} bytes of image data but the file holds "
-            f"{len(buffer)}; the file was probably cut short while copying — copy it again",
-            path=path,
-            stage="read",
-        )
-    slope, inter = header.get_slope_inter()
-    unscaled = slope in (None, 1.0) and inter in (None, 0.0)
-    if unscaled and header.get_data_dtype().kind == "f":
-        # Unscaled float data: view the decompressed buffer directly instead of letting
-        # nibabel copy it (saves a 35 MB copy, ~20 ms, for a 1 mm volume).
-        count = int(np.prod(shape, dtype=np.int64))
-        data = np.frombuffer(buffer, dtype=header.get_data_dtype(), count=count, offset=offset)
-        img = klass(data.reshape(shape, order="F"), img.affine, header)
-    return img
-
-
-def _read_with_nibabel(path: Path) -> SpatialImage:
-    """General fallback for formats other than single-file NIfTI."""
-    import nibabel as nib
-
+        os.fspath(p).encode("utf-8")
+    except UnicodeEncodeError:
+        raise _fail("has a file name that is not valid UTF-8, which cannot be stored in the output table; rename the file", name, "file-name") from None
+    if is_pair_name(p.name):
+        return _open_pair(p, name, deadline)
+    stream, identity = _open_stream(p, name, deadline, has_header=True)
     try:
-        return nib.load(os.fspath(path))
-    except Exception as exc:  # ImageFileError, OSError, EOFError, ...
-        raise InputError(
-            f"cannot be read as a neuroimaging volume ({type(exc).__name__}: {exc}); "
-            "give a .nii or .nii.gz file",
-            path=str(path),
-            stage="read",
-        ) from None
+        head = _read_upto(stream, _SNIFF)
+        klass = image_class_for(p.name, head)
+        if klass is None:
+            raise _guess_message(head, name)
+        needed = header_bytes_needed(klass, head)
+        if len(head) < needed <= MAX_HEADER_BYTES:
+            head += _read_upto(stream, needed - len(head))
+        info = parse_header(klass, head, name, single=True)
+        return _Opened(info, stream, head, identity, name)
+    except (Truncated, CorruptStream, DeadlineExceeded) as exc:
+        stream.close()
+        raise _stream_error(exc, name) from None
+    except OSError as exc:  # an I/O error while reading (EIO on a network disk, ...)
+        stream.close()
+        raise _fail(f"cannot be read ({type(exc).__name__}: {exc}); check the file and its disk", name, "not-a-file") from None
+    except MemoryError:
+        stream.close()
+        raise _fail("does not fit in memory while its header is read; free memory or use fewer loader workers", name, "memory") from None
+    except BaseException:
+        stream.close()
+        raise
+
+
+def _open_pair(p: Path, name: str, deadline: Deadline) -> _Opened:
+    """A ``.hdr``/``.img`` pair (NIfTI or Analyze): the header file, then a stream on the image file."""
+    import nibabel as nib
+    from nibabel.filename_parser import types_filenames
+
+    os.close(_open_regular(p, name))  # the file given: missing, a directory, a FIFO... said as such
+    files = types_filenames(os.fspath(p), nib.Nifti1Pair.files_types, trailing_suffixes=nib.Nifti1Pair._compressed_suffixes)
+    hdr_path, img_path = Path(files["header"]), Path(files["image"])
+    for kind, other in (("header", hdr_path), ("image", img_path)):
+        if not os.path.lexists(other):
+            given = "header" if kind == "image" else "image"
+            raise _fail(f"is the {given} file of a .hdr/.img pair, but its {kind} file {_printable(other.name)} is missing; "
+                        f"give both files side by side (or convert the pair to .nii.gz)", name, "pair-missing")
+    stream, _ = _open_stream(hdr_path, name, deadline, has_header=True)
+    try:
+        head = _read_upto(stream, MAX_HEADER_BYTES + 1)
+        _check_garbage(stream, name)
+    except (Truncated, CorruptStream, DeadlineExceeded) as exc:
+        raise _stream_error(exc, name) from None
+    except OSError as exc:
+        raise _fail(f"cannot be read ({type(exc).__name__}: {exc}); check the file and its disk", name, "not-a-file") from None
+    finally:
+        stream.close()
+    klass = image_class_for(hdr_path.name, head)
+    if klass is None:
+        raise _fail(f"is not a NIfTI or Analyze image: its header file {_printable(hdr_path.name)} holds no NIfTI-1/-2 or "
+                    "Analyze header", name, "format")
+    info = parse_header(klass, head, name, single=False)
+    data, identity = _open_stream(img_path, name, deadline, has_header=False)
+    return _Opened(info, data, b"", identity, name)
+
+
+def _check_garbage(stream: Any, name: str) -> None:
+    """Refuse bytes after a compressed file's last member that are neither zero padding nor a member."""
+    if getattr(stream, "garbage", False):
+        raise _fail(f"has bytes after the end of its {stream.codec} stream that are neither padding nor another "
+                    f"{stream.codec} member; the file is corrupt (gzip readers refuse it) — recreate it", name, "corrupt-stream")
+
+
+def _stream_error(exc: BaseException, name: str) -> InputError:
+    if isinstance(exc, DeadlineExceeded):
+        return _fail(f"{exc} (ANATCL_READ_TIMEOUT); the file is very large, its disk very slow, or it is hostile — it was "
+                     "not read further", name, "deadline")
+    return _fail(f"is a truncated or corrupt {getattr(exc, 'codec', 'gzip')} file ({exc}); the file was probably cut short or damaged while "
+                 "copying or writing — copy or recreate it", name, "corrupt-stream")
+
+
+def _read_block(opened: _Opened, start: int, n: int) -> np.ndarray:
+    """Bytes ``[start, start + n)`` of the (decompressed) data file, read forward into a new uint8 array."""
+    info, stream, name = opened.info, opened.stream, opened.name
+    try:
+        out = np.empty(n, dtype=np.uint8)
+    except MemoryError:
+        raise _fail(f"needs {n / 2**20:.0f} MiB for its image data, which does not fit in memory; free memory or use fewer "
+                    "loader workers", name, "memory") from None
+    view = memoryview(out)
+    filled = 0
+    if start < len(opened.buffered):
+        part = opened.buffered[start: start + n]
+        view[: len(part)] = part
+        filled = len(part)
+    try:
+        if filled < n:
+            gap = start + filled - stream.position
+            if gap < 0:
+                raise RuntimeError("the stream has already passed this volume")  # callers reopen before this
+            if gap and stream.skip(gap) < gap:
+                filled = -1
+            else:
+                filled += stream.readinto(view[filled:])
+        end = info.offset + info.data_bytes
+        if filled == n and start + n == end and isinstance(stream, CompressedStream):
+            if stream.exceeds(_INFLATE_MARGIN):
+                raise _fail(f"decompresses to more data than its header declares ({end} bytes for shape {info.shape}); the "
+                            "file is corrupt or hostile — it was not read further", name, "bomb")
+            _check_garbage(stream, name)
+    except (Truncated, CorruptStream, DeadlineExceeded) as exc:
+        raise _stream_error(exc, name) from None
+    except InputError:
+        raise
+    except OSError as exc:  # an I/O error while reading (EIO on a network disk, ...)
+        raise _fail(f"cannot be read ({type(exc).__name__}: {exc}); check the file and its disk", name, "not-a-file") from None
+    except MemoryError:
+        raise _fail("does not fit in memory while it is decompressed; free memory or use fewer loader workers", name, "memory") from None
+    if filled != n:
+        have = "less" if filled < 0 else f"{start + filled} bytes"
+        raise _fail(f"is truncated: the header announces {info.offset + info.data_bytes} bytes of image data and header "
+                    f"but the file holds {have}; the file was probably cut short while copying — copy it again", name, "truncated")
+    return out
+
+
+class _Cursor:
+    """The last 4D compressed input read, kept open so the next volume continues the stream
+    (a file of N volumes costs one pass, not N; one per process)."""
+
+    opened: _Opened | None = None
+
+    @classmethod
+    def take(cls, path: str, identity: tuple[int, ...]) -> _Opened | None:
+        o = cls.opened
+        cls.opened = None
+        if o is not None and o.identity == identity and o.name == _printable(path):
+            return o
+        if o is not None:
+            o.close()
+        return None
+
+    @classmethod
+    def keep(cls, opened: _Opened) -> None:
+        cls.close()
+        cls.opened = opened
+
+    @classmethod
+    def close(cls) -> None:
+        if cls.opened is not None:
+            cls.opened.close()
+            cls.opened = None
+
+
+atexit.register(_Cursor.close)
+
+
+def _proxy(raw: np.ndarray, spec: Any) -> Any:
+    """A nibabel ``ArrayProxy`` whose bytes are ``raw``: nibabel's scaling code, our bytes."""
+    from nibabel.arrayproxy import ArrayProxy
+
+    class _BufferProxy(ArrayProxy):
+        def _get_unscaled(self, slicer: Any) -> np.ndarray:
+            return raw if slicer == () else raw[slicer]
+
+    return _BufferProxy("<memory>", spec, mmap=False)
+
+
+def _scaled(info: HeaderInfo, raw: np.ndarray, spec: Any, name: str) -> np.ndarray:
+    """``get_fdata(dtype=float32)`` over ``raw``, as nibabel computes it; finite data made infinite by the scaling is refused."""
+    with nibabel_messages(name):
+        data = np.asanyarray(_proxy(raw, spec), dtype=np.float32)  # what DataobjImage.get_fdata runs
+    if (info.slope, info.inter) != (1, 0) and not np.isfinite(data).all() and (raw.dtype.kind != "f" or np.isfinite(raw).all()):
+        bad = int(data.size - np.count_nonzero(np.isfinite(data)))
+        raise _fail(f"has a scale factor (scl_slope {info.slope:g}, scl_inter {info.inter:g}) that turns {bad} finite "
+                    "voxels into infinite values; its header is corrupt — re-export the image", name, "scaling-non-finite")
+    return data
 
 
 @dataclass(frozen=True)
-class HeaderInfo:
-    """What :func:`validate_header` found in a NIfTI header, before any image data is read.
+class VolumeRead:
+    """One 3D volume read from a file, with what its header says.
 
     Attributes:
-        version: 1 or 2.
-        shape: the data shape the header declares.
-        dtype: the on-disk data type.
-        data_bytes: ``vox_offset`` plus the declared image data size: how many bytes the
-            (decompressed) file must hold.
-        orientation: ``"sform"``, ``"qform"`` (qform only) or ``"none"`` (both codes 0).
+        data: float32, the file's shape (Fortran order for NIfTI): ``get_fdata(dtype=float32)``.
+        affine: nibabel's 4x4 affine (for ``orientation == "none"``, nibabel's guess).
+        orientation: ``"sform"``, ``"qform"``, ``"mgh"`` or ``"none"`` (see :class:`HeaderInfo`).
+        format: the format's name (``"NIfTI-1"``, ``"Analyze"``...).
+        volume: the volume's index in a 4D file, else None.
+        n_volumes: how many volumes the file holds.
     """
 
-    version: int
-    shape: tuple[int, ...]
-    dtype: np.dtype
-    data_bytes: int
+    data: np.ndarray
+    affine: np.ndarray
     orientation: str
+    format: str
+    volume: int | None
+    n_volumes: int
 
 
-_COMPLEX_OR_RGB = {32: "complex64", 1792: "complex128", 2048: "complex256", 128: "RGB", 2304: "RGBA"}
+def _volume_shape(info: HeaderInfo, name: str) -> tuple[int, ...]:
+    shape = info.shape
+    if len(shape) < 3:
+        raise _fail(f"is a {len(shape)}D image of shape {shape}; the model takes a 3D volume", name, "not-3d", "check")
+    if any(s != 1 for s in shape[4:]):
+        raise _fail(f"is a {len(shape)}D image of shape {shape}; the model takes 3D volumes (a 4D file is read one "
+                    "volume at a time)", name, "volumes", "check")
+    return shape[:3]
 
 
-def validate_header(head: bytes, path: str | None = None) -> HeaderInfo:
-    """Check a NIfTI-1/2 header (the file's first bytes) before any image data is read.
-
-    Refused, each with its reason: not a NIfTI header; a dimension count outside 1-7 or a
-    dimension below 1; more than :data:`MAX_DATA_BYTES` of declared data; an unknown,
-    complex, RGB or binary datatype; a ``bitpix`` that contradicts the datatype; a scale
-    factor that is infinite or denormal (or an infinite/NaN intercept with a real slope);
-    an sform or qform that is in use but holds NaN/infinite numbers; a ``vox_offset``
-    inside the header. ``scl_slope`` 0 or NaN is accepted: the NIfTI standard and nibabel
-    (which writes NaN in every float image it saves) read it as "no scaling".
+def read_volume(path: str | os.PathLike[str], volume: int | None = None, *, timeout: float | None = -1.0) -> VolumeRead:
+    """Read one 3D volume of an image file, exactly as nibabel reads it, or refuse it with the reason.
 
     Args:
-        head: at least the header's bytes (348 for NIfTI-1, 540 for NIfTI-2).
-        path: the input's name, used in messages.
+        path: a ``.nii``/``.nii.gz``/``.nii.bz2``, a ``.hdr``/``.img`` pair (either name), ``.mgh``/``.mgz``.
+        volume: which volume of a 4D file (0-based); None for a 3D file (or a 4D one of one volume).
+        timeout: seconds the read may take (None: no limit); default :func:`read_timeout`.
 
     Returns:
-        A :class:`HeaderInfo`.
+        A :class:`VolumeRead` whose ``data`` is ``nibabel.load(path).get_fdata(dtype=np.float32)``
+        (``[..., volume]`` for a 4D file) and ``affine`` is ``nibabel.load(path).affine``.
 
     Raises:
-        InputError: (``stage="read"``) with the reason.
+        InputError: ``stage="read"`` for every way the file is unusable, ``stage="check"`` for
+            a 4D file without ``volume`` (or one out of range) and for other than 3D/4D data; the
+            ``reason`` attribute names the rule (:data:`REASONS`).
+
+    Example:
+        >>> v = read_volume("examples/data/mwp1sub-mni01_T1w.nii.gz")
+        >>> v.data.shape, v.orientation
+        ((121, 145, 121), 'sform')
     """
-    import nibabel as nib
-
-    def refuse(message: str) -> InputError:
-        return InputError(message, path=path, stage="read")
-
-    version = _nifti_version(head)
-    if version is None:
-        raise refuse(
-            "is not a NIfTI file (its header does not start like a NIfTI-1 or NIfTI-2 header); "
-            "convert it to .nii/.nii.gz, e.g. with dcm2niix for DICOM"
-        )
-    size = 348 if version == 1 else 540
-    if len(head) < size:
-        raise refuse(f"is truncated inside its NIfTI-{version} header ({len(head)} of {size} bytes); copy or recreate it")
-    klass = nib.Nifti1Header if version == 1 else nib.Nifti2Header
-    try:
-        hdr = klass(head[:size], check=False)
-    except Exception as exc:  # nibabel raises several types for bad headers
-        raise refuse(f"has a corrupt NIfTI-{version} header ({exc}); re-export the image") from None
-    dim = [int(d) for d in np.asarray(hdr["dim"]).tolist()]
-    ndim = dim[0]
-    if not 1 <= ndim <= 7:
-        raise refuse("has a corrupt header: its number of dimensions (dim[0]) is not between 1 and 7; re-export the image")
-    shape = tuple(dim[1: ndim + 1])
-    if any(d < 1 for d in shape):
-        raise refuse(f"has a corrupt header: it declares the shape {shape}, with a dimension below 1; re-export the image")
-    code = int(hdr["datatype"])
-    if code in _COMPLEX_OR_RGB:
-        raise refuse(
-            f"holds {_COMPLEX_OR_RGB[code]} data (NIfTI datatype {code}); the model takes one real-valued "
-            "intensity per voxel — give the grey-matter map itself"
-        )
-    try:
-        dtype = np.dtype(hdr.get_data_dtype())
-    except Exception:
-        dtype = None
-    if dtype is None or dtype.kind not in "iuf" or dtype.fields is not None:
-        raise refuse(f"has an unknown or unsupported NIfTI datatype code {code}; save it as float32 or a scaled integer type")
-    bitpix = int(hdr["bitpix"])
-    if bitpix != dtype.itemsize * 8:
-        raise refuse(
-            f"has a corrupt header: bitpix {bitpix} contradicts its datatype {dtype.name} ({dtype.itemsize * 8} bits); "
-            "re-export the image"
-        )
-    declared = float(np.prod(shape, dtype=np.float64)) * dtype.itemsize  # float: no overflow for any header
-    if declared > MAX_DATA_BYTES:
-        raise refuse(
-            f"declares {declared / 2**30:.1f} GiB of image data (shape {shape}, "
-            f"{dtype.name}), more than any brain volume; its header is corrupt or it is not a single brain map"
-        )
-    offset = float(hdr["vox_offset"])
-    if not np.isfinite(offset) or offset > MAX_DATA_BYTES:
-        raise refuse(f"has a corrupt header: vox_offset {offset} is not a file position; re-export the image")
-    offset_int = max(int(offset), size + 4)
-    slope, inter = float(hdr["scl_slope"]), float(hdr["scl_inter"])
-    if np.isinf(slope):
-        raise refuse(f"has an infinite scale factor (scl_slope {slope}); its header is corrupt — re-export the image")
-    if np.isfinite(slope) and slope != 0.0:
-        if abs(slope) < np.finfo(np.float32).tiny:
-            raise refuse(f"has a denormal scale factor (scl_slope {slope:g}), which wipes out the image; re-export it")
-        if not np.isfinite(inter):
-            raise refuse(f"has a non-finite intercept (scl_inter {inter}) with scale factor {slope:g}; re-export the image")
-    sform_code, qform_code = int(hdr["sform_code"]), int(hdr["qform_code"])
-    if sform_code > 0:
-        srow = np.stack([np.asarray(hdr[k], dtype=np.float64) for k in ("srow_x", "srow_y", "srow_z")])
-        if not np.all(np.isfinite(srow)):
-            raise refuse("has NaN or infinite numbers in its sform (voxel-to-world matrix); fix the header (e.g. re-export from CAT12)")
-        orientation = "sform"
-    elif qform_code > 0:
-        q = np.asarray([hdr[k] for k in ("quatern_b", "quatern_c", "quatern_d", "qoffset_x", "qoffset_y", "qoffset_z")], dtype=np.float64)
-        if not np.all(np.isfinite(q)) or not np.all(np.isfinite(np.asarray(hdr["pixdim"][:4], dtype=np.float64))):
-            raise refuse("has NaN or infinite numbers in its qform (voxel-to-world orientation); fix the header")
-        orientation = "qform"
+    deadline = Deadline(read_timeout() if timeout == -1.0 else timeout)
+    name = _printable(os.fspath(path))
+    opened: _Opened | None = None
+    if volume is not None:
+        try:
+            identity = _identity_of(path)
+        except OSError:
+            identity = ()
+        opened = _Cursor.take(os.fspath(path), identity) if identity else None
+    if opened is None:
+        opened = _open_input(path, deadline)
     else:
-        orientation = "none"
-    return HeaderInfo(version, shape, dtype, offset_int + int(declared), orientation)
-
-
-def _printable(name: str) -> str:
-    """``name`` with undecodable bytes shown as ``\\xNN`` (safe to print and store)."""
-    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
-def _open_regular(p: Path, name: str) -> int:
-    """Open ``p`` for reading if it is a regular file (a FIFO never blocks: checked first)."""
+        opened.stream.deadline = deadline
+    keep = False
     try:
-        st = os.stat(p)
-    except FileNotFoundError:
-        if os.path.lexists(p):
-            raise InputError("is a broken symbolic link (its target does not exist); fix or remove the link", path=name, stage="read") from None
-        raise InputError("file not found (it may have been moved or deleted); check the path", path=name, stage="read") from None
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise InputError("is a symbolic link loop; fix or remove the link", path=name, stage="read") from None
-        raise InputError(f"cannot be examined ({exc.strerror or exc}); check the path and its permissions", path=name, stage="read") from None
-    if stat.S_ISDIR(st.st_mode):
-        raise InputError("is a directory, not an image file; give the image files inside it, or the folder to search", path=name, stage="read")
-    if not stat.S_ISREG(st.st_mode):
-        what = "a named pipe (FIFO)" if stat.S_ISFIFO(st.st_mode) else ("a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "a socket or special file")
-        raise InputError(f"is {what}, not a regular file; only image files are read", path=name, stage="read")
-    try:
-        fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
-    except FileNotFoundError:
-        raise InputError("file not found (it was deleted after it was listed); check the path", path=name, stage="read") from None
-    except OSError as exc:
-        raise InputError(f"cannot be opened ({exc.strerror or exc}); check its permissions", path=name, stage="read") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):  # replaced between stat and open
-        os.close(fd)
-        raise InputError("is not a regular file; only image files are read", path=name, stage="read")
-    return fd
+        info = opened.info
+        shape3 = _volume_shape(info, name)
+        n = info.n_volumes
+        if volume is None and n > 1:
+            raise _fail(f"is a 4D image of shape {info.shape} holding {n} volumes; the model takes one 3D volume per input — "
+                        "encode()/extract_features() embed each volume as one row; otherwise split it (e.g. `fslsplit` or "
+                        "nibabel's `image.slicer[..., i]`) and pass each volume", name, "volumes", "check")
+        index = 0 if volume is None else int(volume)
+        if not 0 <= index < n:
+            raise _fail(f"has {n} volume(s); volume {index} does not exist", name, "volumes", "check")
+        start = info.offset + index * info.volume_bytes
+        if opened.stream.position > max(start, len(opened.buffered)):  # a kept stream already past this volume: start over
+            opened.close()
+            opened = _open_input(path, deadline)
+        raw_bytes = _read_block(opened, start, info.volume_bytes)
+        raw = np.ndarray(shape3, dtype=info.dtype, buffer=raw_bytes, order="F")
+        data = _scaled(info, raw, (shape3, info.dtype, start, info.slope, info.inter), name)
+        keep = n > 1 and index < n - 1 and isinstance(opened.stream, CompressedStream)
+        return VolumeRead(data, info.affine.copy(), info.orientation, info.format, None if volume is None else index, n)
+    finally:
+        if keep:
+            _Cursor.keep(opened)
+        else:
+            opened.close()
 
 
-def read_nifti(path: str | os.PathLike[str]) -> SpatialImage:
-    """Read a NIfTI-1 or NIfTI-2 image (``.nii`` or ``.nii.gz``) fully into memory.
+def _identity_of(path: str | os.PathLike[str]) -> tuple[int, ...]:
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) if stat.S_ISREG(st.st_mode) else ()
 
-    Only regular files are opened (a FIFO, a device, a directory or a broken link is
-    refused before anything is read); the header is validated (:func:`validate_header`)
-    before the image data is read; a compressed file is inflated to at most the size its
-    header declares (plus a small margin), so a gzip bomb costs at most one volume of
-    memory. Other formats nibabel knows (``.mgz``, ``.img``/``.hdr``...) are read by nibabel.
 
-    Args:
-        path: the file to read.
-
-    Returns:
-        A nibabel image whose data lives in memory.
+def count_volumes(path: str | os.PathLike[str], *, timeout: float | None = -1.0) -> int:
+    """How many 3D volumes a file holds (its header only is read): 1 for a 3D file, N for a 4D one
+    (1 for data that are no 3D volumes, such as 2D or 5D: the file is refused once when read).
 
     Raises:
-        InputError: (``stage="read"``) for every way the file can be unusable, with the
-            reason: missing, not a regular file, unreadable, empty, a truncated or corrupt
-            gzip stream, not a NIfTI file, a refused header, image data cut short.
+        InputError: the file cannot be read or is refused (same rules as :func:`read_volume`).
+    """
+    opened = _open_input(path, Deadline(read_timeout() if timeout == -1.0 else timeout))
+    try:
+        shape = opened.info.shape
+        if len(shape) < 3 or any(s != 1 for s in shape[4:]):
+            return 1  # not volumes: refused once, when the file is read
+        return opened.info.n_volumes
+    finally:
+        opened.close()
+
+
+def read_nifti(path: str | os.PathLike[str], *, timeout: float | None = -1.0) -> SpatialImage:
+    """Read a whole image file into memory as the nibabel image ``nibabel.load`` would return.
+
+    Same formats, rules and bounds as :func:`read_volume`; the image's class, header, affine
+    and ``get_fdata()`` are nibabel's. The whole data array is read (all volumes), at most
+    :data:`MAX_DATA_BYTES`.
+
+    Raises:
+        InputError: (``stage="read"``) for every way the file can be unusable, with the reason.
 
     Example:
         >>> img = read_nifti("examples/data/mwp1sub-mni01_T1w.nii.gz")
         >>> img.shape
         (121, 145, 121)
     """
-    p = Path(path)
-    name = _printable(os.fspath(p))
+    import nibabel as nib
+
+    deadline = Deadline(read_timeout() if timeout == -1.0 else timeout)
+    opened = _open_input(path, deadline)
     try:
-        os.fspath(p).encode("utf-8")
-    except UnicodeEncodeError:
-        raise InputError(
-            "has a file name that is not valid UTF-8, which cannot be stored in the output table; rename the file",
-            path=name,
-            stage="read",
-        ) from None
-    fd = _open_regular(p, name)
-    lower = p.name.lower()
-    try:
-        with os.fdopen(fd, "rb") as fh:
-            head = fh.read(_HEADER_PEEK)
-            if not head:
-                raise InputError("is an empty file (0 bytes); the image was not written completely — recreate it", path=name, stage="read")
-            if head[:2] == _GZIP_MAGIC:
-                fh.seek(0)
-                raw = fh.read()  # one read, no copy (a regular file: checked above)
-                try:
-                    peek = _peek_gzip(raw)
-                except Exception as exc:  # zlib.error, isal's IsalError, ...
-                    raise _corrupt_gzip(name, exc) from None
-                if _nifti_version(peek) is None:
-                    if lower.endswith(NIFTI_SUFFIXES):
-                        validate_header(peek, name)  # raises: not a NIfTI file
-                    return _read_with_nibabel(p)
-                info = validate_header(peek, name)
-                try:
-                    buffer = _decompress(raw, info.data_bytes + _INFLATE_MARGIN)
-                except _TooLarge:
-                    raise InputError(
-                        f"decompresses to more data than its header declares ({info.data_bytes} bytes for shape "
-                        f"{info.shape}); the file is corrupt or hostile — it was not read further",
-                        path=name,
-                        stage="read",
-                    ) from None
-                except Exception as exc:  # EOFError, zlib.error, isal's IsalError, ...
-                    raise _corrupt_gzip(name, exc) from None
-                del raw
-                return _from_nifti_bytes(buffer, name, info.version)
-            if lower.endswith(".gz"):
-                raise InputError("is named .gz but is not gzip-compressed; rename it to .nii if it is an uncompressed NIfTI", path=name, stage="read")
-            if lower.endswith(".nii") or _nifti_version(head) is not None:
-                info = validate_header(head, name)
-                fh.seek(0)
-                buffer = fh.read(info.data_bytes)  # never more than the header declares
-                return _from_nifti_bytes(buffer, name, info.version)
-    except InputError:
-        raise
-    except MemoryError:
-        raise InputError("does not fit in memory; free memory or use fewer loader workers", path=name, stage="read") from None
-    except Exception as exc:  # an I/O error while reading (EIO on a network disk, ...)
-        raise InputError(f"cannot be read ({type(exc).__name__}: {exc}); check the file and its disk", path=name, stage="read") from None
-    return _read_with_nibabel(p)
+        info = opened.info
+        if info.data_bytes > MAX_DATA_BYTES:
+            raise _fail(f"holds {info.data_bytes / 2**30:.1f} GiB of image data in {info.n_volumes} volumes; read it one "
+                        "volume at a time (read_volume)", opened.name, "too-large")
+        raw_bytes = _read_block(opened, info.offset, info.data_bytes)
+    finally:
+        opened.close()
+    raw = np.ndarray(info.shape, dtype=info.dtype, buffer=raw_bytes, order="F")
+    header = info.header.copy()
+    with nibabel_messages(opened.name):
+        proxy = _proxy(raw, header)
+        if info.image_class is nib.MGHImage:
+            return info.image_class(proxy, info.affine.copy(), info.header)
+        img = info.image_class(proxy, None, info.header)  # as from_file_map: the header passes through unmodified
+        img._affine = info.affine.copy()
+    return img
 
 
-def _corrupt_gzip(name: str, exc: BaseException) -> InputError:
-    return InputError(
-        f"is a truncated or corrupt gzip file ({type(exc).__name__}: {exc}); the file was probably cut short "
-        "or damaged while copying or writing — copy or recreate it",
-        path=name,
-        stage="read",
-    )
-
-
-def load_volume(source: Any) -> tuple[np.ndarray, np.ndarray]:
+def load_volume(source: Any, volume: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Read one 3D volume and its affine.
 
-    Scaled integers (``scl_slope``/``scl_inter``) are applied; a 4D image holding a
-    single volume is squeezed to 3D.
+    Scaling (``scl_slope``/``scl_inter``) is applied as nibabel applies it, to float data too;
+    a 4D image holding a single volume is squeezed to 3D.
 
     Args:
-        source: a path to an image file, or a nibabel image already in memory.
+        source: a path to an image file (read by :func:`read_volume`), or a nibabel image in memory.
+        volume: for a 4D file of several volumes, which one (0-based).
 
     Returns:
         ``(data, affine)``: a float32 array with 3 dimensions (in the file's memory order,
         usually Fortran order; conforming and cropping return C-ordered copies), and the
-        4x4 float64 voxel-to-world affine.
+        4x4 float64 voxel-to-world affine (nibabel's; for a file without orientation, nibabel's
+        guess — :func:`~anatcl_infer.inputs.preprocess.prepare` refuses those unless they have
+        the reference grid's shape).
 
     Raises:
         InputError: the file cannot be read (``stage="read"``), or it is not a single 3D
@@ -441,26 +527,19 @@ def load_volume(source: Any) -> tuple[np.ndarray, np.ndarray]:
         (dtype('float32'), (121, 145, 121))
     """
     if isinstance(source, (str, os.PathLike)):
-        img = read_nifti(source)
-        name: str | None = os.fspath(source)
-    else:
-        img = source
-        name = _image_name(img)
+        read = read_volume(source, volume)
+        return read.data, read.affine
+    img = source
+    name = _image_name(img)
     shape = tuple(int(s) for s in img.shape)
     if len(shape) > 3 and all(s == 1 for s in shape[3:]):
         squeeze = True
     elif len(shape) > 3:
-        raise InputError(
-            f"is a {len(shape)}D image of shape {shape} holding {int(np.prod(shape[3:]))} volumes; "
-            "the model takes one 3D volume — split it (e.g. `fslsplit` or nibabel's `image.slicer[..., i]`) "
-            "and pass each volume",
-            path=name,
-            stage="check",
-        )
+        raise _fail(f"is a {len(shape)}D image of shape {shape} holding {int(np.prod(shape[3:]))} volumes; the model takes "
+                    "one 3D volume — split it (e.g. `fslsplit` or nibabel's `image.slicer[..., i]`) and pass each volume",
+                    name, "volumes", "check")
     elif len(shape) < 3:
-        raise InputError(
-            f"is a {len(shape)}D image of shape {shape}; the model takes a 3D volume", path=name, stage="check"
-        )
+        raise _fail(f"is a {len(shape)}D image of shape {shape}; the model takes a 3D volume", name, "not-3d", "check")
     else:
         squeeze = False
     try:
@@ -473,6 +552,24 @@ def load_volume(source: Any) -> tuple[np.ndarray, np.ndarray]:
     if affine.shape != (4, 4):
         raise InputError("has no usable voxel-to-world affine; fix its header (sform/qform)", path=name, stage="read")
     return np.asarray(data, dtype=np.float32), affine
+
+
+@dataclass(frozen=True)
+class NiftiVolume:
+    """One volume of a 4D image file, as an input (:func:`~anatcl_infer.inputs.preprocess.split_volumes` makes them).
+
+    Attributes:
+        path: the file.
+        index: the volume (0-based).
+        count: how many volumes the file holds.
+    """
+
+    path: str
+    index: int
+    count: int
+
+    def __str__(self) -> str:
+        return f"{_printable(self.path)}[volume {self.index}]"
 
 
 def _image_name(img: Any) -> str | None:

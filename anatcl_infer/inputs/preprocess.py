@@ -22,7 +22,7 @@ from .checks import KindGuess, check_kind, check_volume, guess_input_kind
 from ..config import PreprocessConfig
 from .conform import conform_to_grid, crop_and_pad, normalise_intensity
 from ..errors import InputError, InputKindWarning, InputWarning, user_stacklevel
-from .io import MAX_DATA_BYTES, _open_regular, _printable, load_volume, read_nifti
+from .io import MAX_DATA_BYTES, NiftiVolume, _open_regular, _printable, count_volumes, load_volume, read_volume
 
 __all__ = ["Prepared", "prepare", "describe_item", "split_volumes", "emit_input_warnings"]
 
@@ -48,6 +48,8 @@ class Prepared:
         source: the path, or a description such as ``"<array>"``.
         kind_warning: the input-kind warning (also in ``warnings``), when the input does
             not look like what the model expects.
+        volume: for one volume of a 4D file (a :class:`~anatcl_infer.inputs.io.NiftiVolume`),
+            its index in the file; else None.
     """
 
     array: np.ndarray
@@ -57,6 +59,7 @@ class Prepared:
     grid: np.ndarray | None = None
     source: str = "<array>"
     kind_warning: str | None = None
+    volume: int | None = None
 
 
 def _is_torchio_subject(item: Any) -> bool:
@@ -82,6 +85,8 @@ def describe_item(item: Any) -> str:
     """
     if isinstance(item, (str, os.PathLike)):
         return _printable(os.fspath(item))
+    if isinstance(item, NiftiVolume):
+        return str(item)
     if isinstance(item, np.ndarray):
         return f"<array {item.shape}>"
     if isinstance(item, tuple):
@@ -147,13 +152,23 @@ def split_volumes(item: Any) -> list[Any]:
       channel axis being the first if it is smaller than the last (``EnsureChannelFirst``
       output), else the last (``LoadImage`` output of a 4D file).
 
-    File paths are returned as they are (a 4D file is one input, refused when read).
+    * a path to a 4D image file of N volumes: N :class:`~anatcl_infer.inputs.io.NiftiVolume`
+      items (its header only is read here); any other path is returned as it is (one that
+      cannot be read fails, with its reason, when it is prepared).
 
     Example:
         >>> len(split_volumes(np.zeros((3, 121, 145, 121), np.float32)))
         3
     """
-    if isinstance(item, (str, os.PathLike)) or item is None:
+    if isinstance(item, (str, os.PathLike)):
+        if os.fspath(item).lower().endswith(".npy"):
+            return [item]
+        try:
+            count = count_volumes(item)
+        except Exception:  # reported with its reason when the path is prepared
+            return [item]
+        return [NiftiVolume(os.fspath(item), i, count) for i in range(count)] if count > 1 else [item]
+    if item is None or isinstance(item, NiftiVolume):
         return [item]
     if isinstance(item, tuple) and len(item) == 2:
         data = item[0]
@@ -273,35 +288,72 @@ def _bare_array(data: np.ndarray, config: PreprocessConfig, source: str, assume_
     )
 
 
-def _nifti_orientation(img: Any) -> str | None:
-    """``"sform"``, ``"qform"`` or ``"none"`` from a NIfTI header; None for other images."""
+def _header_orientation(img: Any) -> str | None:
+    """``"sform"``, ``"qform"``, ``"mgh"`` or ``"none"`` from an image's header; None for other images.
+
+    As nibabel's ``get_best_affine`` chooses: a non-zero sform code, else a non-zero qform code;
+    an Analyze header has no orientation, nor an MGH header without ``goodRASFlag``.
+    """
     header = getattr(img, "header", None)
     try:
-        sform, qform = int(header["sform_code"]), int(header["qform_code"])
-    except Exception:  # not a NIfTI header
+        import nibabel as nib
+
+        if isinstance(header, nib.Nifti1Header):
+            sform, qform = int(header["sform_code"]), int(header["qform_code"])
+            return "sform" if sform != 0 else ("qform" if qform != 0 else "none")
+        if isinstance(header, nib.AnalyzeHeader):
+            return "none"
+        if isinstance(header, nib.freesurfer.MGHHeader):
+            return "mgh" if int(header["goodRASFlag"]) else "none"
+    except Exception:  # not a header nibabel knows
         return None
-    return "sform" if sform > 0 else ("qform" if qform > 0 else "none")
+    return None
+
+
+def _no_orientation(data: np.ndarray, what: str, config: PreprocessConfig, source: str) -> _Resolved:
+    """An image without orientation: only at the reference grid's shape, taken as lying on that grid."""
+    if data.shape != tuple(config.grid_shape):
+        raise InputError(
+            f"has no orientation in its header ({what}), so where it lies in MNI space is unknown; fix the header "
+            "(e.g. re-export from CAT12 as NIfTI with an sform) — only an image of exactly the reference grid shape "
+            f"{tuple(config.grid_shape)} is taken as lying on that grid",
+            path=source,
+            stage="check",
+            reason="no-orientation",
+        )
+    note = (
+        f"the header has no orientation ({what}); the image is taken as lying exactly on the model's reference grid "
+        "because it has that shape"
+    )
+    return _Resolved(data, np.asarray(config.grid_affine, dtype=np.float64), notes=[note])
+
+
+_NO_ORIENTATION_WORDS = {
+    "NIfTI": "qform_code and sform_code are both 0",
+    "Analyze": "an Analyze 7.5 .hdr/.img pair, a format without orientation",
+    "MGH": "an MGH header whose goodRASFlag is 0",
+}
 
 
 def _from_image(img: Any, config: PreprocessConfig, source: str) -> _Resolved:
-    """A nibabel image: its data, and its affine unless its header has no orientation."""
-    orientation = _nifti_orientation(img)
+    """A nibabel image in memory: its data, and its affine unless its header has no orientation."""
+    orientation = _header_orientation(img)
     data, affine = load_volume(img)
     if orientation == "none":
-        if data.shape != tuple(config.grid_shape):
-            raise InputError(
-                "has no orientation in its header (qform_code and sform_code are both 0), so where it lies in MNI "
-                "space is unknown; fix the header (e.g. re-export from CAT12) — only an image of exactly the "
-                f"reference grid shape {tuple(config.grid_shape)} is taken as lying on that grid",
-                path=source,
-                stage="check",
-            )
-        note = (
-            "the header has no orientation (qform_code = sform_code = 0); the image is taken as lying exactly "
-            "on the model's reference grid because it has that shape"
-        )
-        return _Resolved(data, np.asarray(config.grid_affine, dtype=np.float64), notes=[note])
+        import nibabel as nib
+
+        header = img.header
+        kind = "NIfTI" if isinstance(header, nib.Nifti1Header) else ("Analyze" if isinstance(header, nib.AnalyzeHeader) else "MGH")
+        return _no_orientation(data, _NO_ORIENTATION_WORDS[kind], config, source)
     return _Resolved(data, affine, qform_only=orientation == "qform")
+
+
+def _from_file(path: Any, volume: int | None, config: PreprocessConfig, source: str) -> _Resolved:
+    """An image file read as nibabel reads it (:func:`~anatcl_infer.inputs.io.read_volume`), orientation rule applied."""
+    read = read_volume(path, volume)
+    if read.orientation == "none":
+        return _no_orientation(read.data, _NO_ORIENTATION_WORDS[read.format.split("-")[0].split()[0]], config, source)
+    return _Resolved(read.data, read.affine, qform_only=read.orientation == "qform")
 
 
 def _resolve(item: Any, config: PreprocessConfig, source: str, assume_reference_grid: bool = False) -> _Resolved:
@@ -309,7 +361,9 @@ def _resolve(item: Any, config: PreprocessConfig, source: str, assume_reference_
     if isinstance(item, (str, os.PathLike)):
         if os.fspath(item).lower().endswith(".npy"):
             return _bare_array(_load_npy(os.fspath(item)), config, source, assume_reference_grid)
-        return _from_image(read_nifti(item), config, source)
+        return _from_file(item, None, config, source)
+    if isinstance(item, NiftiVolume):
+        return _from_file(item.path, item.index, config, source)
     if isinstance(item, tuple):
         if len(item) != 2:
             raise InputError(f"a tuple input must be (array, affine), got {len(item)} items", path=source, stage="read")
@@ -394,14 +448,20 @@ def prepare(
 ) -> Prepared:
     """Turn one input into the array the model receives.
 
-    Steps: read; check (:func:`~anatcl_infer.inputs.checks.check_volume`); conform onto
+    Steps: read; the orientation rule (an image without orientation — NIfTI codes both 0, an
+    Analyze pair, an MGH without ``goodRASFlag`` — is refused unless it has exactly
+    ``config.grid_shape``, then taken as lying on the grid, with a warning); check
+    (:func:`~anatcl_infer.inputs.checks.check_volume`); conform onto
     ``config.grid_shape``/``grid_affine`` (exact whenever the voxel centres coincide);
     guess the input kind and compare it with ``config.input_kind``; crop (and pad);
     normalise intensities per ``config.intensity``.
 
     Args:
-        item: a path to a NIfTI file; a nibabel image; an ``(array, affine)`` tuple (numpy
-            or torch); a TorchIO ``ScalarImage`` or ``Subject``; a MONAI ``MetaTensor``
+        item: a path to an image file (NIfTI ``.nii``/``.nii.gz``, a ``.hdr``/``.img`` pair,
+            ``.mgh``/``.mgz``: read exactly as nibabel reads it, see
+            :func:`~anatcl_infer.inputs.io.read_volume`; a 4D file is refused here — give one
+            :class:`~anatcl_infer.inputs.io.NiftiVolume` per volume, as :func:`split_volumes`
+            makes them); a nibabel image; an ``(array, affine)`` tuple (numpy or torch); a TorchIO ``ScalarImage`` or ``Subject``; a MONAI ``MetaTensor``
             (their affines are used, so RAS-ordered arrays reach the model the right way
             round); or, with ``assume_reference_grid=True`` only, a numpy array or tensor
             without affine (or a ``.npy`` file of one) of shape ``config.grid_shape``
@@ -488,5 +548,6 @@ def prepare(
         grid=grid if keep_grid else None,
         source=source,
         kind_warning=kind_warning,
+        volume=item.index if isinstance(item, NiftiVolume) else None,
     )
 
