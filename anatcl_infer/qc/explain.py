@@ -120,14 +120,19 @@ def to_grid(volume: np.ndarray, config: PreprocessConfig) -> np.ndarray:
     return out
 
 
-def head_target(head: Head | str | os.PathLike[str], model: AnatCL, *, target_class: Any = None) -> ExplainTarget:
+def head_target(
+    head: Head | str | os.PathLike[str], model: AnatCL, *, target_class: Any = None, source: str | os.PathLike[str] | None = None,
+) -> ExplainTarget:
     """The linear score of ``head`` for ``model``'s fold, folded into raw-feature weights.
+
+    ``source`` (what ``model`` was loaded from) makes a fold mismatch say how to get the head's fold.
 
     Raises:
         HeadError: the head has no weights for this fold, was fitted on other weights
             (SHA-256), has another feature size, or ``target_class`` is not one of its classes.
     """
     from ..downstream.heads import Head
+    from ..weights.sources import fold_advice
 
     if not isinstance(head, Head):
         head = Head.load(head)
@@ -137,9 +142,10 @@ def head_target(head: Head | str | os.PathLike[str], model: AnatCL, *, target_cl
     elif len(head.folds) == 1:
         (fh,) = head.folds.values()
         if fh.fold is not None and fold is not None:
-            raise HeadError(f"the head was fitted on fold {fh.fold} features, the model is fold {fold}; pass --fold {fh.fold}")
+            raise HeadError(f"the head was fitted on fold {fh.fold} features, the model is fold {fold}; {fold_advice(source, fh.fold)}")
     else:
-        raise HeadError(f"the head has folds {sorted(head.folds, key=str)}, not the model's fold {fold}; pass one of them as --fold")
+        folds = sorted(head.folds, key=str)
+        raise HeadError(f"the head has folds {folds}, not the model's fold {fold}; {fold_advice(source, folds[0])}")
     want, have = fh.info.get("model_sha256"), model.config.source_sha256
     if want and have and want != have:
         raise HeadError(
@@ -322,18 +328,22 @@ def explain(
         _matplotlib()  # fail before any work when the extra is missing
     from ..model.network import AnatCL
 
+    source: str | None = None
     if isinstance(model, AnatCL):
         net = model
         dev = model.device if device is None else resolve_device(device)  # a model given loaded stays where it is
     else:
         from ..weights.loading import load_model
+        from ..weights.sources import fold_sources
 
         dev = resolve_device(device)
-        net = load_model(str(model), fold=fold, device=dev)
+        source = str(model)
+        ((path, path_fold),) = fold_sources(source, fold)  # a folder of fold<k>/ models gives fold k's folder
+        net = load_model(path, fold=path_fold, device=dev)
     net.to(dev).eval()
     config = net.config.preprocess
     affine = np.asarray(config.grid_affine, dtype=np.float64)
-    target = head_target(head, net, target_class=target_class) if head is not None else None
+    target = head_target(head, net, target_class=target_class, source=source) if head is not None else None
     out = Path(out_dir) if out_dir is not None else None
 
     items = list(inputs)
