@@ -58,6 +58,8 @@ class ExplainTarget:
         label: what the score is (shown in captions and ``explain.csv``).
         classes: names of the K outputs for multiclass heads (``[]`` otherwise).
         output: the output explained (index into K), or ``None`` for the highest one per input.
+        unit: the score's unit (``"years"``, ``"logit"``...): a voxel's relevance is its share of the
+            score, in this unit (the picture's colour bar says it).
     """
 
     weights: np.ndarray
@@ -65,6 +67,7 @@ class ExplainTarget:
     label: str
     classes: list[Any]
     output: int | None = 0
+    unit: str = "score units"
 
 
 @dataclass
@@ -161,19 +164,19 @@ def head_target(
     bias = np.asarray(fh.intercept, dtype=np.float64).reshape(-1) - weights @ mean
     classes = head.classes if head.kind == "classification" else []
     if head.kind != "classification":
-        return ExplainTarget(weights, bias, f"{head.target}_pred", [], 0)
+        return ExplainTarget(weights, bias, f"{head.target}_pred", [], 0, unit=str(head.config.get("units") or "target units"))
     if coef.shape[0] == 1:  # binary: the logit of the second class
         if target_class is not None and target_class not in classes:
             raise HeadError(f"class {target_class!r} is not one of the head's classes {classes}")
         sign = -1.0 if target_class is not None and classes.index(target_class) == 0 else 1.0
         name = target_class if target_class is not None else classes[1]
-        return ExplainTarget(sign * weights, sign * bias, f"{head.target} logit of {name!r}", [name], 0)
+        return ExplainTarget(sign * weights, sign * bias, f"{head.target} logit of {name!r}", [name], 0, unit="logit")
     if target_class is None:
-        return ExplainTarget(weights, bias, f"{head.target} logit of the predicted class", list(classes), None)
+        return ExplainTarget(weights, bias, f"{head.target} logit of the predicted class", list(classes), None, unit="logit")
     if target_class not in classes:
         raise HeadError(f"class {target_class!r} is not one of the head's classes {classes}")
     k = classes.index(target_class)
-    return ExplainTarget(weights, bias, f"{head.target} logit of {target_class!r}", list(classes), k)
+    return ExplainTarget(weights, bias, f"{head.target} logit of {target_class!r}", list(classes), k, unit="logit")
 
 
 def principal_target(features: np.ndarray) -> ExplainTarget:
@@ -200,7 +203,8 @@ def principal_target(features: np.ndarray) -> ExplainTarget:
     if not sv[0] > 0:
         raise ConfigError("the inputs' features do not vary, so they have no principal direction; give a head instead")
     v = vt[0] * np.sign(vt[0][np.argmax(np.abs(vt[0]))])
-    return ExplainTarget(v[None, :], np.array([-float(v @ mean)]), "first principal direction of the features", [], 0)
+    return ExplainTarget(v[None, :], np.array([-float(v @ mean)]), "first principal direction of the features", [], 0,
+                         unit="feature units")
 
 
 def _gradient_x_input(model: Any, x: torch.Tensor, target: ExplainTarget) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -299,7 +303,7 @@ def explain(
         smooth_mm: FWHM (mm) of a Gaussian applied to each map before it is written and drawn
             (0: the raw voxel-wise map; gradient maps of strided networks are speckled, 4-8 mm reads better).
         draw: draw the PNGs into ``out_dir`` (needs matplotlib, the ``[qc]`` extra).
-        progress: show a progress bar.
+        progress: show progress: a bar on a terminal, else a log line every 30 s.
         failures: ``(path, stage, message)`` of inputs that failed earlier (e.g. discovery), reported with the others.
 
     Returns:
@@ -377,7 +381,10 @@ def explain(
 
     from tqdm.auto import tqdm
 
-    with tqdm(total=len(order), desc="explain", unit="scan", disable=not progress) as bar:
+    from ..encoding.progress import ProgressLog, bar_wanted
+
+    meter = ProgressLog(len(order), progress, verb="explained", log=logger)
+    with tqdm(total=len(order), desc="explain", unit="scan", disable=not bar_wanted(progress)) as bar:
         for idx in batches:
             x = torch.from_numpy(np.stack([prepared[i].array for i in idx])).to(dev)
             rel, scores, outs = _gradient_x_input(net, x, target)
@@ -392,25 +399,28 @@ def explain(
                                              f"anatcl-infer gradient x input: {target.label}")
                     if draw:
                         exp.png = out / f"{name}_relevance.png"
-                        _draw(exp, grid_rel, prepared[i], config, target.label)  # through the peak
+                        _draw(exp, grid_rel, prepared[i], config, target)  # through the peak
                 else:
                     exp.relevance = grid_rel
                 slots[i] = exp
                 prepared.pop(i)  # the conformed grid is no longer needed
             bar.update(len(idx))
+            meter.update(len(idx), 0)
     results += slots
     if out is not None:
         _write_table(results, out / "explain.csv")
     return results
 
 
-def _draw(exp: Explanation, grid_rel: np.ndarray, prepared: Any, config: PreprocessConfig, label: str) -> None:
+def _draw(exp: Explanation, grid_rel: np.ndarray, prepared: Any, config: PreprocessConfig, target: ExplainTarget) -> None:
     from .plots import render_relevance
 
+    label = target.label
     background = prepared.grid if prepared.grid is not None else to_grid(prepared.array[0], config)
     render_relevance(
         grid_rel, background, exp.png, config=config, title=exp.path, centre_mm=exp.peak_mm,
         subtitle=f"gradient x input of {label}; score {exp.score:.4g}" + (f" ({exp.output})" if exp.output != label else ""),
+        unit=f"{target.unit} per voxel",
     )
 
 
