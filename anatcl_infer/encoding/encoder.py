@@ -151,7 +151,15 @@ def _worker_init(_worker_id: int) -> None:
     Oversubscribed BLAS threads in a loader (the resampling uses matrix products) made
     `anatcl embed` on 1 mm inputs 2.8x the forward's cost on 2 cores instead of 1.2x
     (benchmarks/NOTES.md).
+
+    They also ignore SIGTERM and SIGINT: SLURM (and Ctrl-C) signal the whole process group, and
+    the main process ends the run and stops its workers itself; a worker killed by the signal
+    made the DataLoader print "worker (pid N) is killed by signal" tracebacks instead.
     """
+    import signal
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, signal.SIG_IGN)
     torch.set_num_threads(1)
     try:
         from threadpoolctl import threadpool_limits
