@@ -96,8 +96,12 @@ def _plan(
 
     layout = output_layout(out, fmt, part)
     check_output_free(layout, resume=resume, overwrite=overwrite)
-    if head is not None and not (Path(head) / "head.json").is_file():
-        raise fail(f"--head {head} is not a head folder (no head.json); make one with `anatcl fit-head`", 2)
+    if head is not None:
+        from .._optional import require
+
+        require("sklearn", "sklearn", "pandas")  # applying a head needs the [sklearn] extra: say so first
+        if not (Path(head) / "head.json").is_file():
+            raise fail(f"--head {head} is not a head folder (no head.json); make one with `anatcl fit-head`", 2)
     if from_t1:
         from ..inputs.discovery import discover_inputs
 

@@ -113,7 +113,7 @@ def fold_sources(source: str | os.PathLike[str], fold: str | int) -> list[tuple[
     try:
         k = int(str(fold))
     except ValueError:
-        raise ConfigError(f"fold must be a number or 'all', got {fold!r}") from None
+        raise ConfigError(f"fold={str(fold)!r} is neither a fold number nor 'all'") from None
     if kind == "folds":
         dirs = fold_dirs(text)
         if k not in dirs:
