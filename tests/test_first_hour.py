@@ -332,3 +332,13 @@ def test_the_explain_picture_has_a_colour_bar_with_the_unit(monkeypatch):
     bar = fig.axes[-1]
     assert len(fig.axes) == 4 and bar.get_ylabel() == "relevance (years per voxel)"
     assert bar.get_ylim()[0] < 0 < bar.get_ylim()[1]
+
+
+# -- item 9: a tidy house -----------------------------------------------------------------------------
+
+
+def test_no_module_is_over_600_lines():
+    package = Path(__file__).resolve().parents[1] / "anatcl_infer"
+    long = {str(p.relative_to(package)): n for p in package.rglob("*.py")
+            if (n := len(p.read_text(encoding="utf-8").splitlines())) > 600}
+    assert long == {}

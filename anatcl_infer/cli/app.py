@@ -101,7 +101,7 @@ def setup_logging(quiet: bool = False, verbose: bool = False) -> None:
 #: Python arguments that are also options of the commands, with the same meaning: errors raised by the
 #: Python API name the argument (``device="cpu"``); the command line shows them as its options.
 _PY_TO_CLI = {"device": "--device", "precision": "--precision", "fold": "--fold", "batch_size": "--batch-size",
-              "num_workers": "--workers"}
+              "num_workers": "--workers", "head": "--head", "cv": "--cv"}
 _PY_ARG = re.compile(r"\b(" + "|".join(_PY_TO_CLI) + r")=(?:\"([^\"]*)\"|'([^']*)'|([\w:.+-]+))?")
 
 

@@ -196,7 +196,7 @@ def principal_target(features: np.ndarray) -> ExplainTarget:
     if x.ndim != 2 or x.shape[0] < 2:
         raise ConfigError(
             "without a head, explain follows the first principal direction of the inputs' features, which needs at "
-            "least 2 inputs; give more inputs or a head (--head DIR from `anatcl fit-head`)"
+            "least 2 inputs; give more inputs or a head (head=DIR, a folder written by `anatcl fit-head`)"
         )
     mean = x.mean(axis=0)
     _, sv, vt = np.linalg.svd(x - mean, full_matrices=False)
