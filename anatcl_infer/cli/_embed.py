@@ -146,7 +146,7 @@ def embed(
 ) -> None:
     """Embed brain maps into 512-d AnatCL features, one row per input (and fold).
 
-    Rows are written as batches finish; the output appears atomically at the end. A bad input never stops the run: it is reported on stderr and in an errors file beside the output (feats.errors.csv for feats.parquet, feats.errors/ for a folder), and the exit status is 1. SIGTERM or Ctrl-C keeps the finished batches: rerun with --resume. Two runs on one output are refused (a lock file beside it). Off a terminal, progress lines (count, rate, ETA) go to the log.
+    Options, the output and the inputs are checked before the model loads; when no input exists or every input fails, no table is written (only the errors file). Rows are written as batches finish; the output appears atomically at the end. A bad input never stops the run: it is reported on stderr and in an errors file beside the output (feats.errors.csv for feats.parquet, feats.errors/ for a folder), and the exit status is 1. SIGTERM or Ctrl-C keeps the finished batches: rerun with --resume. Two runs on one output are refused (a lock file beside it). Off a terminal, progress lines (count, rate, ETA) go to the log.
     """
     setup_logging(quiet=quiet, verbose=verbose)
     from ..encoding.allocator import yield_idle_threads
@@ -168,9 +168,10 @@ def embed(
     if dist is not None and part is None:
         part = (dist[0], dist[1])
     sources = model_sources(model, fold)
+    layout = None
     try:
         layout, records, prep_failures = _plan(inputs, out, fmt, part, sources, resume, overwrite, head, from_t1)
-        dev = check_device(device, precision, amp, dist)
+        dev = check_device(device, precision, amp, dist if shard is None else None)
         from ..encoding.allocator import retain_freed_memory
         from ..jobs.embed import run_embed
         from ..weights.loading import load_model
@@ -201,7 +202,7 @@ def embed(
         import signal
 
         signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
-        kept = layout.partial_dir if layout.partial_dir.is_dir() else None
+        kept = layout.partial_dir if layout is not None and layout.partial_dir.is_dir() else None
         raise fail(
             f"interrupted by {signal.Signals(signum).name}"
             + (f"; the finished batches are kept in {kept}" if kept else "")
