@@ -39,7 +39,7 @@ def bids(
     session_label_bids: Optional[list[str]] = typer.Option(None, "--session_label", hidden=True),
     derivatives: Optional[Path] = typer.Option(None, "--derivatives", help="Folder of CAT12/deepmriprep output to read the maps from (default: BIDS_DIR/derivatives)."),
     model: str = typer.Option("anatcl-global", "--model", "-m", help="Registry name (anatcl-global, anatcl-local), hf://org/name[@rev], URL, .pth/.safetensors file or model directory."),
-    fold: str = typer.Option("0", "--fold", help="Fold 0-4 of a registry model, or 'all' for one row per scan and fold."),
+    fold: str = typer.Option("0", "--fold", help="Fold 0-4 of a registry model (or fold<k>/ of a folder of fold models), or 'all' for one row per scan and fold."),
     batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, help="Volumes per forward pass (does not change the result)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, mps."),
     workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Loader processes (default: chosen from the device)."),
