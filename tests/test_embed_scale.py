@@ -134,7 +134,7 @@ def test_missing_and_overlapping_shards_are_errors_at_read_time(model, tmp_path)
         read_features(feats)
 
 
-def test_empty_shard_and_all_failed_run_write_valid_empty_tables(model, model_dir, tmp_path):
+def test_empty_shard_writes_a_valid_empty_table_and_an_all_failed_run_writes_none(model, model_dir, tmp_path):
     _write_scans(tmp_path / "in", 2)
     summary = _run(model, [tmp_path / "in"], tmp_path / "feats", shard=(3, 4))  # bounds 0,0,1,2,2: shard 3 is empty
     part = tmp_path / "feats" / "part-00003-of-00004.parquet"
@@ -147,12 +147,12 @@ def test_empty_shard_and_all_failed_run_write_valid_empty_tables(model, model_di
     _bad_inputs(bad)
     res = _cli(bad, "--out", tmp_path / "all_bad.parquet", "--model", model_dir)
     assert res.exit_code == 1 and "Traceback" not in res.output
-    assert "3 of 3 inputs failed" in res.output and "dim must be" not in res.output
-    df, _ = read_features(tmp_path / "all_bad.parquet")
-    assert len(df) == 0 and len(df.filter(like="feat_").columns) == 512
+    assert "all 3 inputs failed, so nothing was written" in res.output and "dim must be" not in res.output
+    # issue 23: no empty table is left behind to block the corrected command (it used to be a 0-row table)
+    assert not (tmp_path / "all_bad.parquet").exists()
     assert len((tmp_path / "all_bad.errors.csv").read_text().splitlines()) == 4
     assert not (tmp_path / "all_bad.parquet.partial").exists()
-    assert _cli(bad, "--out", tmp_path / "all_bad.parquet", "--model", model_dir, "--resume").exit_code == 1  # not blocked
+    assert _cli(bad, "--out", tmp_path / "all_bad.parquet", "--model", model_dir).exit_code == 1  # not blocked
 
 
 def test_umask_modes_on_table_and_errors_file(model, tmp_path, umask022):

@@ -147,7 +147,7 @@ def test_head_for_another_fold_or_weights_is_refused(tmp_path):
     with pytest.raises(HeadError, match="sha256"):
         explain(_inputs(), model, head=head, device="cpu")
     model.config = ModelConfig(name="region-toy", fold=3)
-    with pytest.raises(HeadError, match="--fold 0"):
+    with pytest.raises(HeadError, match="fold=0"):  # a Python error names the Python argument (issue 23)
         explain(_inputs(), model, head=head, device="cpu")
 
 

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from .app import app, fail, parse_folds, setup_logging
+from .app import app, check_device, fail, model_sources, precision_name, setup_logging
 
 _EPILOG = (
     "Examples:\n\n"
@@ -33,11 +33,13 @@ def bids(
     bids_dir: Path = typer.Argument(..., help="Root of the BIDS dataset (holds dataset_description.json).", show_default=False),
     output_dir: Path = typer.Argument(..., help="The derivatives dataset to write, e.g. BIDS_DIR/derivatives/anatcl.", show_default=False),
     analysis_level: AnalysisLevel = typer.Argument(..., help="participant: embed each scan; group: gather them into one table.", show_default=False),
-    participant_label: Optional[list[str]] = typer.Option(None, "--participant-label", "--participant_label", help="Subject(s) to process, with or without sub- (repeat, or 01,02). Default: all."),
-    session_label: Optional[list[str]] = typer.Option(None, "--session-label", "--session_label", help="Session(s) to process, with or without ses- (repeat, or 1,2). Default: all."),
+    participant_label: Optional[list[str]] = typer.Option(None, "--participant-label", help="Subject(s) to process, with or without sub- (repeat, or 01,02); --participant_label works too. Default: all."),
+    participant_label_bids: Optional[list[str]] = typer.Option(None, "--participant_label", hidden=True),  # the BIDS Apps spelling
+    session_label: Optional[list[str]] = typer.Option(None, "--session-label", help="Session(s) to process, with or without ses- (repeat, or 1,2); --session_label works too. Default: all."),
+    session_label_bids: Optional[list[str]] = typer.Option(None, "--session_label", hidden=True),
     derivatives: Optional[Path] = typer.Option(None, "--derivatives", help="Folder of CAT12/deepmriprep output to read the maps from (default: BIDS_DIR/derivatives)."),
     model: str = typer.Option("anatcl-global", "--model", "-m", help="Registry name (anatcl-global, anatcl-local), hf://org/name[@rev], URL, .pth/.safetensors file or model directory."),
-    fold: str = typer.Option("0", "--fold", help="Fold 0-4 of a registry model, or 'all' for one row per scan and fold."),
+    fold: str = typer.Option("0", "--fold", help="Fold 0-4 of a registry model (or fold<k>/ of a folder of fold models), or 'all' for one row per scan and fold."),
     batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, help="Volumes per forward pass (does not change the result)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, mps."),
     workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Loader processes (default: chosen from the device)."),
@@ -45,7 +47,7 @@ def bids(
     overwrite: bool = typer.Option(False, "--overwrite", help="Embed the chosen scans again, replacing their outputs."),
     strict: bool = typer.Option(False, "--strict", help="Fail maps that do not look like what the model expects (instead of warning)."),
     qc: bool = typer.Option(False, "--qc", help="Add QC metrics as qc_* columns."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32 (default), bf16 or fp16, as in `anatcl embed --precision`."),
+    precision: str = typer.Option("fp32", "--precision", callback=precision_name, help="fp32 (default), bf16 or fp16, as in `anatcl embed --precision`."),
     amp: bool = typer.Option(False, "--amp", help="Deprecated: use --precision bf16 (CUDA only)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar, warnings and errors only."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
@@ -56,7 +58,7 @@ def bids(
     """
     setup_logging(quiet=quiet, verbose=verbose)
     from ..errors import AnatCLError
-    from ..jobs.bids import normalise_labels, run_group, run_participant
+    from ..jobs.bids import normalise_labels, plan_participant, run_group, run_participant
 
     if ctx.args:
         raise fail(
@@ -64,18 +66,24 @@ def bids(
             "or repeat the option (--participant-label 01 --participant-label 02)", 2,
         )
     try:
-        participants = normalise_labels(participant_label, "sub")
-        sessions = normalise_labels(session_label, "ses")
+        participants = normalise_labels([*(participant_label or []), *(participant_label_bids or [])], "sub")
+        sessions = normalise_labels([*(session_label or []), *(session_label_bids or [])], "ses")
         if analysis_level is AnalysisLevel.group:
             for path in run_group(output_dir, participant_labels=participants):
                 typer.echo(str(path))
             return
+        # Everything that needs no weights is checked before the model is loaded: a typo costs a second.
+        from ..weights.sources import peek_config
+
+        sources = model_sources(model, fold)
+        plan_participant(bids_dir, output_dir, peek_config(sources[0][0]), derivatives=derivatives,
+                         participant_labels=participants, session_labels=sessions, resume=resume, overwrite=overwrite)
+        dev = check_device(device, precision, amp)
         from ..encoding.allocator import retain_freed_memory
         from ..weights.loading import load_model
 
         retain_freed_memory()
-        dev = None if device == "auto" else device
-        models = [load_model(model, fold=f, device=dev) for f in parse_folds(model, fold)]
+        models = [load_model(src, fold=f, device=dev) for src, f in sources]
         summary = run_participant(
             bids_dir, output_dir, models, derivatives=derivatives, participant_labels=participants,
             session_labels=sessions, batch_size=batch_size, device=dev, num_workers=workers, resume=resume,

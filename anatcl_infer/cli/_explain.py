@@ -82,12 +82,10 @@ def explain_cmd(
 def _input_kind(model: str) -> str:
     """What a folder or BIDS dataset is searched for: the input kind in a model directory's
     ``config.json`` (no weights are read); grey-matter maps for registry models and weight files."""
-    from ..config import CONFIG_NAME, ModelConfig
+    from ..weights.sources import peek_config
 
-    path = Path(model)
-    if (path / CONFIG_NAME).is_file():
-        return ModelConfig.load(path).preprocess.input_kind
-    return "gm"
+    config = peek_config(model)
+    return config.preprocess.input_kind if config is not None else "gm"
 
 
 def _class_value(head: Path, text: str) -> object:

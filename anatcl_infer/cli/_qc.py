@@ -49,7 +49,7 @@ def qc(
 ) -> None:
     """Check inputs before embedding: for each, three slices of exactly what the model receives, with the reference brain outline and the crop box, plus QC metrics; odd ones are flagged.
 
-    A bad input never stops the run: it is listed (path, stage, message) on stderr and in the report, and the exit status is 1.
+    Every NIfTI file of a folder is in the report: those `anatcl embed` would skip (not named like the model's inputs, e.g. a T1 or an s6mwp1 map beside the mwp1 maps) are flagged with the reason. A bad input never stops the run: it is listed (path, stage, message) on stderr and in the report, and the exit status is 1.
     """
     setup_logging(quiet=quiet, verbose=verbose)
     from ..inputs.discovery import discover_inputs
@@ -60,17 +60,30 @@ def qc(
         config, label = _resolve_spec(model)
     except AnatCLError as exc:
         raise fail(str(exc), 2) from None
+    import logging
+    import os
+
     paths: list[str] = []
     failures: list[tuple[str, str, str]] = []
+    skipped: list[tuple[str, str]] = []  # NIfTI files `anatcl embed` would leave out of a folder: QC'd and flagged here
     for spec in inputs:  # one spec at a time, so a missing one is reported and the others still run
         try:
             problems: list[tuple[str, str, str]] = []
-            kind = "t1" if from_t1 else config.input_kind  # type: ignore[attr-defined]
-            paths.extend(r.path for r in discover_inputs([spec], input_kind=kind, problems=problems))
+            paths.extend(r.path for r in discover_inputs([spec], input_kind="t1" if from_t1 else config.input_kind, problems=problems,  # type: ignore[attr-defined]
+                                                         skipped=skipped))
             failures.extend(problems)
         except InputError as exc:
             failures.append((spec, exc.stage, str(exc.args[0])))
-    paths = list(dict.fromkeys(paths))
+    skipped_by_path = {os.path.abspath(p): why for p, why in skipped}
+    if skipped_by_path:
+        names = ", ".join(os.path.basename(p) for p in list(skipped_by_path)[:5])
+        logging.getLogger("anatcl_infer.cli").warning(
+            "%d NIfTI file%s in the folder%s given would be skipped by `anatcl embed` (not named like the model's "
+            "inputs): %s%s; they are in this report, flagged with the reason",
+            len(skipped_by_path), "" if len(skipped_by_path) == 1 else "s", "" if len(inputs) == 1 else "s", names,
+            f" and {len(skipped_by_path) - 5} more" if len(skipped_by_path) > 5 else "",
+        )
+    paths = list(dict.fromkeys([*paths, *skipped_by_path]))
     route = None
     if from_t1:
         from ..inputs.t1_route import T1Route
@@ -79,7 +92,8 @@ def qc(
     try:
         report = build_qc_report(
             paths, out, config=config, strict=strict, workers=workers,  # type: ignore[arg-type]
-            model_name=None if model is None else label, progress=not quiet, failures=failures, from_t1=route,
+            model_name=None if model is None else label, progress=not quiet, failures=failures,
+            skipped=skipped_by_path, from_t1=route,
         )
     except AnatCLError as exc:
         raise fail(str(exc), 2) from None

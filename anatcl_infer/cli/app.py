@@ -7,13 +7,14 @@ functions, so ``anatcl --help`` stays fast.
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from typing import Any
 
 import typer
 from typer.core import TyperCommand
 
-__all__ = ["app", "setup_logging", "fail", "parse_folds"]
+__all__ = ["app", "setup_logging", "fail", "cli_words", "model_sources", "precision_name", "check_device"]
 
 
 class _NoRepeatsCommand(TyperCommand):
@@ -97,25 +98,80 @@ def setup_logging(quiet: bool = False, verbose: bool = False) -> None:
     root.propagate = False
 
 
+#: Python arguments that are also options of the commands, with the same meaning: errors raised by the
+#: Python API name the argument (``device="cpu"``); the command line shows them as its options.
+_PY_TO_CLI = {"device": "--device", "precision": "--precision", "fold": "--fold", "batch_size": "--batch-size",
+              "num_workers": "--workers", "head": "--head", "cv": "--cv"}
+_PY_ARG = re.compile(r"\b(" + "|".join(_PY_TO_CLI) + r")=(?:\"([^\"]*)\"|'([^']*)'|([\w:.+-]+))?")
+
+
+def cli_words(message: str) -> str:
+    """A Python-API message in command-line words: ``device="cpu"`` -> ``--device cpu``, ``fold=`` -> ``--fold``.
+
+    Example:
+        >>> cli_words('CUDA is not available; use device="cpu"')
+        'CUDA is not available; use --device cpu'
+    """
+    def repl(m: re.Match[str]) -> str:
+        value = next((g for g in m.groups()[1:] if g is not None), None)
+        if m.group(1) == "device" and value == "None":
+            value = "auto"
+        return _PY_TO_CLI[m.group(1)] + (f" {value}" if value else "")
+
+    return _PY_ARG.sub(repl, message)
+
+
 def fail(message: str, code: int = 1) -> typer.Exit:
-    """Print ``error: message`` on stderr (no traceback) and return an Exit to raise."""
-    typer.echo(f"error: {message}", err=True)
+    """Print ``error: message`` on stderr (no traceback) and return an Exit to raise.
+
+    Python argument names in the message become the command's options (:func:`cli_words`).
+    """
+    typer.echo(f"error: {cli_words(message)}", err=True)
     return typer.Exit(code)
 
 
+def model_sources(model: str, fold: str) -> list[tuple[str, int | None]]:
+    """``--model``/``--fold`` -> the ``(source, fold)`` pairs to load (no weights are read).
 
-def parse_folds(model: str, fold: str) -> list[int]:
-    """``--fold``: a fold number, or ``all`` for every fold the registry lists for ``model``."""
+    ``--fold all`` takes every fold of a registry model, or every ``fold<k>/`` model folder of a
+    directory; ``--fold K`` over such a directory picks ``fold<K>/``.
+    """
     from ..errors import AnatCLError
+    from ..weights.sources import fold_sources
 
-    if fold == "all":
-        from ..weights.registry import canonical_name, load_manifest
-
-        try:
-            return sorted(int(k) for k in load_manifest()["models"][canonical_name(model)]["folds"])
-        except AnatCLError:
-            raise fail(f"--fold all needs a registry model name (anatcl-global, anatcl-local), got {model!r}", 2) from None
     try:
-        return [int(fold)]
-    except ValueError:
-        raise fail(f"--fold must be a number or 'all', got {fold!r}", 2) from None
+        return fold_sources(model, fold)
+    except AnatCLError as exc:
+        raise fail(str(exc), 2) from None
+
+
+#: spellings ``--precision`` accepts (checked while the command line is parsed, before anything loads)
+PRECISION_NAMES = ("fp32", "bf16", "fp16", "float32", "bfloat16", "float16")
+
+
+def precision_name(value: str) -> str:
+    """Typer callback of ``--precision``: a known spelling, or a usage error at once."""
+    if str(value).lower() not in PRECISION_NAMES:
+        raise typer.BadParameter(f"must be fp32, bf16 or fp16, got {value!r}")
+    return value
+
+
+def check_device(device: str, precision: str, amp: bool, dist: tuple[int, int, int] | None = None) -> str | None:
+    """``--device`` and ``--precision`` checked against this machine (imports torch, loads no model).
+
+    Returns the device to pass on (``None`` for auto; ``cuda:LOCAL_RANK`` under torchrun).
+
+    Raises:
+        ConfigError: CUDA asked for but absent, or a precision this device cannot run natively.
+    """
+    from ..encoding.encoder import resolve_precision
+    from ..model.devices import resolve_device
+
+    if dist is not None and device == "auto":
+        import torch
+
+        if torch.cuda.is_available():
+            device = f"cuda:{dist[2]}"
+    dev = None if device == "auto" else device
+    resolve_precision(precision, resolve_device(dev), amp)
+    return dev

@@ -168,7 +168,15 @@ def _worker_init(_worker_id: int) -> None:
     Oversubscribed BLAS threads in a loader (the resampling uses matrix products) made
     `anatcl embed` on 1 mm inputs 2.8x the forward's cost on 2 cores instead of 1.2x
     (benchmarks/NOTES.md).
+
+    They also ignore SIGTERM and SIGINT: SLURM (and Ctrl-C) signal the whole process group, and
+    the main process ends the run and stops its workers itself; a worker killed by the signal
+    made the DataLoader print "worker (pid N) is killed by signal" tracebacks instead.
     """
+    import signal
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, signal.SIG_IGN)
     torch.set_num_threads(1)
     try:
         from threadpoolctl import threadpool_limits
@@ -232,7 +240,7 @@ def resolve_precision(precision: str, device: str | torch.device | None = None, 
     if key is None:
         raise ConfigError(f"precision must be one of fp32, bf16, fp16, got {precision!r}")
     if amp:
-        warnings.warn("amp= / --amp is deprecated; use precision='bf16' or 'fp16' (--precision)", DeprecationWarning, stacklevel=3)
+        warnings.warn("amp= is deprecated; use precision='bf16' or precision='fp16'", DeprecationWarning, stacklevel=3)
         if amp not in (True, "bf16", "fp16"):
             raise ConfigError(f"amp must be False, True, 'bf16' or 'fp16', got {amp!r}")
         if dev.type != "cuda":
@@ -243,21 +251,21 @@ def resolve_precision(precision: str, device: str | torch.device | None = None, 
         return key
     if dev.type == "cuda":
         if key == "bf16" and not torch.cuda.is_bf16_supported():
-            raise ConfigError(f"this GPU ({torch.cuda.get_device_name(dev)}) has no bfloat16; use --precision fp16 or fp32")
+            raise ConfigError(f"this GPU ({torch.cuda.get_device_name(dev)}) has no bfloat16; use precision='fp16' or precision='fp32'")
         return key
     if dev.type == "cpu":
         if key == "bf16" and not native_bf16_cpu():
             raise ConfigError(
                 "precision bf16 needs a CPU with native bfloat16 (AVX512-BF16, AMX or Arm BF16); this one would "
-                "emulate it, slower than float32. Use --precision fp32 (the default), or a GPU"
+                "emulate it, slower than float32. Use precision=\"fp32\" (the default), or a GPU"
             )
         if key == "fp16" and not native_fp16_cpu():
             raise ConfigError(
-                "precision fp16 needs a CPU with AVX512-FP16 or AMX-FP16 (or a GPU); use --precision fp32 "
-                "(the default) or bf16 where the CPU supports it"
+                "precision fp16 needs a CPU with AVX512-FP16 or AMX-FP16 (or a GPU); use precision=\"fp32\" "
+                "(the default), or precision=\"bf16\" where the CPU supports it"
             )
         return key
-    raise ConfigError(f"precision {key} is supported on CPU and CUDA only; use --precision fp32 on {dev.type}")
+    raise ConfigError(f"precision {key} is supported on CPU and CUDA only; use precision=\"fp32\" on {dev.type}")
 
 
 def _precision_context(device: torch.device, precision: str) -> Any:

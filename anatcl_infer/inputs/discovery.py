@@ -18,7 +18,7 @@ from pathlib import Path
 from ..errors import InputError
 from .io import NIFTI_SUFFIXES, _printable
 
-__all__ = ["InputRecord", "discover_inputs", "parse_entities", "is_nifti_name", "LIST_SUFFIXES"]
+__all__ = ["InputRecord", "discover_inputs", "parse_entities", "is_nifti_name", "skip_reason", "LIST_SUFFIXES"]
 
 logger = logging.getLogger(__name__)
 
@@ -131,26 +131,76 @@ def _walk_nifti(root: Path, problems: list[tuple[str, str, str]] | None = None) 
     return found
 
 
-def _gm_only(paths: list[str], where: str) -> list[str]:
-    """Keep the unsmoothed grey-matter maps (``mwp1``/``desc-gm``) when there are any."""
+#: Why a file in a folder of CAT12/deepmriprep output is not taken for a grey-matter map, by its name (first match).
+_SKIP_REASONS = (
+    (re.compile(r"^s\d*mwp1", re.IGNORECASE), "a smoothed grey-matter map (s*mwp1); the model expects the unsmoothed mwp1 map"),
+    (re.compile(r"^[mwr]*p2|desc-wm", re.IGNORECASE), "a white-matter map"),
+    (re.compile(r"^[mwr]*p3|desc-csf", re.IGNORECASE), "a CSF map"),
+    (re.compile(r"^[wr]*p1", re.IGNORECASE), "a grey-matter map that is not both modulated and normalised (the model expects mwp1)"),
+    (re.compile(r"^[mwr]*p0", re.IGNORECASE), "a tissue label map (p0)"),
+    (re.compile(r"t1w", re.IGNORECASE), "a T1 image"),
+)
+#: How many skipped files one log line names.
+_SHOWN = 5
+
+
+def skip_reason(name: str) -> str:
+    """Why a folder scan for grey-matter maps skips a NIfTI file of this name.
+
+    Example:
+        >>> skip_reason("s6mwp1sub-01_T1w.nii"), skip_reason("wmsub-01_T1w.nii")
+        ('a smoothed grey-matter map (s*mwp1); the model expects the unsmoothed mwp1 map', 'a T1 image')
+    """
+    base = os.path.basename(name)
+    for pattern, reason in _SKIP_REASONS:
+        if pattern.search(base):
+            return reason
+    return "not named like a grey-matter map (mwp1*, *desc-gm*)"
+
+
+def _skipped_text(where: str, paths: Sequence[str]) -> str:
+    """Up to five skipped files (relative to ``where``), each with why, and how to include them: for one log line."""
+    root = Path(where)
+
+    def shown(p: str) -> str:
+        try:
+            return os.path.relpath(p, root) if Path(p).is_relative_to(root) else p
+        except ValueError:
+            return p
+
+    ordered = sorted(paths)
+    names = "; ".join(f"{_printable(shown(p))} ({skip_reason(p)})" for p in ordered[:_SHOWN])
+    more = f"; and {len(paths) - _SHOWN} more" if len(paths) > _SHOWN else ""
+    return (f"skipping {len(paths)} NIfTI file{'' if len(paths) == 1 else 's'} that are not unsmoothed grey-matter "
+            f"maps by name (mwp1*, *desc-gm*): {names}{more}; to embed them anyway, give them explicitly "
+            "(as files, or listed in a .txt file of paths)")
+
+
+def _gm_only(
+    paths: list[str], where: str, *, folder_scan: bool = True, skipped: list[tuple[str, str]] | None = None,
+) -> list[str]:
+    """Keep the unsmoothed grey-matter maps (``mwp1``/``desc-gm``) when there are any; name the others.
+
+    A folder scan says in one WARNING line (INFO for a dataset search, or when the caller
+    collects ``skipped`` to report them itself) which files it skipped and why.
+    """
     gm = [p for p in paths if _GM_NAME.search(os.path.basename(p))]
     unsmoothed = [p for p in gm if not _SMOOTHED_PREFIX.match(os.path.basename(p))]
+    chosen = unsmoothed or gm
+    kept = set(chosen)
+    left = [p for p in paths if p not in kept] if chosen else []
+    if skipped is not None and folder_scan:
+        skipped.extend((p, skip_reason(p)) for p in sorted(left))
     if gm and not unsmoothed:
         logger.warning(
             "%s holds only smoothed grey-matter maps (e.g. s6mwp1); the model expects unsmoothed CAT12 mwp1 maps — "
-            "embedding them anyway, but give the mwp1 files CAT12 wrote before smoothing",
-            where,
+            "embedding them anyway, but give the mwp1 files CAT12 wrote before smoothing%s",
+            where, f"; {_skipped_text(where, left)}" if left else "",
         )
-    chosen = unsmoothed or gm
-    if chosen and len(chosen) < len(paths):
-        logger.info(
-            "%s: using the %d grey-matter maps (mwp1/desc-gm) and skipping %d other NIfTI files",
-            where,
-            len(chosen),
-            len(paths) - len(chosen),
-        )
-        return chosen
-    return paths
+    elif left:
+        level = logging.WARNING if folder_scan and skipped is None else logging.INFO
+        logger.log(level, "%s: %s", _printable(where), _skipped_text(where, left))
+    return chosen or paths
 
 
 def _bids(root: Path, input_kind: str, searched: list[str], problems: list[tuple[str, str, str]] | None = None) -> list[str]:
@@ -165,7 +215,8 @@ def _bids(root: Path, input_kind: str, searched: list[str], problems: list[tuple
     if not candidates:
         searched.append(f"{root}/**/*mwp1*.nii[.gz] and *desc-gm*.nii[.gz]")
         candidates = [p for p in _walk_nifti(root, problems) if _GM_NAME.search(os.path.basename(p))]
-    return _gm_only(candidates, str(root)) if candidates else []
+    # a dataset search, not a folder scan: the raw images and other tissue maps are expected to stay out
+    return _gm_only(candidates, str(root), folder_scan=False) if candidates else []
 
 
 def _read_list(list_file: Path) -> list[str]:
@@ -187,7 +238,8 @@ def _read_list(list_file: Path) -> list[str]:
 
 
 def _expand(
-    spec: str, input_kind: str, searched: list[str], *, from_list: bool, problems: list[tuple[str, str, str]] | None = None
+    spec: str, input_kind: str, searched: list[str], *, from_list: bool, problems: list[tuple[str, str, str]] | None = None,
+    skipped: list[tuple[str, str]] | None = None,
 ) -> list[str]:
     """All image paths one spec stands for."""
     path = Path(os.path.expanduser(spec))
@@ -197,7 +249,7 @@ def _expand(
             return _bids(path, input_kind, searched, problems)
         searched.append(f"{path}/**/*.nii[.gz]")
         found = _walk_nifti(path, problems)
-        return _gm_only(found, str(path)) if input_kind == "gm" else found
+        return _gm_only(found, str(path), skipped=skipped) if input_kind == "gm" else found
     if path.is_file():
         if path.suffix.lower() in LIST_SUFFIXES:
             if from_list:
@@ -219,7 +271,7 @@ def _expand(
         for match in sorted(glob.glob(os.path.expanduser(spec), recursive=True)):
             m = Path(match)
             if m.is_dir():
-                out.extend(_expand(match, input_kind, searched, from_list=from_list, problems=problems))
+                out.extend(_expand(match, input_kind, searched, from_list=from_list, problems=problems, skipped=skipped))
             elif is_nifti_name(m.name):
                 out.append(match)
         return out
@@ -234,6 +286,7 @@ def discover_inputs(
     *,
     input_kind: str = "gm",
     problems: list[tuple[str, str, str]] | None = None,
+    skipped: list[tuple[str, str]] | None = None,
 ) -> list[InputRecord]:
     """Expand files, folders, glob patterns, lists of paths and BIDS datasets into inputs.
 
@@ -242,7 +295,8 @@ def discover_inputs(
       paths that do not exist are kept, so that reading reports them as failed inputs);
     * a folder: every ``.nii``/``.nii.gz`` below it (hidden files and folders skipped);
       for grey-matter models, when the folder holds CAT12/deepmriprep output, only the
-      unsmoothed grey-matter maps (``mwp1*``, ``*desc-gm*``) are kept;
+      unsmoothed grey-matter maps (``mwp1*``, ``*desc-gm*``) are kept, and one WARNING line
+      names (up to five of) the NIfTI files skipped and why (:func:`skip_reason`);
     * a glob pattern (``data/**/mwp1*.nii``): the matching NIfTI files and folders;
     * a BIDS dataset root (it has ``dataset_description.json``): for ``t1`` models
       ``sub-*/[ses-*/]anat/*_T1w.nii[.gz]``; for ``gm`` models the CAT12/deepmriprep maps
@@ -257,6 +311,8 @@ def discover_inputs(
             then kept as an input (so reading reports it as one failed input, and the
             others still run). Without a list, a folder that cannot be listed is logged and
             a missing explicit path raises.
+        skipped: when a list is given, the NIfTI files a folder scan skipped are appended to it
+            as ``(path, reason)`` and the caller reports them (the log line is then INFO, not WARNING).
 
     Returns:
         Records sorted by path, without duplicates, with absolute paths.
@@ -280,7 +336,7 @@ def discover_inputs(
     searched: list[str] = []
     paths: dict[str, None] = {}
     for spec in spec_list:
-        found_here = _expand(spec, input_kind, searched, from_list=False, problems=problems)
+        found_here = _expand(spec, input_kind, searched, from_list=False, problems=problems, skipped=skipped)
         if not found_here and problems is not None:
             message = (
                 "yields no input image (no .nii/.nii.gz file"

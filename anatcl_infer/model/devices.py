@@ -33,7 +33,10 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     if chosen.type == "cuda" and not torch.cuda.is_available():
         from ..errors import ConfigError
 
-        raise ConfigError(f"device {device!r} was asked for but CUDA is not available; use --device cpu or auto")
+        raise ConfigError(
+            f"device={device!r} was asked for but CUDA is not available on this machine; use device=\"cpu\", "
+            "or device=None to pick the best available"
+        )
     return chosen
 
 

@@ -58,6 +58,8 @@ class ExplainTarget:
         label: what the score is (shown in captions and ``explain.csv``).
         classes: names of the K outputs for multiclass heads (``[]`` otherwise).
         output: the output explained (index into K), or ``None`` for the highest one per input.
+        unit: the score's unit (``"years"``, ``"logit"``...): a voxel's relevance is its share of the
+            score, in this unit (the picture's colour bar says it).
     """
 
     weights: np.ndarray
@@ -65,6 +67,7 @@ class ExplainTarget:
     label: str
     classes: list[Any]
     output: int | None = 0
+    unit: str = "score units"
 
 
 @dataclass
@@ -120,14 +123,19 @@ def to_grid(volume: np.ndarray, config: PreprocessConfig) -> np.ndarray:
     return out
 
 
-def head_target(head: Head | str | os.PathLike[str], model: AnatCL, *, target_class: Any = None) -> ExplainTarget:
+def head_target(
+    head: Head | str | os.PathLike[str], model: AnatCL, *, target_class: Any = None, source: str | os.PathLike[str] | None = None,
+) -> ExplainTarget:
     """The linear score of ``head`` for ``model``'s fold, folded into raw-feature weights.
+
+    ``source`` (what ``model`` was loaded from) makes a fold mismatch say how to get the head's fold.
 
     Raises:
         HeadError: the head has no weights for this fold, was fitted on other weights
             (SHA-256), has another feature size, or ``target_class`` is not one of its classes.
     """
     from ..downstream.heads import Head
+    from ..weights.sources import fold_advice
 
     if not isinstance(head, Head):
         head = Head.load(head)
@@ -137,9 +145,10 @@ def head_target(head: Head | str | os.PathLike[str], model: AnatCL, *, target_cl
     elif len(head.folds) == 1:
         (fh,) = head.folds.values()
         if fh.fold is not None and fold is not None:
-            raise HeadError(f"the head was fitted on fold {fh.fold} features, the model is fold {fold}; pass --fold {fh.fold}")
+            raise HeadError(f"the head was fitted on fold {fh.fold} features, the model is fold {fold}; {fold_advice(source, fh.fold)}")
     else:
-        raise HeadError(f"the head has folds {sorted(head.folds, key=str)}, not the model's fold {fold}; pass one of them as --fold")
+        folds = sorted(head.folds, key=str)
+        raise HeadError(f"the head has folds {folds}, not the model's fold {fold}; {fold_advice(source, folds[0])}")
     want, have = fh.info.get("model_sha256"), model.config.source_sha256
     if want and have and want != have:
         raise HeadError(
@@ -155,19 +164,19 @@ def head_target(head: Head | str | os.PathLike[str], model: AnatCL, *, target_cl
     bias = np.asarray(fh.intercept, dtype=np.float64).reshape(-1) - weights @ mean
     classes = head.classes if head.kind == "classification" else []
     if head.kind != "classification":
-        return ExplainTarget(weights, bias, f"{head.target}_pred", [], 0)
+        return ExplainTarget(weights, bias, f"{head.target}_pred", [], 0, unit=str(head.config.get("units") or "target units"))
     if coef.shape[0] == 1:  # binary: the logit of the second class
         if target_class is not None and target_class not in classes:
             raise HeadError(f"class {target_class!r} is not one of the head's classes {classes}")
         sign = -1.0 if target_class is not None and classes.index(target_class) == 0 else 1.0
         name = target_class if target_class is not None else classes[1]
-        return ExplainTarget(sign * weights, sign * bias, f"{head.target} logit of {name!r}", [name], 0)
+        return ExplainTarget(sign * weights, sign * bias, f"{head.target} logit of {name!r}", [name], 0, unit="logit")
     if target_class is None:
-        return ExplainTarget(weights, bias, f"{head.target} logit of the predicted class", list(classes), None)
+        return ExplainTarget(weights, bias, f"{head.target} logit of the predicted class", list(classes), None, unit="logit")
     if target_class not in classes:
         raise HeadError(f"class {target_class!r} is not one of the head's classes {classes}")
     k = classes.index(target_class)
-    return ExplainTarget(weights, bias, f"{head.target} logit of {target_class!r}", list(classes), k)
+    return ExplainTarget(weights, bias, f"{head.target} logit of {target_class!r}", list(classes), k, unit="logit")
 
 
 def principal_target(features: np.ndarray) -> ExplainTarget:
@@ -187,14 +196,15 @@ def principal_target(features: np.ndarray) -> ExplainTarget:
     if x.ndim != 2 or x.shape[0] < 2:
         raise ConfigError(
             "without a head, explain follows the first principal direction of the inputs' features, which needs at "
-            "least 2 inputs; give more inputs or a head (--head DIR from `anatcl fit-head`)"
+            "least 2 inputs; give more inputs or a head (head=DIR, a folder written by `anatcl fit-head`)"
         )
     mean = x.mean(axis=0)
     _, sv, vt = np.linalg.svd(x - mean, full_matrices=False)
     if not sv[0] > 0:
         raise ConfigError("the inputs' features do not vary, so they have no principal direction; give a head instead")
     v = vt[0] * np.sign(vt[0][np.argmax(np.abs(vt[0]))])
-    return ExplainTarget(v[None, :], np.array([-float(v @ mean)]), "first principal direction of the features", [], 0)
+    return ExplainTarget(v[None, :], np.array([-float(v @ mean)]), "first principal direction of the features", [], 0,
+                         unit="feature units")
 
 
 def _gradient_x_input(model: Any, x: torch.Tensor, target: ExplainTarget) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -293,7 +303,7 @@ def explain(
         smooth_mm: FWHM (mm) of a Gaussian applied to each map before it is written and drawn
             (0: the raw voxel-wise map; gradient maps of strided networks are speckled, 4-8 mm reads better).
         draw: draw the PNGs into ``out_dir`` (needs matplotlib, the ``[qc]`` extra).
-        progress: show a progress bar.
+        progress: show progress: a bar on a terminal, else a log line every 30 s.
         failures: ``(path, stage, message)`` of inputs that failed earlier (e.g. discovery), reported with the others.
 
     Returns:
@@ -322,18 +332,22 @@ def explain(
         _matplotlib()  # fail before any work when the extra is missing
     from ..model.network import AnatCL
 
+    source: str | None = None
     if isinstance(model, AnatCL):
         net = model
         dev = model.device if device is None else resolve_device(device)  # a model given loaded stays where it is
     else:
         from ..weights.loading import load_model
+        from ..weights.sources import fold_sources
 
         dev = resolve_device(device)
-        net = load_model(str(model), fold=fold, device=dev)
+        source = str(model)
+        ((path, path_fold),) = fold_sources(source, fold)  # a folder of fold<k>/ models gives fold k's folder
+        net = load_model(path, fold=path_fold, device=dev)
     net.to(dev).eval()
     config = net.config.preprocess
     affine = np.asarray(config.grid_affine, dtype=np.float64)
-    target = head_target(head, net, target_class=target_class) if head is not None else None
+    target = head_target(head, net, target_class=target_class, source=source) if head is not None else None
     out = Path(out_dir) if out_dir is not None else None
 
     items = list(inputs)
@@ -367,7 +381,10 @@ def explain(
 
     from tqdm.auto import tqdm
 
-    with tqdm(total=len(order), desc="explain", unit="scan", disable=not progress) as bar:
+    from ..encoding.progress import ProgressLog, bar_wanted
+
+    meter = ProgressLog(len(order), progress, verb="explained", log=logger)
+    with tqdm(total=len(order), desc="explain", unit="scan", disable=not bar_wanted(progress)) as bar:
         for idx in batches:
             x = torch.from_numpy(np.stack([prepared[i].array for i in idx])).to(dev)
             rel, scores, outs = _gradient_x_input(net, x, target)
@@ -382,25 +399,28 @@ def explain(
                                              f"anatcl-infer gradient x input: {target.label}")
                     if draw:
                         exp.png = out / f"{name}_relevance.png"
-                        _draw(exp, grid_rel, prepared[i], config, target.label)  # through the peak
+                        _draw(exp, grid_rel, prepared[i], config, target)  # through the peak
                 else:
                     exp.relevance = grid_rel
                 slots[i] = exp
                 prepared.pop(i)  # the conformed grid is no longer needed
             bar.update(len(idx))
+            meter.update(len(idx), 0)
     results += slots
     if out is not None:
         _write_table(results, out / "explain.csv")
     return results
 
 
-def _draw(exp: Explanation, grid_rel: np.ndarray, prepared: Any, config: PreprocessConfig, label: str) -> None:
+def _draw(exp: Explanation, grid_rel: np.ndarray, prepared: Any, config: PreprocessConfig, target: ExplainTarget) -> None:
     from .plots import render_relevance
 
+    label = target.label
     background = prepared.grid if prepared.grid is not None else to_grid(prepared.array[0], config)
     render_relevance(
         grid_rel, background, exp.png, config=config, title=exp.path, centre_mm=exp.peak_mm,
         subtitle=f"gradient x input of {label}; score {exp.score:.4g}" + (f" ({exp.output})" if exp.output != label else ""),
+        unit=f"{target.unit} per voxel",
     )
 
 

@@ -294,15 +294,26 @@ def _three_slices(
     path: str | os.PathLike[str] | None,
     dpi: int,
     overlay_window: float = 1.0,
+    colorbar_label: str | None = None,
 ) -> bytes:
-    """The three panels side by side under a two-line caption, as PNG bytes (see :func:`_png`)."""
+    """The three panels side by side under a two-line caption, as PNG bytes (see :func:`_png`).
+
+    With ``colorbar_label``, a colour bar of the overlay (its scale and unit) stands at the right.
+    """
     Figure, FigureCanvasAgg = _matplotlib()
     fig = Figure(figsize=_SLICES_INCHES, dpi=dpi, facecolor="white")
     FigureCanvasAgg(fig)
     widths = [view.image.shape[1] for view in views]
-    spec = fig.add_gridspec(1, 3, width_ratios=widths, left=0.01, right=0.99, bottom=0.04, top=0.80, wspace=0.04)
+    right = 0.99 if colorbar_label is None else 0.90
+    spec = fig.add_gridspec(1, 3, width_ratios=widths, left=0.01, right=right, bottom=0.04, top=0.80, wspace=0.04)
+    overlay = None
     for k, view in enumerate(views):
-        _draw_panel(fig.add_subplot(spec[0, k]), view, window, overlay_window=overlay_window)
+        shown = _draw_panel(fig.add_subplot(spec[0, k]), view, window, overlay_window=overlay_window)
+        overlay = overlay if overlay is not None else shown
+    if colorbar_label is not None and overlay is not None:
+        bar = fig.colorbar(overlay, cax=fig.add_axes((0.915, 0.08, 0.014, 0.68)))
+        bar.set_label(colorbar_label, fontsize=8)
+        bar.ax.tick_params(labelsize=7)
     if len(head) > 110:
         head = "..." + head[-107:]
     fig.text(0.01, 0.965, head, fontsize=10, fontweight="bold", va="top")
@@ -385,13 +396,15 @@ def render_relevance(
     centre_mm: Sequence[float] | None = None,
     orientation: str = "neurological",
     dpi: int = _DPI,
+    unit: str = "score units per voxel",
 ) -> bytes:
     """Draw a relevance map over its input: three slices, like the QC pictures.
 
     Red voxels raise the explained score, blue ones lower it (a diverging scale symmetric
     around 0, saturating at the 99.9th percentile of ``|relevance|``; values under 15 % of
-    that are not coloured). The cyan line is the reference brain outline, the dashed box
-    the model's field of view; panels are named by their MNI coordinates in mm.
+    that are not coloured); a colour bar at the right gives the scale in ``unit``. The cyan
+    line is the reference brain outline, the dashed box the model's field of view; panels are
+    named by their MNI coordinates in mm.
 
     Args:
         relevance: map on ``config.grid_shape`` (zeros outside the crop box).
@@ -404,6 +417,7 @@ def render_relevance(
         centre_mm: MNI point the three slices go through; default: the peak of ``|relevance|``.
         orientation: ``"neurological"`` or ``"radiological"``.
         dpi: resolution; the default gives :data:`SLICES_SIZE_PX`.
+        unit: the relevance's unit, on the colour bar (the score's unit per voxel, e.g. ``"years per voxel"``).
 
     Returns:
         The PNG bytes.
@@ -436,7 +450,8 @@ def render_relevance(
     line2 = (f"red raises the score, blue lowers it (scale +/-{scale:.2g}); {orientation} (L/R marked); "
              "cyan = reference brain outline; dashed box = model input")
     return _three_slices(
-        views, _window(bg), head=title, line2=line2, subtitle=subtitle, mm=mm, path=path, dpi=dpi, overlay_window=scale
+        views, _window(bg), head=title, line2=line2, subtitle=subtitle, mm=mm, path=path, dpi=dpi, overlay_window=scale,
+        colorbar_label=f"relevance ({unit})",
     )
 
 

@@ -33,7 +33,7 @@ import functools
 import logging
 import math
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -245,9 +245,16 @@ def qc_one(
 
 
 def _run(task: Callable[[Any, int], QCItem], inputs: list[Any], workers: int, progress: bool) -> list[QCItem]:
-    """``task(item, index)`` for every input, in this process or a process pool; results keep input order."""
+    """``task(item, index)`` for every input, in this process or a process pool; results keep input order.
+
+    Progress: a bar on a terminal, log lines (count, rate, ETA) otherwise.
+    """
     from tqdm.auto import tqdm
 
+    from ..encoding.progress import ProgressLog, bar_wanted
+
+    meter = ProgressLog(len(inputs), progress, verb="checked", log=logger)
+    out: list[QCItem] = []
     with contextlib.ExitStack() as stack:
         if workers <= 1 or len(inputs) <= 1:
             done: Iterable[QCItem] = map(task, inputs, range(len(inputs)))
@@ -256,7 +263,10 @@ def _run(task: Callable[[Any, int], QCItem], inputs: list[Any], workers: int, pr
 
             pool = stack.enter_context(ProcessPoolExecutor(max_workers=workers))
             done = pool.map(task, inputs, range(len(inputs)), chunksize=1)
-        return list(tqdm(done, total=len(inputs), desc="qc", unit="scan", disable=not progress))
+        for item in tqdm(done, total=len(inputs), desc="qc", unit="scan", disable=not bar_wanted(progress)):
+            out.append(item)
+            meter.update(int(item.ok), int(not item.ok))
+    return out
 
 
 def _fmt(value: Any) -> str:
@@ -443,6 +453,7 @@ def build_qc_report(
     progress: bool = False,
     failures: Sequence[tuple[str, str, str]] = (),
     from_t1: Any = None,
+    skipped: Mapping[str, str] | None = None,
 ) -> QCReport:
     """QC a cohort: pictures, metrics, flags, a contact sheet and one HTML page.
 
@@ -453,12 +464,15 @@ def build_qc_report(
         strict: refuse inputs whose kind is not what the model expects (reported as failed).
         workers: processes preparing and drawing in parallel (1: in this process).
         model_name: shown in the report and in kind warnings.
-        progress: show a progress bar.
+        progress: show progress: a bar on a terminal, else a log line every 30 s.
         failures: ``(path, stage, message)`` of inputs that failed before this step
             (e.g. discovery), reported with the others.
         from_t1: the inputs are raw T1s: ``True`` or a
             :class:`~anatcl_infer.inputs.t1_route.T1Route`; each goes through the route of
             ``config.input_kind`` first (see :func:`qc_one`). Tools are checked once, first.
+        skipped: ``{path: reason}`` of inputs that ``anatcl embed`` would leave out of a folder
+            (``discover_inputs(..., skipped=...)``): checked like the others and flagged with
+            ``skipped by anatcl embed: <reason>``. They do not count in the cohort's outlier statistics.
 
     Returns:
         A :class:`QCReport`.
@@ -501,14 +515,24 @@ def build_qc_report(
             logger.warning("%s: failed at %s: %s", it.path, it.stage, it.error)
 
     ok = [it for it in items if it.ok]
-    reasons = outlier_reasons([it.metrics for it in ok], expected_kind=config.input_kind) if ok else []
-    for it, why in zip(ok, reasons):
+    left_out = {os.path.abspath(k): v for k, v in (skipped or {}).items()}
+    cohort = [it for it in ok if os.path.abspath(it.path) not in left_out]
+    reasons = outlier_reasons([it.metrics for it in cohort], expected_kind=config.input_kind) if cohort else []
+    whys = {id(it): why for it, why in zip(cohort, reasons)}
+    for it in ok:
+        why = whys.get(id(it), "")
+        if os.path.abspath(it.path) in left_out:
+            extra = outlier_reasons([it.metrics], expected_kind=config.input_kind)[0]
+            why = "; ".join(w for w in (f"skipped by anatcl embed: {left_out[os.path.abspath(it.path)]}", extra) if w)
         it.reasons = why
         it.flagged = bool(why)
         if it.thumbnail is not None:
             it.thumbnail.flagged = it.flagged
         if why:
             logger.warning("%s: flagged: %s", it.path, why)
+    for it in items:
+        if not it.ok and os.path.abspath(it.path) in left_out:
+            it.reasons = f"skipped by anatcl embed: {left_out[os.path.abspath(it.path)]}"
 
     sheet_paths: list[Path] = []
     thumbs = [it.thumbnail for it in _order(ok) if it.thumbnail is not None]

@@ -205,7 +205,7 @@ def fit_head(
                 counts = pd.Series(y).astype(str).value_counts()
                 if counts.min() < cv:
                     raise HeadError(f"fold {fold}: class {counts.idxmin()!r} has {counts.min()} sample(s); {cv}-fold CV "
-                                    f"needs at least {cv} per class (lower --cv or add data)")
+                                    f"needs at least {cv} per class (lower cv= or add data)")
                 y = np.asarray([classes.index(_to_native(v)) for v in y])  # type: ignore[union-attr]
             fh, oof, strength = _fit_fold(X, y, groups, kind=kind, cv=cv, seed=seed, alphas=alphas)
             fh.fold = fold

@@ -140,7 +140,7 @@ class Head:
             if fold not in self.folds and (has_fold_column or len(self.folds) != 1):
                 raise HeadError(
                     f"the features include fold {fold} but the head has heads for folds {list(self.folds)} only; "
-                    f"embed with one of those folds (`anatcl embed --fold ...`) or fit a head on these features"
+                    "use features of one of those folds (from that fold's model) or fit a head on these features"
                 )
 
     def check_features(self, df: pd.DataFrame, metadata: dict[str, Any] | None = None) -> None:

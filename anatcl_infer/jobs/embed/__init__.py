@@ -34,7 +34,7 @@ from __future__ import annotations
 from ...downstream.features import METADATA_KEY
 
 from .models import check_head, weights_sha256, weights_unchanged
-from .outputs import OutputLayout, _Parts, _output_error, _read_table, _write_table, errors_path_for, output_layout
+from .outputs import OutputLayout, _Parts, _output_error, _read_table, _write_table, check_output_free, errors_path_for, output_layout
 from .resume import _file_sha256
 from .run import EmbedSummary, distributed_shard, run_embed, shard_records
 from .signals import Interrupted
@@ -50,6 +50,7 @@ __all__ = [
     "Interrupted",
     "OutputLayout",
     "output_layout",
+    "check_output_free",
     "run_embed",
     "shard_records",
     "distributed_shard",

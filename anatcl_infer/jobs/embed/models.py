@@ -130,10 +130,25 @@ def _metadata(models: Sequence[AnatCL], device: str) -> dict[str, Any]:
     }
 
 
-def check_head(head_dir: str | os.PathLike[str], models: Sequence[AnatCL]) -> None:
-    """Raise :class:`HeadError` unless the head was fitted on these models' weights (SHA-256, else name) and folds."""
+def check_head(head_dir: str | os.PathLike[str], models: Sequence[AnatCL], *, source: str | os.PathLike[str] | None = None) -> None:
+    """Raise :class:`HeadError` unless the head was fitted on these models' weights (SHA-256, else name) and folds.
+
+    ``source`` is what the models were loaded from (``--model``): a fold mismatch then says how
+    to get the head's fold in words that fit it (:func:`~anatcl_infer.weights.sources.fold_advice`).
+    """
     from ..._optional import require
     from ...downstream.heads import Head
+    from ...errors import HeadError
+    from ...weights.sources import fold_advice
 
     require("sklearn", "sklearn", "pandas")  # applying a head needs the [sklearn] extra: say so first
-    Head.load(head_dir).check_model(_metadata(models, "-"), feature_dim=models[0].config.feature_dim)
+    head = Head.load(head_dir)
+    have = [m.config.fold for m in models]
+    fitted = sorted((k for k in head.folds if k is not None), key=int)
+    missing = [f for f in have if f is not None and f not in head.folds]
+    if missing and fitted and not (len(head.folds) == 1 and len(have) == 1 and None in head.folds):
+        raise HeadError(
+            f"the head was fitted on features of fold{'s' if len(fitted) > 1 else ''} {', '.join(map(str, fitted))}, "
+            f"the model is fold {', '.join(map(str, missing))}; {fold_advice(source, fitted[0])}"
+        )
+    head.check_model(_metadata(models, "-"), feature_dim=models[0].config.feature_dim)

@@ -115,6 +115,24 @@ def output_layout(
     )
 
 
+def check_output_free(layout: OutputLayout, *, resume: bool = False, overwrite: bool = False) -> None:
+    """Raise :class:`ConfigError` when the run would clobber an output or an interrupted run's work.
+
+    Checked before the model is loaded (a mistake costs nothing) and again under the output's lock.
+
+    Example:
+        >>> check_output_free(output_layout("new.parquet"))
+    """
+    if resume or overwrite:
+        return
+    if layout.out.exists():
+        raise ConfigError(f"{layout.out} already exists; pass --resume to add what is missing, or --overwrite to replace it")
+    if layout.partial_dir.exists():
+        raise ConfigError(
+            f"an interrupted run left {layout.partial_dir}; pass --resume to continue it, or --overwrite to start over"
+        )
+
+
 def errors_path_for(out: Path) -> Path:
     """``feats.parquet`` -> ``feats.errors.csv`` beside it."""
     stem = out.name.split(".")[0] if "." in out.name else out.name
@@ -239,6 +257,13 @@ def _write_final(table: pa.Table, out: Path, fmt: str, meta: dict[str, Any]) -> 
         tmp.write_text(json.dumps(meta, indent=2) + "\n")
     with atomic_path(out) as tmp:
         pacsv.write_csv(table, tmp)
+
+
+def _remove_output(out: Path, fmt: str) -> None:
+    """Remove an output table (and a CSV's metadata file) that a run replaces with nothing."""
+    out.unlink(missing_ok=True)
+    if fmt == "csv":
+        out.with_name(out.name + ".meta.json").unlink(missing_ok=True)
 
 
 def _write_errors(path: Path, failures: Sequence[dict[str, Any]]) -> None:

@@ -23,7 +23,7 @@ import numpy as np
 from ...errors import ConfigError
 from .lock import _OutputLock
 from .models import _FoldStack, _metadata, check_head
-from .outputs import OutputLayout, _Parts, _read_existing, _write_errors, _write_final, _writing, output_layout
+from .outputs import OutputLayout, _Parts, _read_existing, _remove_output, _write_errors, _write_final, _writing, check_output_free, output_layout
 from .progress import _ProgressLog
 from .resume import _check_compatible, _Fingerprints, _Freshness, _still_done
 from .signals import Interrupted, _stop_on_signals
@@ -56,6 +56,9 @@ class EmbedSummary:
     #: number of rows in the table written
     n_rows: int = 0
     n_warned: int = 0  # inputs written with a warning (wrong kind, odd position...), each logged once
+    #: whether ``out`` was written: not when no row could be made (every input failed), so that a
+    #: mistyped path leaves no empty table behind to block the corrected command
+    written: bool = True
 
     @property
     def ok(self) -> bool:
@@ -130,7 +133,9 @@ def run_embed(
             model's preprocessing; recorded in the table's metadata (a resume must use the same route).
 
     Returns:
-        An :class:`EmbedSummary`; ``summary.failures`` lists the inputs that failed.
+        An :class:`EmbedSummary`; ``summary.failures`` lists the inputs that failed. When every input
+        failed and no row exists, no table is written (``summary.written`` is False; an existing
+        ``out`` is removed) and only the errors file is.
 
     Raises:
         ConfigError: an existing output without ``resume``/``overwrite``, or a resume on another model.
@@ -204,12 +209,7 @@ def _run_locked(
 
     batch_size = int(encode_kwargs.get("batch_size", 8))
     out, fmt, partial_dir, errors_path = layout.out, layout.fmt, layout.partial_dir, layout.errors_path
-    if out.exists() and not (resume or overwrite):
-        raise ConfigError(f"{out} already exists; pass --resume to add what is missing, or --overwrite to replace it")
-    if partial_dir.exists() and not (resume or overwrite):
-        raise ConfigError(
-            f"an interrupted run left {partial_dir}; pass --resume to continue it, or --overwrite to start over"
-        )
+    check_output_free(layout, resume=resume, overwrite=overwrite)
     if overwrite and not resume:
         shutil.rmtree(partial_dir, ignore_errors=True)
 
@@ -287,12 +287,18 @@ def _run_locked(
 
         final = add_qc_flags(final, expected_kind=models[0].config.preprocess.input_kind)
     final = final.select([c for c in final.column_names if c not in _FINGERPRINT_COLUMNS] + list(_FINGERPRINT_COLUMNS))
-    if head is not None:
+    written = final.num_rows > 0 or not failures  # every input failed: no empty table to block the corrected rerun
+    if head is not None and written:
         final = _add_head_columns(final, head, meta, coverage)
     with _writing(out, kept=partial_dir):
-        _write_final(final, out, fmt, meta)
+        if written:
+            _write_final(final, out, fmt, meta)
+        else:
+            _remove_output(out, fmt)
+            logger.info("no input could be embedded: nothing was written to %s (the failures are in %s)", out, errors_path)
         _write_errors(errors_path, failures)
     shutil.rmtree(partial_dir, ignore_errors=True)
     n_inputs = len(records) + len(prior_failures)
     return EmbedSummary(out, errors_path if failures else None, n_inputs, n_written, skipped, failures,
-                        changed=sorted(fresh.changed), n_dropped=len(fresh.gone), n_rows=final.num_rows, n_warned=n_warned)
+                        changed=sorted(fresh.changed), n_dropped=len(fresh.gone), n_rows=final.num_rows, n_warned=n_warned,
+                        written=written)
