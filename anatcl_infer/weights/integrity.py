@@ -31,7 +31,7 @@ from .._files import atomic_path, regular_file_sha256
 from ..config import CONFIG_NAME, WEIGHTS_NAME
 from ..errors import IntegrityError
 
-__all__ = ["RECORD_NAME", "STAMP_NAME", "write_record", "verify_model_dir", "integrity_problem"]
+__all__ = ["RECORD_NAME", "STAMP_NAME", "write_record", "mark_checked", "verify_model_dir", "integrity_problem"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,8 +73,18 @@ def write_record(directory: str | os.PathLike[str], *, source: str, source_sha25
     path = directory / RECORD_NAME
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(record, indent=2) + "\n")
-    _write_stamp(directory, record["files"][WEIGHTS_NAME]["sha256"])
     return path
+
+
+def mark_checked(directory: str | os.PathLike[str]) -> None:
+    """Stamp the weights of a folder just written with :func:`write_record` (and moved into place) as checked.
+
+    Called by the writer once the folder is final (moving it and setting its modes change the
+    ctime), so the first load does not hash again what was hashed a moment ago.
+    """
+    record = _read_record(Path(directory))
+    if record is not None:
+        _write_stamp(Path(directory), record["files"][WEIGHTS_NAME]["sha256"])
 
 
 def _write_stamp(directory: Path, sha256: str) -> None:

@@ -36,7 +36,7 @@ from ..config import CONFIG_NAME, WEIGHTS_NAME, ModelConfig
 from .download import cache_dir, download_url, hf_download, is_offline, offline_hint, prefetch_hint, verify_sha256
 from ..errors import CheckpointError, ConfigError, DownloadError, IntegrityError, OfflineError, UnsafeCheckpointError
 from .._files import atomic_dir
-from .integrity import integrity_problem, verify_model_dir, write_record
+from .integrity import integrity_problem, mark_checked, verify_model_dir, write_record
 from .registry import ResolvedModel, canonical_name, find_by_sha256, resolve
 from .untrained import is_untrained_name, untrained_model
 
@@ -180,6 +180,7 @@ def _download_and_convert(url: str, target: Path, config: ModelConfig, sha256: s
         with atomic_dir(target) as staging:  # the folder appears (or replaces the old one) with its record
             convert_checkpoint(pth, staging, config)
             write_record(staging, source=url, source_sha256=actual)
+        mark_checked(target)
     finally:
         pth.unlink(missing_ok=True)
     logger.info("converted %s into %s", url, target)
