@@ -28,6 +28,8 @@ __all__ = [
     "ModelConfig",
     "CONFIG_NAME",
     "WEIGHTS_NAME",
+    "UNTRAINED",
+    "is_untrained_source",
 ]
 
 logger = logging.getLogger(__name__)
@@ -43,6 +45,11 @@ REFERENCE_AFFINE: tuple[tuple[float, ...], ...] = (
     (0.0, 0.0, 1.5, -72.0),
     (0.0, 0.0, 0.0, 1.0),
 )
+
+#: name, variant and source (``untrained:seed=<n>``) of a randomly initialised network
+UNTRAINED = "untrained"
+#: labels an untrained network may never carry: those of the published models
+_PUBLISHED_LABELS = ("anatcl-global", "anatcl-local", "global", "local")
 
 _INPUT_KINDS = ("gm", "t1")
 #: bounds of a plausible grid (voxels per axis, voxels in all): a config.json cannot ask for more memory
@@ -167,6 +174,10 @@ class ModelConfig:
         feature_dim: size of the encoder output.
         projection_dim: size of the contrastive projection.
         preprocess: the preprocessing spec.
+
+    A config whose ``source`` is ``untrained`` (or ``untrained:<detail>``) describes random
+    weights: it never carries a published model's labels (name and variant ``anatcl-global``/
+    ``anatcl-local``/``global``/``local`` become ``untrained``, the fold ``None``).
     """
 
     architecture: str = "resnet18"
@@ -196,6 +207,12 @@ class ModelConfig:
             raise ConfigError("source must be text and source_sha256 text or null")
         if not isinstance(self.preprocess, PreprocessConfig):
             raise ConfigError(f"preprocess must be a preprocessing spec, got {type(self.preprocess).__name__}")
+        if is_untrained_source(self.source) and self.name in _PUBLISHED_LABELS:
+            # random weights never pass for a published model (the defaults name anatcl-global fold 0)
+            object.__setattr__(self, "name", UNTRAINED)
+            object.__setattr__(self, "fold", None)
+            if self.variant in _PUBLISHED_LABELS:
+                object.__setattr__(self, "variant", UNTRAINED)
 
     def to_dict(self) -> dict[str, Any]:
         """The ``config.json`` content, with a version block."""
@@ -246,6 +263,16 @@ class ModelConfig:
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{path} is not valid JSON: {exc}") from None
         return cls.from_dict(data)
+
+
+def is_untrained_source(source: object) -> bool:
+    """True for the ``source`` of a randomly initialised network: ``untrained`` or ``untrained:<detail>``.
+
+    Example:
+        >>> is_untrained_source("untrained:seed=0"), is_untrained_source("https://example.org/fold0.pth")
+        (True, False)
+    """
+    return isinstance(source, str) and (source == UNTRAINED or source.startswith(UNTRAINED + ":"))
 
 
 #: values of ANATCL_OFFLINE / HF_HUB_OFFLINE that turn offline mode on

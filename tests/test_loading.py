@@ -221,7 +221,8 @@ def test_registry_falls_back_converts_once_and_removes_pth(monkeypatch, file_ser
     assert (cfg.name, cfg.variant, cfg.fold) == ("anatcl-global", "global", 0)
     assert cfg.source == sources[1]["url"] and cfg.source_sha256 == hashlib.sha256(pth_bytes).hexdigest()
     target = registry_model_dir("anatcl-global", 0)
-    assert sorted(p.name for p in target.iterdir()) == ["config.json", "model.safetensors"]
+    # the model, its integrity record, and the stamp of its last check
+    assert sorted(p.name for p in target.iterdir()) == ["config.json", "integrity-checked.json", "integrity.json", "model.safetensors"]
     assert json.loads((target / "config.json").read_text())["source"] == sources[1]["url"]
     assert not list((cache_dir() / "downloads").iterdir())  # the .pth is gone
     gets = file_server.gets("/v1/g3/fold0.pth")

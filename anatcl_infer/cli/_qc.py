@@ -29,7 +29,10 @@ def _resolve_spec(model: Optional[str]) -> tuple[object, str]:
     if path.exists():
         return ModelConfig.load(path).preprocess, str(path)
     from ..weights.registry import canonical_name
+    from ..weights.untrained import UNTRAINED, is_untrained_name
 
+    if is_untrained_name(model):
+        return PreprocessConfig(), UNTRAINED  # random weights on the published spec
     name = canonical_name(model)  # raises UnknownModelError with the valid names
     return PreprocessConfig(), name  # every registry model uses the published spec
 
@@ -38,7 +41,7 @@ def _resolve_spec(model: Optional[str]) -> tuple[object, str]:
 def qc(
     inputs: list[str] = typer.Argument(..., help="NIfTI files, directories (searched recursively), glob patterns, a .txt list of paths, or a BIDS root.", show_default=False),
     out: Path = typer.Option(..., "--out", "-o", help="Report folder: index.html, qc_metrics.csv, images/, contact_sheet.png."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Whose preprocessing spec to use: a registry name or a model directory (no weights are needed). Default: the published grey-matter spec."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Whose preprocessing spec to use: a registry name, untrained, or a model directory (no weights are needed). Default: the published grey-matter spec."),
     strict: bool = typer.Option(False, "--strict", help="Fail inputs that do not look like what the model expects (instead of flagging them)."),
     workers: int = typer.Option(1, "--workers", "-j", min=1, help="Processes preparing and drawing in parallel."),
     from_t1: bool = typer.Option(False, "--from-t1", help="Inputs are raw native-space T1s: run the route of the model's input kind first (extra [prep]); pictures show the registered image, with its similarity to MNI152 (flagged when low)."),

@@ -30,14 +30,14 @@ def models(
     Example:  anatcl models
     """
     from ..weights.download import cache_dir, is_offline
-    from ..weights.loading import cached_state, registry_model_dir
+    from ..weights.loading import cache_check, repair_hint
     from ..weights.registry import FOLDS, list_models, resolve
 
     rows = []
     for name in list_models():
         for fold in FOLDS:
             resolved = resolve(name, fold)
-            state = cached_state(name, fold)
+            state, folder, problem = cache_check(name, fold)
             rows.append(
                 {
                     "name": name,
@@ -45,7 +45,9 @@ def models(
                     "fold": fold,
                     "cached": state is not None,
                     "hash_verified": state == "verified" if state else None,
-                    "path": str(registry_model_dir(name, fold, verified=state != "unverified")),
+                    "integrity": None if state is None else "failed" if problem else "ok",
+                    "problem": problem,
+                    "path": str(folder),
                     "hub_mirror": resolved.hub_repo,
                     "sources": [dataclasses.asdict(s) for s in resolved.sources],
                 }
@@ -57,14 +59,18 @@ def models(
     for row in rows:
         primary = row["sources"][0]
         sha = (primary["sha256"] or "unknown")[:16]
-        state = "-" if not row["cached"] else "cached" if row["hash_verified"] else "cached (not hash-verified)"
+        state = ("-" if not row["cached"] else "CACHED COPY FAILS ITS CHECK" if row["problem"]
+                 else "cached, verified" if row["hash_verified"] else "cached (not hash-verified)")
         typer.echo(f"{row['name']:<14} ({row['variant']:<6}) fold {row['fold']}  {state:<6}  sha256 {sha:<16}  {primary['release']}")
-        if row["cached"] and not row["hash_verified"]:
+        if row["problem"]:
+            typer.echo(f"    {row['path']}: {row['problem']}; repair: {repair_hint(row['name'], row['fold'])}")
+        elif row["cached"] and not row["hash_verified"]:
             typer.echo(f"    {row['path']}: its source has no SHA-256 in the manifest (format and shapes checked)")
         if row["hub_mirror"]:
             typer.echo(f"    hub mirror: hf://{row['hub_mirror']}")
         for source in row["sources"]:
             typer.echo(f"    {source['release']}: {source['url']}")
+    typer.echo("untrained      random weights (published network and spec), offline, no download: --model untrained")
     typer.echo("Folds are separate models: never average embeddings across folds.")
 
 
@@ -72,6 +78,7 @@ def models(
 def download(
     name: str = typer.Argument(..., help="anatcl-global, anatcl-local (or an alias), or 'all'."),
     fold: str = typer.Option("0", "--fold", help="Fold 0-4 or 'all'."),
+    force: bool = typer.Option(False, "--force", help="Download and convert again even if cached, replacing the cached copy (repairs one that fails its integrity check)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Warnings and errors only."),
 ) -> None:
     """Pre-fetch registry weights into the cache (for offline clusters: copy $ANATCL_CACHE).
@@ -94,7 +101,7 @@ def download(
     for model_name in names:
         for k in folds:
             try:
-                path = fetch_registry_model(model_name, k, retry_verified=True)
+                path = fetch_registry_model(model_name, k, retry_verified=True, force=force)
             except OfflineError:
                 offline.append(f"{model_name} fold {k}")  # summarised below, not one paragraph each
                 continue

@@ -3,6 +3,8 @@
 ``registry`` (published models, from the top-level ``weights/manifest.json``) → ``download``
 (URLs and the Hugging Face Hub, hash-verified) → ``unpickle`` (the authors' pickles, no code run)
 → ``convert`` (original file → ``config.json`` + ``model.safetensors``) → ``checkpoint`` (that
-format, strict keys) → ``loading.load_model`` (any source to a ready network). ``publish`` pushes a
-converted model to the Hub.
+format, strict keys) → ``integrity`` (the record written beside a cached model at conversion,
+checked at every load) → ``loading.load_model`` (any source to a ready network). ``untrained``
+builds the published network with random weights from a seed; ``publish`` pushes a converted
+model to the Hub.
 """

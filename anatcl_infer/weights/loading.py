@@ -8,10 +8,15 @@ Sources, tried in this order of interpretation:
    into ``<cache>/models/url-<hash>/`` and the ``.pth`` removed;
 3. an existing local path: a model directory (``config.json`` + ``model.safetensors``),
    a ``.safetensors`` file, or an original ``.pth``/``.pt`` (read safely);
-4. a registry name (``anatcl-global``, ``anatcl-local`` and their aliases) with a fold:
+4. ``untrained``: the published network with random weights drawn from ``seed``
+   (nothing downloaded; see :mod:`anatcl_infer.weights.untrained`);
+5. a registry name (``anatcl-global``, ``anatcl-local`` and their aliases) with a fold:
    the Hub mirror first when ``ANATCL_HUB_REPO`` is set, else (or on failure) the
    original URLs, converted once into ``<cache>/models/<name>/fold<k>/`` -- or
    ``fold<k>-unverified/`` when the manifest knows no SHA-256 for the file used.
+
+Every converted folder carries an ``integrity.json`` (:mod:`.integrity`) and is checked
+against it, and against the registry's SHA-256, each time it is loaded from the cache.
 """
 
 from __future__ import annotations
@@ -22,13 +27,18 @@ import hashlib
 import logging
 import operator
 import os
+import shutil
+from collections.abc import Collection
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..config import CONFIG_NAME, WEIGHTS_NAME, ModelConfig
 from .download import cache_dir, download_url, hf_download, is_offline, offline_hint, prefetch_hint, verify_sha256
 from ..errors import CheckpointError, ConfigError, DownloadError, IntegrityError, OfflineError, UnsafeCheckpointError
-from .registry import canonical_name, find_by_sha256, resolve
+from .._files import atomic_dir
+from .integrity import integrity_problem, mark_checked, verify_model_dir, write_record
+from .registry import ResolvedModel, canonical_name, find_by_sha256, resolve
+from .untrained import is_untrained_name, untrained_model
 
 if TYPE_CHECKING:
     import torch
@@ -36,7 +46,10 @@ if TYPE_CHECKING:
     from ..model.network import AnatCL
     from ..model.resnet import AnatCLNetwork
 
-__all__ = ["load_model", "fetch_registry_model", "registry_model_dir", "parse_hf_address", "cached_state", "UNVERIFIED_SUFFIX"]
+__all__ = [
+    "load_model", "fetch_registry_model", "registry_model_dir", "parse_hf_address", "cached_state", "cache_check",
+    "repair_hint", "UNVERIFIED_SUFFIX",
+]
 
 #: folder suffix of a registry model whose original file had no known SHA-256
 UNVERIFIED_SUFFIX = "-unverified"
@@ -97,18 +110,47 @@ def _is_model_dir(path: Path) -> bool:
     return (path / CONFIG_NAME).is_file() and (path / WEIGHTS_NAME).is_file()
 
 
+def _known_sources(resolved: ResolvedModel, sha256: str | None = None) -> set[str]:
+    """The SHA-256s accepted for the original file: the caller's, else the manifest's."""
+    return {sha256.lower()} if sha256 else {s.sha256.lower() for s in resolved.sources if s.sha256}
+
+
+def repair_hint(name: str, fold: int) -> str:
+    """The command that replaces a damaged cached copy of a registry model."""
+    return (f"`anatcl download {canonical_name(name)} --fold {fold} --force` (offline: run it on a machine with "
+            "network and copy the whole folder, integrity.json included), or delete the folder and load again")
+
+
+def cache_check(name: str, fold: int) -> tuple[str | None, Path, str | None]:
+    """What the cache holds for a registry model: ``(state, folder, problem)``.
+
+    ``state`` is ``"verified"`` (a hash-verified source, and the folder matches its record),
+    ``"unverified"`` (no known SHA-256 for its source; the folder matches its record),
+    ``"failed"`` (the folder fails its integrity check: ``problem`` says why) or None (not cached).
+
+    Example:
+        >>> cache_check("anatcl-global", 0)  # doctest: +SKIP
+        ('verified', PosixPath('/home/me/.cache/anatcl/models/anatcl-global/fold0'), None)
+    """
+    resolved = resolve(name, _check_fold(fold))
+    for verified in (True, False):
+        folder = registry_model_dir(resolved.name, fold, verified=verified)
+        if _is_model_dir(folder):
+            problem = integrity_problem(folder, _known_sources(resolved) if verified else ())
+            state = "failed" if problem else "verified" if verified else "unverified"
+            return state, folder, problem
+    return None, registry_model_dir(resolved.name, fold), None
+
+
 def cached_state(name: str, fold: int) -> str | None:
-    """``"verified"``, ``"unverified"`` (no known SHA-256 for its source) or None (not cached).
+    """``"verified"``, ``"unverified"`` (no known SHA-256 for its source), ``"failed"`` (fails its
+    integrity check) or None (not cached); see :func:`cache_check`.
 
     Example:
         >>> cached_state("anatcl-global", 0)  # doctest: +SKIP
         'verified'
     """
-    if _is_model_dir(registry_model_dir(name, fold)):
-        return "verified"
-    if _is_model_dir(registry_model_dir(name, fold, verified=False)):
-        return "unverified"
-    return None
+    return cache_check(name, fold)[0]
 
 
 def _check_recorded_sha(directory: Path, sha256: str | None) -> None:
@@ -136,14 +178,19 @@ def _download_and_convert(url: str, target: Path, config: ModelConfig, sha256: s
     actual = download_url(url, pth, sha256=sha256, size=size, hint=hint or prefetch_hint())
     try:
         config = dataclasses.replace(config, source=url, source_sha256=actual)
-        convert_checkpoint(pth, target, config)
+        with atomic_dir(target) as staging:  # the folder appears (or replaces the old one) with its record
+            convert_checkpoint(pth, staging, config)
+            write_record(staging, source=url, source_sha256=actual)
+        mark_checked(target)
     finally:
         pth.unlink(missing_ok=True)
     logger.info("converted %s into %s", url, target)
     return target
 
 
-def fetch_registry_model(name: str, fold: int = 0, *, sha256: str | None = None, revision: str | None = None, retry_verified: bool = False) -> Path:
+def fetch_registry_model(
+    name: str, fold: int = 0, *, sha256: str | None = None, revision: str | None = None, retry_verified: bool = False, force: bool = False
+) -> Path:
     """Make sure a registry model is available locally and return its directory.
 
     With ``ANATCL_HUB_REPO`` set the Hub mirror is tried first (files stay in the
@@ -159,11 +206,17 @@ def fetch_registry_model(name: str, fold: int = 0, *, sha256: str | None = None,
         revision: Hub revision of the mirror.
         retry_verified: with a not hash-verified copy cached, try the hash-verified
             sources again first (``anatcl download`` does).
+        force: download and convert again even when a copy is cached, replacing it
+            (``anatcl download --force``: the repair of a copy that fails its check).
+
+    A cached copy is checked against the ``integrity.json`` written beside it at conversion
+    and against the manifest's SHA-256 before it is returned.
 
     Raises:
-        OfflineError: offline and not cached.
+        OfflineError: offline and not cached (or ``force`` while offline).
         DownloadError: every source failed (each is listed).
-        IntegrityError: a source served a file with the wrong hash.
+        IntegrityError: a source served a file with the wrong hash, or the cached copy
+            fails its integrity check (the message names the folder and the repair).
 
     Example:
         >>> fetch_registry_model("anatcl-global", 0)  # doctest: +SKIP
@@ -184,19 +237,24 @@ def fetch_registry_model(name: str, fold: int = 0, *, sha256: str | None = None,
         except DownloadError as exc:
             logger.warning("Hub mirror %s failed (%s); falling back to the original URLs", resolved.hub_repo, exc)
     target = registry_model_dir(resolved.name, fold)
-    if _is_model_dir(target):
+    repair = repair_hint(resolved.name, fold)
+    if _is_model_dir(target) and not force:
         _check_recorded_sha(target, sha256)
+        verify_model_dir(target, _known_sources(resolved, sha256), repair=repair)
         return target
     unverified = registry_model_dir(resolved.name, fold, verified=False)
     hashed = [s for s in resolved.sources if sha256 or s.sha256]
-    if _is_model_dir(unverified) and (not retry_verified or not hashed or is_offline()):
+    if _is_model_dir(unverified) and not force and (not retry_verified or not hashed or is_offline()):
         _check_recorded_sha(unverified, sha256)
+        verify_model_dir(unverified, (), repair=repair)
         logger.warning(
             "%s fold %d: using %s, converted from a file whose SHA-256 is not known to the manifest "
             "(not hash-verified; its hash is recorded in config.json)", resolved.name, fold, unverified,
         )
         return unverified
     if is_offline():
+        if force:
+            raise OfflineError(f"offline mode is on: {resolved.name} fold {fold} cannot be downloaded again (--force); {offline_hint(resolved.name, fold)}", url=resolved.sources[0].url)
         raise OfflineError(f"offline mode is on and {resolved.name} fold {fold} is not in the cache ({target}); {offline_hint(resolved.name, fold)}", url=resolved.sources[0].url)
     config = ModelConfig(architecture=resolved.architecture, variant=resolved.variant, fold=fold, name=resolved.name)
     failures = []
@@ -218,8 +276,9 @@ def fetch_registry_model(name: str, fold: int = 0, *, sha256: str | None = None,
                 "%s fold %d: the manifest has no SHA-256 for %s; the file passed the format and shape checks and "
                 "is cached as not hash-verified in %s", resolved.name, fold, source.url, path,
             )
+            _drop_failing(target, _known_sources(resolved, sha256))
         return path
-    if _is_model_dir(unverified):
+    if _is_model_dir(unverified) and not integrity_problem(unverified):
         logger.warning("%s fold %d: the hash-verified source failed; using the not hash-verified copy %s", resolved.name, fold, unverified)
         return unverified
     raise DownloadError(
@@ -231,6 +290,13 @@ def fetch_registry_model(name: str, fold: int = 0, *, sha256: str | None = None,
     )
 
 
+def _drop_failing(folder: Path, expected_sources: Collection[str]) -> None:
+    """Remove a cached copy that fails its integrity check (a forced download replaced it elsewhere)."""
+    if _is_model_dir(folder) and (problem := integrity_problem(folder, expected_sources)):
+        logger.warning("removing %s, which fails its integrity check (%s)", folder, problem)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def _load_url(url: str, sha256: str | None) -> Path:
     """Directory of the converted model for an original ``.pth`` URL (downloaded once)."""
     from .convert import guess_identity
@@ -238,6 +304,7 @@ def _load_url(url: str, sha256: str | None) -> Path:
     target = cache_dir() / "models" / f"url-{hashlib.sha256(url.encode()).hexdigest()[:16]}"
     if _is_model_dir(target):
         _check_recorded_sha(target, sha256)
+        verify_model_dir(target, {sha256} if sha256 else (), repair=f"delete {target} and load {url} again")
         return target
     name, variant, fold = guess_identity(url)
     hint = f"download {url} on a machine with network and load the file directly (load_model('fold0.pth'))"
@@ -294,12 +361,14 @@ def load_model(
     sha256: str | None = None,
     device: str | torch.device | None = None,
     cls: type[AnatCLNetwork] | None = None,
+    seed: int | None = None,
 ) -> AnatCL:
     """Load AnatCL weights from the registry, the Hub, a URL or a local file.
 
     Args:
         source: a registry name (``anatcl-global``, ``anatcl-local``, aliases ``global``,
-            ``g3``, ``local``, ``l3``); ``hf://org/name[@revision]`` (or timm's ``hf-hub:org/name``); an http(s) URL of an
+            ``g3``, ``local``, ``l3``); ``untrained`` (random weights, offline, to try things
+            before the weights are fetched); ``hf://org/name[@revision]`` (or timm's ``hf-hub:org/name``); an http(s) URL of an
             original ``.pth``; a local ``.pth``/``.pt``/``.safetensors`` file; or a
             directory holding ``config.json`` + ``model.safetensors``.
         fold: cross-validation fold (0-4) of a registry model (default 0). Folds are
@@ -314,6 +383,8 @@ def load_model(
             best available.
         cls: the class to build (what ``AnatCL.from_pretrained`` passes); default
             :func:`~anatcl_infer.model.resnet.model_class`, the public ``AnatCL``.
+        seed: the random draw of the ``untrained`` model (default 0; the same seed gives the
+            same weights). Only for ``untrained``.
 
     Returns:
         An :class:`~anatcl_infer.model.AnatCL` (or ``cls``) in eval mode on ``device``, carrying its
@@ -342,9 +413,16 @@ def load_model(
         text = "hf://" + text[len("hf-hub:"):].lstrip("/")
     is_hf = text.startswith("hf://")
     is_url = text.startswith(("http://", "https://"))
+    untrained = not is_hf and not is_url and is_untrained_name(text) and not Path(text).expanduser().exists()
+    if seed is not None and not untrained:
+        raise ConfigError(f"seed={seed!r:.40} applies only to load_model('untrained'), not to {text!r}")
     if revision is not None and not is_hf and (is_url or Path(text).expanduser().exists()):
         raise ConfigError(f"revision={revision!r} applies only to hf:// sources and the registry's Hub mirror (ANATCL_HUB_REPO), not to {text!r}")
-    if is_hf:
+    if untrained:
+        if revision is not None or sha256:
+            raise ConfigError("revision= and sha256= do not apply to the untrained model (random weights, nothing is read)")
+        model = untrained_model(0 if seed is None else seed, cls=cls)
+    elif is_hf:
         repo, rev = parse_hf_address(text, revision)
         files = hf_download(repo, (CONFIG_NAME, WEIGHTS_NAME), revision=rev)
         if sha256:
