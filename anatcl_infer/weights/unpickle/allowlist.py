@@ -309,14 +309,15 @@ def _inert(module: str, name: str) -> bool:
 class _SafeUnpickler(pickle.Unpickler):
     """Unpickler resolving globals from the allowlist and storages through ``storage``."""
 
-    def __init__(self, file: Any, *, path: str, storage: Callable[[str, torch.dtype, int, Any], _Storage] | None) -> None:
+    def __init__(self, file: Any, *, path: str, storage: Callable[[str, torch.dtype, int, Any], _Storage] | None,
+                 partial_callables: set[tuple[str, str]] | None = None) -> None:
         super().__init__(file)
+        self._partial_callables = partial_callables or set()
         self._path = path
         self._storage = storage
         self._storages: dict[str, _Storage] = {}
         self._classes: dict[tuple[str, str], type] = {}
         self._calls: dict[tuple[str, str], _Frozen] = {}
-        self._after_partial = False
         self._namespace = _FrozenType("Namespace", (_Namespace,), {"__module__": "argparse"})
         self.placeholders: set[str] = set()
 
@@ -333,6 +334,8 @@ class _SafeUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if not isinstance(module, str) or not isinstance(name, str):
             raise _bad("global names must be text")
+        # the callable of a functools.partial (found by the pre-scan) is inert like the partial itself
+        after_partial = (module, name) in self._partial_callables
         # Python-2 names (protocol <= 2 pickles: ``__builtin__``, ``commands.Popen``...) mean what
         # a standard unpickler would map them to, so they meet the same allowlist.
         if (module, name) in _compat_pickle.NAME_MAPPING:
@@ -340,7 +343,6 @@ class _SafeUnpickler(pickle.Unpickler):
         elif module in _compat_pickle.IMPORT_MAPPING:
             module = _compat_pickle.IMPORT_MAPPING[module]
         qualified = f"{module}.{name}"
-        after_partial, self._after_partial = self._after_partial, False
         if (module, name) == ("argparse", "Namespace"):
             return self._namespace
         allowed = _ALLOWED.get((module, name))
@@ -356,11 +358,8 @@ class _SafeUnpickler(pickle.Unpickler):
                 self._calls[key] = _inert_call(qualified)
             return self._calls[key]
         guarded = root in _GUARDED_ROOTS or root.startswith("_")
-        # the callable of a functools.partial (the global named right after it) is inert like the partial
         if guarded and not after_partial and not _inert(module, name) and not _data_class(module, name):
             raise self._refuse(qualified)
-        if key == ("functools", "partial"):
-            self._after_partial = True
         if key not in self._classes:
             logger.debug("%s: %s replaced by an inert placeholder (never imported)", self._path, qualified)
             self._classes[key] = _make_placeholder(module, name)

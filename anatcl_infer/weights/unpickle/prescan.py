@@ -23,12 +23,13 @@ _MUTATORS = frozenset({"APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "
 _MEMO_OPS = frozenset({"PUT", "BINPUT", "LONG_BINPUT", "GET", "BINGET", "LONG_BINGET"})
 
 
-class _Depths:
+class _Machine:
     """The pickle machine's stack, memo and marks with one nesting depth per object (no object is built).
 
     A container's depth is one more than its deepest item when it is built, and grows when an
     item is added to it later (``APPEND``, ``SETITEM``, ``BUILD``...); tuples, the only containers
-    CPython hashes recursively, are immutable, so their depth is exact.
+    CPython hashes recursively, are immutable, so their depth is exact. It also notes which globals
+    are the callable of a ``functools.partial`` (the first item of its arguments): those are inert.
     """
 
     def __init__(self, path: str) -> None:
@@ -38,6 +39,10 @@ class _Depths:
         self.memo: dict[int, int] = {}
         self.depth: list[int] = []  # id -> depth
         self.limit = LIMITS["depth"]
+        self.globals: dict[int, tuple[str, str]] = {}  # id -> (module, name) as written
+        self.texts: dict[int, str] = {}  # id -> short text (the names STACK_GLOBAL takes)
+        self.first: dict[int, int] = {}  # tuple id -> id of its first item
+        self.partial_callables: set[tuple[str, str]] = set()
 
     def _new(self, depth: int) -> int:
         if depth > self.limit:
@@ -100,21 +105,43 @@ class _Depths:
                 self._new(self.depth[container])
             self.stack.append(container)
             return
+        made = -1
         for _ in after:  # a new object: one level above what it was built from
-            self.stack.append(self._new(max((self.depth[i] for i in popped + items), default=0) + 1))
+            made = self._new(max((self.depth[i] for i in popped + items), default=0) + 1)
+            self.stack.append(made)
+        self._note(name, arg, made, popped + items)
+
+    def _note(self, name: str, arg: Any, made: int, args: list[int]) -> None:
+        """Remember what a ``functools.partial`` wraps: globals, their names, tuples' first items."""
+        if name == "GLOBAL" and isinstance(arg, str) and " " in arg:
+            module, _, qual = arg.partition(" ")
+            self.globals[made] = (module, qual)
+        elif name == "STACK_GLOBAL" and len(args) == 2 and args[0] in self.texts and args[1] in self.texts:
+            self.globals[made] = (self.texts[args[0]], self.texts[args[1]])
+        elif isinstance(arg, str) and len(arg) <= 256:
+            self.texts[made] = arg
+        elif name in ("TUPLE", "TUPLE1", "TUPLE2", "TUPLE3") and args:
+            self.first[made] = args[0]
+        elif name == "REDUCE" and len(args) == 2 and self.globals.get(args[0]) == ("functools", "partial"):
+            wrapped = self.globals.get(self.first.get(args[1], -1))
+            if wrapped is not None:
+                self.partial_callables.add(wrapped)
 
 
-def _scan(stream: Any, size: int, path: str) -> None:
+def _scan(stream: Any, size: int, path: str) -> set[tuple[str, str]]:
     """Walk the pickle's opcodes (no objects built): bound its size, opcode count, declared lengths and nesting.
 
     The C unpickler allocates a ``BINBYTES8``/``FRAME`` of the length the file declares *before*
     reading it, and grows its memo to the largest index named; these are checked here first. The
     stream and one slot per opcode are charged to the load's memory budget.
+
+    Returns:
+        The globals (module, name, as written) that are the callable of a ``functools.partial``.
     """
     limit = LIMITS["opcodes"]
     start = stream.tell()
     count = 0
-    depths = _Depths(path)
+    depths = _Machine(path)
     try:
         for opcode, arg, _pos in pickletools.genops(_Bounded(stream, start + size)):
             count += 1
@@ -138,6 +165,7 @@ def _scan(stream: Any, size: int, path: str) -> None:
     except _Refused as exc:
         raise CheckpointError(f"{path}: {exc}; the file is damaged or hostile, refusing it", path=path) from None
     stream.seek(start)
+    return depths.partial_callables
 
 
 class _Bounded:
