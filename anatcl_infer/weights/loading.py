@@ -29,6 +29,7 @@ from ..config import CONFIG_NAME, WEIGHTS_NAME, ModelConfig
 from .download import cache_dir, download_url, hf_download, is_offline, offline_hint, prefetch_hint, verify_sha256
 from ..errors import CheckpointError, ConfigError, DownloadError, IntegrityError, OfflineError, UnsafeCheckpointError
 from .registry import canonical_name, find_by_sha256, resolve
+from .selection import check_weights_choice
 
 if TYPE_CHECKING:
     import torch
@@ -125,7 +126,8 @@ def _check_recorded_sha(directory: Path, sha256: str | None) -> None:
         )
 
 
-def _download_and_convert(url: str, target: Path, config: ModelConfig, sha256: str | None, *, size: int | None = None, hint: str | None = None) -> Path:
+def _download_and_convert(url: str, target: Path, config: ModelConfig, sha256: str | None, *, size: int | None = None, hint: str | None = None,
+                          weights: str = "model") -> Path:
     """Download an original ``.pth``, convert it into ``target`` and delete the ``.pth``."""
     from .convert import convert_checkpoint
 
@@ -135,7 +137,7 @@ def _download_and_convert(url: str, target: Path, config: ModelConfig, sha256: s
     actual = download_url(url, pth, sha256=sha256, size=size, hint=hint or prefetch_hint())
     try:
         config = dataclasses.replace(config, source=url, source_sha256=actual)
-        convert_checkpoint(pth, target, config)
+        convert_checkpoint(pth, target, config, weights=weights)  # read in the jail (a separate, limited process)
     finally:
         pth.unlink(missing_ok=True)
     logger.info("converted %s into %s", url, target)
@@ -230,23 +232,25 @@ def fetch_registry_model(name: str, fold: int = 0, *, sha256: str | None = None,
     )
 
 
-def _load_url(url: str, sha256: str | None) -> Path:
+def _load_url(url: str, sha256: str | None, weights: str = "model") -> Path:
     """Directory of the converted model for an original ``.pth`` URL (downloaded once)."""
     from .convert import guess_identity
 
-    target = cache_dir() / "models" / f"url-{hashlib.sha256(url.encode()).hexdigest()[:16]}"
+    target = cache_dir() / "models" / f"url-{hashlib.sha256(url.encode()).hexdigest()[:16]}{'-ema' if weights == 'ema' else ''}"
     if _is_model_dir(target):
         _check_recorded_sha(target, sha256)
         return target
     name, variant, fold = guess_identity(url)
     hint = f"download {url} on a machine with network and load the file directly (load_model('fold0.pth'))"
-    return _download_and_convert(url, target, ModelConfig(variant=variant, fold=fold, name=name), sha256, hint=hint)
+    return _download_and_convert(url, target, ModelConfig(variant=variant, fold=fold, name=name), sha256, hint=hint, weights=weights)
 
 
-def _load_local(path: Path, sha256: str | None) -> AnatCL:
+def _load_local(path: Path, sha256: str | None, weights: str = "model") -> AnatCL:
     """Build a model from a local directory, ``.safetensors`` or original checkpoint."""
     from .checkpoint import load_pretrained_dir
     from .convert import guess_identity, model_from_checkpoint
+    from .jail.cache import local_model
+    from .jail.parent import check_regular_file
 
     if path.is_dir():
         if not _is_model_dir(path):
@@ -258,6 +262,7 @@ def _load_local(path: Path, sha256: str | None) -> AnatCL:
         if sha256:
             verify_sha256(path / WEIGHTS_NAME, sha256)
         return load_pretrained_dir(path)  # type: ignore[return-value]
+    check_regular_file(str(path))  # a FIFO, a device: a CheckpointError before a byte is read
     if path.suffix == ".safetensors":
         if sha256:
             verify_sha256(path, sha256)
@@ -282,7 +287,7 @@ def _load_local(path: Path, sha256: str | None) -> AnatCL:
     else:
         name, variant, fold = guess_identity(str(path))
         config = ModelConfig(name=name, variant=variant, fold=fold, source=str(path.resolve()), source_sha256=actual)
-    return model_from_checkpoint(path, config)  # type: ignore[return-value]
+    return local_model(path, config, actual, weights=weights)  # read in the jail once, then from the cache
 
 
 def load_model(
@@ -292,6 +297,7 @@ def load_model(
     revision: str | None = None,
     sha256: str | None = None,
     device: str | torch.device | None = None,
+    weights: str = "model",
 ) -> AnatCL:
     """Load AnatCL weights from the registry, the Hub, a URL or a local file.
 
@@ -310,6 +316,9 @@ def load_model(
             ``.safetensors`` files and Hub repositories.
         device: ``"cpu"``, ``"cuda"``, ``"mps"``, a ``torch.device``, or ``None`` for the
             best available.
+        weights: ``"model"`` (default) or ``"ema"``: which weights of an original ``.pth``
+            (file or URL) holding both model and EMA weights to use (timm's ``use_ema``); a
+            warning says which set was used. A file with EMA weights only loads them.
 
     Returns:
         An :class:`~anatcl_infer.model.AnatCL` in eval mode on ``device``, carrying its
@@ -317,7 +326,8 @@ def load_model(
 
     Raises:
         UnknownModelError: not a registry name, URL, Hub address or existing path.
-        CheckpointError: unreadable file or mismatching weights (keys listed).
+        CheckpointError: unreadable file or mismatching weights (keys listed); also when the
+            separate process reading an original ``.pth`` crashed or broke a limit.
         UnsafeCheckpointError: the pickle asks to run code; nothing was run.
         IntegrityError: ``sha256`` (or the registry's hash) does not match.
         OfflineError: offline mode is on and the weights are not cached.
@@ -338,6 +348,9 @@ def load_model(
         text = "hf://" + text[len("hf-hub:"):].lstrip("/")
     is_hf = text.startswith("hf://")
     is_url = text.startswith(("http://", "https://"))
+    if check_weights_choice(weights) == "ema" and not (is_url or (Path(text).expanduser().is_file() and not text.endswith(".safetensors"))):
+        raise ConfigError(f"weights='ema' applies to original checkpoints (a .pth/.pt file or its URL), not to {text!r}, "
+                          "which holds one set of weights")
     if revision is not None and not is_hf and (is_url or Path(text).expanduser().exists()):
         raise ConfigError(f"revision={revision!r} applies only to hf:// sources and the registry's Hub mirror (ANATCL_HUB_REPO), not to {text!r}")
     if is_hf:
@@ -347,11 +360,11 @@ def load_model(
             verify_sha256(files[WEIGHTS_NAME], sha256)
         model = load_pretrained_dir(files[WEIGHTS_NAME].parent)
     elif is_url:
-        model = load_pretrained_dir(_load_url(text, sha256))
+        model = load_pretrained_dir(_load_url(text, sha256, weights))
     else:
         path = Path(text).expanduser()
         if path.exists():
-            model = _load_local(path, sha256)
+            model = _load_local(path, sha256, weights)
         elif path.suffix in (*_CHECKPOINT_SUFFIXES, ".safetensors") or os.sep in text or "/" in text:
             raise CheckpointError(
                 f"{path} does not exist; check the path (a Hub repository is written hf://org/name, "
