@@ -65,6 +65,7 @@ def embed(
     inputs: list[str] = typer.Argument(..., help="NIfTI files, directories (searched recursively), glob patterns, a .txt list of paths, or a BIDS root.", show_default=False),
     out: str = typer.Option(..., "--out", "-o", help="Output table: feats.parquet or feats.csv (the suffix sets the format), or a folder (feats/, or any --shard) that receives one Parquet part per shard; errors and unfinished work go beside it."),
     model: str = typer.Option("anatcl-global", "--model", "-m", help="Registry name (anatcl-global, anatcl-local), hf://org/name[@rev], URL, .pth/.safetensors file or model directory."),
+    weights: str = typer.Option("model", "--weights", help="model or ema: which weights of a .pth --model holding both to use (timm's use_ema)."),
     fold: str = typer.Option("0", "--fold", help="Fold 0-4 of a registry model, or 'all' for one row per input and fold (never average embeddings across folds)."),
     batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, help="Volumes per forward pass (does not change the result)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, mps."),
@@ -122,7 +123,7 @@ def embed(
     except AnatCLError as exc:
         raise fail(str(exc), 2) from None
     try:
-        models = [load_model(model, fold=f, device=None if device == "auto" else device) for f in parse_folds(model, fold)]
+        models = [load_model(model, fold=f, device=None if device == "auto" else device, weights=weights) for f in parse_folds(model, fold)]
         if head is not None:
             from ..jobs.embed import check_head
 
