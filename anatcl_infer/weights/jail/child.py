@@ -104,6 +104,15 @@ def _memory_failure(exc: BaseException) -> bool:
     return "ran out of memory" in str(exc) or "can't allocate memory" in str(exc)
 
 
+def _over_budget(job: dict[str, Any]) -> Exception:
+    from ...errors import CheckpointError
+
+    budget = int(job["memory_bytes"])
+    text = f"{budget / (1 << 30):.1f} GiB" if budget >= 1 << 30 else f"{budget / (1 << 20):.0f} MiB"
+    return CheckpointError(f"{job['source']}: reading it exceeded the {text} memory budget of the separate process "
+                           "reading it; the file is damaged or hostile (or larger than this budget allows)", path=job["source"])
+
+
 def _convert(job: dict[str, Any], out: Path) -> None:
     """Read the checkpoint with the allowlist unpickler and write what the parent asked for into ``out``."""
     import torch
@@ -161,7 +170,7 @@ def main(job_dir: str) -> int:
     import torch
 
     torch.set_num_threads(1)
-    from ...errors import AnatCLError, CheckpointError
+    from ...errors import AnatCLError
 
     applied = _limit(int(job["memory_bytes"]), float(job["cpu_seconds"]))
     handler = _Collect()
@@ -175,14 +184,9 @@ def main(job_dir: str) -> int:
             _convert(job, folder / "out")
             report["ok"] = True
         except AnatCLError as exc:
-            if _memory_failure(exc):
-                exc = CheckpointError(f"{job['source']}: reading it exceeded the {job['memory_bytes'] / (1 << 30):.1f} GiB "
-                                      "memory budget of the process reading it; the file is damaged or hostile", path=job["source"])
-            report.update(ok=False, error=_error_record(exc))
+            report.update(ok=False, error=_error_record(_over_budget(job) if _memory_failure(exc) else exc))
         except MemoryError:
-            report.update(ok=False, error=_error_record(CheckpointError(
-                f"{job['source']}: reading it exceeded the {job['memory_bytes'] / (1 << 30):.1f} GiB memory budget of the "
-                "process reading it; the file is damaged or hostile", path=job["source"])))
+            report.update(ok=False, error=_error_record(_over_budget(job)))
     from ...errors import CheckpointWarning
 
     report["messages"] = handler.records

@@ -259,7 +259,8 @@ def jailed(path: str | os.PathLike[str], *, mode: str = "model", config: ModelCo
             raise CheckpointError(f"{where}: the separate process reading it failed (exit status {code}) without a "
                                   "readable report; the file may be damaged or hostile", path=where)
         _relay(report)
-        logger.debug("%s: read in a separate process in %.2f s (network: %s)", where, took, report.get("network"))
+        logger.debug("%s: read in a separate process in %.2f s (network: %s; limits: %s)", where, took,
+                     str(report.get("network"))[:200], str(report.get("limits"))[:200])
         if report.get("ok") is not True:
             raise _error(report, where)
         yield job_dir / "out"

@@ -146,8 +146,11 @@ class _Walker:
 
 def _finish(obj: Any, unpickler: _SafeUnpickler, walker: _Walker) -> Any:
     result = walker.walk(obj)
+    if result is _DROP and isinstance(obj, _PendingArray):
+        raise CheckpointError(f"{walker.path} holds only {obj.kind} (never built: only plain numeric arrays are), "
+                              "not a dict with a state dict; pass an AnatCL checkpoint", path=walker.path)
     if result is _DROP:
-        name = obj.kind if isinstance(obj, _PendingArray) else getattr(obj, "qualified_name", type(obj).__name__)
+        name = getattr(obj, "qualified_name", type(obj).__name__)
         raise CheckpointError(
             f"{walker.path} holds a whole pickled {name} object rather than a dict with a state dict or a "
             "torch module; its class is not available (and is never imported). Where that code is available, "
