@@ -6,7 +6,8 @@
   stays under 1 GB; the allowlist unpickler alone (the first layer) refuses them too;
 * what happens in the child -- a crash, the deadline, the memory budget -- becomes one
   ``CheckpointError`` naming the file and what happened;
-* the child gets no proxies or tokens, no inherited descriptors, and no network.
+* the child gets no proxies or tokens, no inherited descriptors, no network, and (with Landlock)
+  writes only in its job folder.
 """
 
 from __future__ import annotations
@@ -155,21 +156,27 @@ _SPY = textwrap.dedent(
     """
     import json, os, socket, sys
     from pathlib import Path
-    from anatcl_infer.weights.jail.child import _leave_network
+    from anatcl_infer.weights.jail.child import _leave_network, _restrict_filesystem
     seen = {"env": sorted(os.environ), "fds": sorted(int(f) for f in os.listdir("/proc/self/fd")),
-            "network": _leave_network(), "stdin": os.read(0, 10).decode()}
+            "network": _leave_network(), "stdin": os.read(0, 10).decode(),
+            "filesystem": _restrict_filesystem(Path(sys.argv[1]))}
     try:
         socket.create_connection(("127.0.0.1", PORT), timeout=5).close()
         seen["connect"] = "connected"
     except OSError as exc:
         seen["connect"] = type(exc).__name__
+    try:
+        Path(OUTSIDE).write_text("escaped")
+        seen["write"] = "written"
+    except OSError as exc:
+        seen["write"] = type(exc).__name__
     Path(sys.argv[1], "report.json").write_text(json.dumps({"ok": False, "error": {"type": "CheckpointError", "message": json.dumps(seen)}}))
     """
 )
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="namespaces and /proc are Linux's")
-def test_the_child_gets_no_secrets_no_descriptors_and_no_network(ckpt, monkeypatch):
+def test_the_child_gets_no_secrets_no_descriptors_no_network_and_writes_only_its_folder(ckpt, monkeypatch):
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
     monkeypatch.setenv("HF_TOKEN", "hf_secret")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
@@ -179,7 +186,8 @@ def test_the_child_gets_no_secrets_no_descriptors_and_no_network(ckpt, monkeypat
     server.listen(1)
     leaked = os.open(ckpt, os.O_RDONLY)
     os.set_inheritable(leaked, True)
-    code = _SPY.replace("PORT", str(server.getsockname()[1]))
+    outside = ckpt.parent / "escaped.txt"
+    code = _SPY.replace("PORT", str(server.getsockname()[1])).replace("OUTSIDE", repr(str(outside)))
     monkeypatch.setattr(parent, "_child_command", lambda job_dir: [sys.executable, "-I", "-c",
                         parent._BOOT.replace("from anatcl_infer.weights.jail.child import main; sys.exit(main(sys.argv[1]))",
                                              "exec(" + repr(code) + ")"), str(job_dir)])
@@ -193,10 +201,14 @@ def test_the_child_gets_no_secrets_no_descriptors_and_no_network(ckpt, monkeypat
     assert not {"HTTPS_PROXY", "HF_TOKEN", "AWS_SECRET_ACCESS_KEY", "PYTHONPATH", "HOME"} & set(seen["env"])
     assert seen["fds"][:3] == [0, 1, 2] and leaked not in seen["fds"] and len(seen["fds"]) <= 4  # + the listdir one
     assert seen["stdin"] == ""
-    if seen["network"].startswith("isolated"):
+    if seen["network"].startswith("isolated") or "no TCP" in seen["filesystem"]:
         assert seen["connect"] != "connected"
-    else:  # namespaces disabled here: the jail says so instead of pretending
+    else:  # namespaces and Landlock unavailable here: the jail says so instead of pretending
         assert "not isolated" in seen["network"]
+    if seen["filesystem"].startswith("writes only"):
+        assert seen["write"] == "PermissionError" and not outside.exists()
+    else:
+        assert seen["filesystem"].startswith("not restricted")
 
 
 def test_the_real_child_reports_its_isolation_and_limits(ckpt, caplog):

@@ -14,6 +14,9 @@ crashes the caller or corrupts its memory. So ``load_model(path.pth)``, URLs, re
   namespace when not root): no interface but a loopback that is down, so no TCP/UDP at all.
   Where unprivileged namespaces are disabled this step is skipped (logged at debug level);
   Unix sockets named by a path stay reachable either way;
+* where the kernel has Landlock (Linux >= 5.13), it then keeps write rights only inside its job
+  folder and, from Landlock ABI 4, loses TCP too (a second network barrier where namespaces are
+  off); older kernels skip this step (logged at debug level);
 * after importing torch it sets its own limits: address space (``RLIMIT_AS``) to what it has
   mapped at that point plus the memory budget (2 GiB plus twice the file's size), measured
   rather than fixed so that a CUDA build of torch, which maps far more, gets the same budget;
@@ -28,10 +31,10 @@ crashes the caller or corrupts its memory. So ``load_model(path.pth)``, URLs, re
   :class:`~anatcl_infer.errors.CheckpointError` naming the file and what happened ("killed by
   SIGSEGV", "exceeded the 2.3 GiB memory budget", "took longer than 123 s").
 
-What it does not do: the child runs as the calling user and is not a filesystem sandbox (code
-that ran in it could read or write what the user can); it is there so that a parser bug or a
-resource bomb harms nothing but a throw-away process, and so that nothing from the file reaches
-the caller but tensors. The cost is one interpreter start and ``import torch`` (~2-3 s on an idle
+What it does not do: the child runs as the calling user and can read what the user can (and,
+without Landlock, write too), and it may start processes; there is no seccomp filter. It is
+there so that a parser bug or a resource bomb harms nothing but a throw-away process, and so
+that nothing from the file reaches the caller but tensors. The cost is one interpreter start and ``import torch`` (~2-3 s on an idle
 machine), paid once per file: the converted form is cached.
 
 :data:`JAIL` holds the limits (tests lower them).

@@ -12,11 +12,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-import resource
 import sys
 import warnings
 from pathlib import Path
 from typing import Any
+
+try:
+    import resource
+except ImportError:  # Windows: no resource limits (the process is still separate)
+    resource = None  # type: ignore[assignment]
 
 _CLONE_NEWUSER = 0x10000000
 _CLONE_NEWNET = 0x40000000
@@ -42,6 +46,50 @@ def _leave_network() -> str:
     return "isolated (a new network namespace with no interface up)"
 
 
+# Landlock (Linux >= 5.13): the filesystem rights this process keeps only inside its job folder,
+# and (ABI >= 4) TCP, which it loses entirely
+_LANDLOCK_CREATE_RULESET, _LANDLOCK_ADD_RULE, _LANDLOCK_RESTRICT_SELF = 444, 445, 446
+_FS_WRITE = sum(1 << bit for bit in (1, 4, 5, 6, 7, 8, 9, 10, 11, 12))  # write, remove, make char/dir/reg/sock/fifo/block/sym
+_FS_REFER, _FS_TRUNCATE = 1 << 13, 1 << 14
+_NET_TCP = (1 << 0) | (1 << 1)  # bind, connect
+_SCOPES = (1 << 0) | (1 << 1)  # abstract unix sockets, signals outside the domain
+
+
+def _restrict_filesystem(folder: Path) -> str:
+    """Keep write rights only beneath ``folder`` and drop TCP (Landlock, where the kernel has it); say how it went."""
+    if not sys.platform.startswith("linux"):
+        return "not restricted (Landlock is Linux-only)"
+    import ctypes
+    import struct
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    abi = libc.syscall(_LANDLOCK_CREATE_RULESET, None, ctypes.c_size_t(0), ctypes.c_uint32(1))
+    if abi < 1:
+        return f"not restricted (Landlock unavailable: {os.strerror(ctypes.get_errno())})"
+    handled = _FS_WRITE | (_FS_REFER if abi >= 2 else 0) | (_FS_TRUNCATE if abi >= 3 else 0)
+    fields = [handled] + ([_NET_TCP] if abi >= 4 else []) + ([_SCOPES] if abi >= 6 else [])
+    attr = ctypes.create_string_buffer(struct.pack(f"<{len(fields)}Q", *fields))
+    ruleset = libc.syscall(_LANDLOCK_CREATE_RULESET, attr, ctypes.c_size_t(len(attr.raw)), ctypes.c_uint32(0))
+    if ruleset < 0:
+        return f"not restricted (Landlock: {os.strerror(ctypes.get_errno())})"
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_PATH", 0) | os.O_DIRECTORY)
+        try:
+            rule = ctypes.create_string_buffer(struct.pack("<Qi", handled, fd))
+            if libc.syscall(_LANDLOCK_ADD_RULE, ctypes.c_int(ruleset), ctypes.c_int(1), rule, ctypes.c_uint32(0)) != 0:
+                return f"not restricted (Landlock rule: {os.strerror(ctypes.get_errno())})"
+        finally:
+            os.close(fd)
+        if libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS, required to restrict oneself
+            return f"not restricted (no_new_privs: {os.strerror(ctypes.get_errno())})"
+        if libc.syscall(_LANDLOCK_RESTRICT_SELF, ctypes.c_int(ruleset), ctypes.c_uint32(0)) != 0:
+            return f"not restricted (Landlock: {os.strerror(ctypes.get_errno())})"
+    finally:
+        os.close(ruleset)
+    return f"writes only in its job folder{', no TCP' if abi >= 4 else ''} (Landlock ABI {abi})"
+
+
 def _vm_bytes() -> int | None:
     """The address space mapped now (``VmSize``), or None where /proc is not available."""
     try:
@@ -54,6 +102,7 @@ def _vm_bytes() -> int | None:
 
 
 def _set(limit: int, value: int) -> None:
+    assert resource is not None
     _soft, hard = resource.getrlimit(limit)
     value = value if hard == resource.RLIM_INFINITY else min(value, hard)
     resource.setrlimit(limit, (value, hard if hard == resource.RLIM_INFINITY else value))
@@ -62,6 +111,8 @@ def _set(limit: int, value: int) -> None:
 def _limit(memory: int, cpu_seconds: float) -> dict[str, Any]:
     """Set address-space, CPU, file-size and open-file limits relative to the current state; return them."""
     applied: dict[str, Any] = {}
+    if resource is None:
+        return applied
     mapped = _vm_bytes()
     if mapped is not None:  # what torch (a CUDA build maps several GB) and the package hold, plus the budget
         _set(resource.RLIMIT_AS, mapped + memory)
@@ -163,7 +214,8 @@ def _error_record(exc: BaseException) -> dict[str, Any]:
 
 def main(job_dir: str) -> int:
     """Run one job (``job_dir/job.json``); always exit 0 with ``job_dir/report.json`` unless killed."""
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    if resource is not None:
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a crash leaves no core file behind
     folder = Path(job_dir)
     job = json.loads((folder / "job.json").read_text())
     network = _leave_network() if job.get("isolate_network", True) else "not isolated (turned off)"
@@ -173,11 +225,12 @@ def main(job_dir: str) -> int:
     from ...errors import AnatCLError
 
     applied = _limit(int(job["memory_bytes"]), float(job["cpu_seconds"]))
+    filesystem = _restrict_filesystem(folder) if job.get("isolate_network", True) else "not restricted (turned off)"
     handler = _Collect()
     package = logging.getLogger("anatcl_infer")
     package.addHandler(handler)
     package.setLevel(logging.INFO)
-    report: dict[str, Any] = {"network": network, "limits": applied}
+    report: dict[str, Any] = {"network": network, "filesystem": filesystem, "limits": applied}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:

@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 _ENV_KEEP = ("PATH", "LANG", "LANGUAGE", "LC_ALL", "LC_CTYPE", "TMPDIR", "TZ", "LD_LIBRARY_PATH", "SYSTEMROOT")
 _ENV_SET = {
     "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
-    "MALLOC_ARENA_MAX": "2", "PYTHONFAULTHANDLER": "1",
+    "MALLOC_ARENA_MAX": "2",
 }
 #: the child's entry: the caller's sys.path (so it imports this very package), then the child module
 _BOOT = (
@@ -111,7 +111,7 @@ def check_regular_file(path: str) -> int:
 
 def _child_command(job_dir: Path) -> list[str]:
     """The child's command line (a function, so tests can put a misbehaving child in its place)."""
-    return [sys.executable, "-I", "-c", _BOOT, str(job_dir)]
+    return [sys.executable, "-I", "-X", "faulthandler", "-c", _BOOT, str(job_dir)]
 
 
 def _child_env() -> dict[str, str]:
@@ -144,8 +144,10 @@ def _run(job_dir: Path, path: str, deadline: float, memory: int) -> tuple[int | 
 
 
 def _kill(proc: subprocess.Popen[bytes]) -> None:
-    with contextlib.suppress(OSError):
-        os.killpg(proc.pid, signal.SIGKILL)  # its own session: whatever it started goes too
+    killpg = getattr(os, "killpg", None)
+    if killpg is not None:
+        with contextlib.suppress(OSError):
+            killpg(proc.pid, signal.SIGKILL)  # its own session: whatever it started goes too
     with contextlib.suppress(OSError):
         proc.kill()
     proc.wait()
@@ -259,8 +261,8 @@ def jailed(path: str | os.PathLike[str], *, mode: str = "model", config: ModelCo
             raise CheckpointError(f"{where}: the separate process reading it failed (exit status {code}) without a "
                                   "readable report; the file may be damaged or hostile", path=where)
         _relay(report)
-        logger.debug("%s: read in a separate process in %.2f s (network: %s; limits: %s)", where, took,
-                     str(report.get("network"))[:200], str(report.get("limits"))[:200])
+        logger.debug("%s: read in a separate process in %.2f s (network: %s; filesystem: %s; limits: %s)", where, took,
+                     str(report.get("network"))[:200], str(report.get("filesystem"))[:200], str(report.get("limits"))[:200])
         if report.get("ok") is not True:
             raise _error(report, where)
         yield job_dir / "out"
@@ -287,7 +289,7 @@ def convert_in_jail(path: str | os.PathLike[str], config: ModelConfig, *, weight
     from ..checkpoint import model_from_safetensors
 
     with jailed(path, mode="model", config=config, weights=weights) as out:
-        return model_from_safetensors(out / WEIGHTS_NAME, config)  # names and shapes checked first; tensors copied
+        return model_from_safetensors(_written(out / WEIGHTS_NAME, path), config)  # names and shapes checked first
 
 
 def read_in_jail(path: str | os.PathLike[str], *, weights: str = "model") -> dict[str, torch.Tensor]:
@@ -299,4 +301,17 @@ def read_in_jail(path: str | os.PathLike[str], *, weights: str = "model") -> dic
     from ..checkpoint import read_safetensors
 
     with jailed(path, mode="state", weights=weights) as out:
-        return {k: v.clone() for k, v in read_safetensors(out / "state.safetensors").items()}
+        return {k: v.clone() for k, v in read_safetensors(_written(out / "state.safetensors", path)).items()}
+
+
+def _written(file: Path, source: str | os.PathLike[str]) -> Path:
+    """``file`` if the child wrote it as a regular file (not a link to something else)."""
+    import stat
+
+    try:
+        regular = stat.S_ISREG(os.lstat(file).st_mode)
+    except OSError:
+        regular = False
+    if not regular:
+        raise CheckpointError(f"{os.fspath(source)}: the process reading it did not write {file.name}", path=os.fspath(source))
+    return file
