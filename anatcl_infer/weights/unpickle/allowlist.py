@@ -109,6 +109,8 @@ def _sized(kind: type) -> Callable[..., Any]:
     """``bytes``/``bytearray``/``str`` whose size (an integer argument, or the source's length) is charged first."""
 
     def build(*args: Any) -> Any:
+        if kind is str and args and isinstance(args[0], (int, float, complex, type(None))):
+            return str(args[0])  # str(5): the text of a number (at most 4300 digits)
         if args and isinstance(args[0], int) and not isinstance(args[0], bool):
             if kind is str or not 0 <= args[0] <= LIMITS["object_bytes"]:
                 raise _Refused(f"the checkpoint asks for a {kind.__name__} of {args[0]} bytes (limit {LIMITS['object_bytes']})")
