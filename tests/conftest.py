@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 
 import pytest
 
@@ -27,6 +28,7 @@ def _isolated_caches(tmp_path_factory, monkeypatch):
     for name in ("ANATCL_OFFLINE", "ANATCL_HUB_REPO", "HF_HUB_OFFLINE", "HF_ENDPOINT", "WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
     yield root
+    shutil.rmtree(root, ignore_errors=True)  # converted models are 134 MB each: do not keep them for pytest's last 3 runs
 
 
 @pytest.fixture(autouse=True)

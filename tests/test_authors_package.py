@@ -13,6 +13,7 @@ Each file must load, run nothing, and give exactly the authors' numbers.
 from __future__ import annotations
 
 import logging
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -172,7 +173,8 @@ def zoo(tmp_path_factory):
     script = root / "write.py"
     script.write_text(_WRITER)
     subprocess.run([sys.executable, str(script), str(root)], check=True, cwd=root, timeout=600)
-    return root
+    yield root
+    shutil.rmtree(root, ignore_errors=True)  # ~2 GB of checkpoints
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -109,7 +110,9 @@ def test_the_allowlist_alone_refuses_them_in_bounded_memory(crafted, tmp_path):
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    return write_author_checkpoint(tmp_path_factory.mktemp("jail") / "fold0.pth", random_state_dict(seed=3))
+    root = tmp_path_factory.mktemp("jail")
+    yield write_author_checkpoint(root / "fold0.pth", random_state_dict(seed=3))
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def _fake_child(monkeypatch, code: str) -> None:
