@@ -29,6 +29,7 @@ __all__ = [
     "InputWarning",
     "InputKindWarning",
     "InputFailureWarning",
+    "CheckpointWarning",
 ]
 
 
@@ -192,6 +193,14 @@ class InputKindWarning(InputWarning):
 
 class InputFailureWarning(AnatCLWarning):
     """Inputs could not be used and got NaN rows (``on_error="warn"``); the message names each."""
+
+
+class CheckpointWarning(AnatCLWarning):
+    """A checkpoint was loaded, but with a choice the caller may want to change.
+
+    Emitted when a file holds both model and EMA weights (which set was used, and how to pick
+    the other: ``load_model(..., weights="ema")``, ``--weights ema``), or EMA weights only.
+    """
 
 
 def user_stacklevel() -> int:

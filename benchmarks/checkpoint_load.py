@@ -8,8 +8,14 @@ Times, best of ``--repeat``:
 * ``ours_training_file``: :func:`anatcl_infer.weights.unpickle.safe_load` of the training file;
 * ``ours_plain``: the same loader on the plain state dict;
 * ``torch_weights_only_plain``: ``torch.load(weights_only=True)`` on the plain state dict (the reference);
-* ``load_model``: the whole :func:`anatcl_infer.load_model` of the training file (strict key check,
-  integrity checks, network built on the meta device).
+* ``child_start``: a fresh ``python -I`` importing torch and safetensors: the floor of the jail;
+* ``jail_convert``: :func:`anatcl_infer.weights.jail.convert_in_jail` of the training file -- the
+  child reads it, checks it strictly and writes safetensors, the caller reads those back (best of
+  ``--jail-repeat``): what a ``.pth`` costs the first time;
+* ``load_model_first``: :func:`anatcl_infer.load_model` of the training file with an empty cache
+  (jail, then the converted form cached);
+* ``load_model``: the same call again: read from the cache (strict key check, integrity checks,
+  network built on the meta device).
 
 Ratios are ours / reference, so a loaded machine slows both sides alike. Run:
 ``python benchmarks/checkpoint_load.py`` (JSON to ``benchmarks/results/``).
@@ -19,7 +25,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -30,7 +39,9 @@ from pathlib import Path
 import torch
 
 from anatcl_infer import load_model
+from anatcl_infer.config import ModelConfig
 from anatcl_infer.model.network import AnatCL
+from anatcl_infer.weights.jail import convert_in_jail
 from anatcl_infer.weights.unpickle import safe_load
 
 
@@ -72,15 +83,26 @@ def _best(fn, repeat: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=7)
+    parser.add_argument("--jail-repeat", type=int, default=3, help="repeats of the (seconds-long) jailed reads")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         training, plain, size = _write(Path(tmp))
+        os.environ["ANATCL_CACHE"] = str(Path(tmp) / "cache")
+
+        def first_load() -> None:
+            shutil.rmtree(Path(tmp) / "cache", ignore_errors=True)
+            load_model(training, device="cpu")
+
+        child = [sys.executable, "-I", "-c", "import torch, safetensors.torch"]
         timings = {
             "torch_weights_only_plain": _best(lambda: torch.load(plain, weights_only=True, map_location="cpu"), args.repeat),
             "ours_plain": _best(lambda: safe_load(plain), args.repeat),
             "ours_training_file": _best(lambda: safe_load(training), args.repeat),
+            "child_start": _best(lambda: subprocess.run(child, check=True), args.jail_repeat),
+            "jail_convert": _best(lambda: convert_in_jail(training, ModelConfig()), args.jail_repeat),
+            "load_model_first": _best(first_load, args.jail_repeat),
             "load_model": _best(lambda: load_model(training, device="cpu"), args.repeat),
         }
     ref = timings["torch_weights_only_plain"]
@@ -93,7 +115,8 @@ def main() -> None:
         "repeat": args.repeat,
         "seconds": timings,
         "ratio_to_torch_weights_only": {k: v / ref for k, v in timings.items()},
-        "note": "best of --repeat; ratios measured in the same run (shared machines slow both sides)",
+        "note": "best of --repeat (--jail-repeat for child_start, jail_convert, load_model_first); ratios measured in the "
+                "same run (shared machines slow both sides)",
     }
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"checkpoint-load-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}.json"

@@ -13,6 +13,7 @@ Each file must load, run nothing, and give exactly the authors' numbers.
 from __future__ import annotations
 
 import logging
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -103,10 +104,67 @@ _WRITER = textwrap.dedent(
         setattr(gone, cls.__name__, cls)
     torch.save(net.backbone, out / "whole_model.pth")
     torch.save({"model": net, "estimator": age, "epoch": 49}, out / "whole_wrapper_in_dict.pth")
+
+    # what other training code writes (issue 22): classes of the training script itself, typing
+    # names, omegaconf configs, numpy generators, functools.partial, Lightning's layout, EMA weights
+    import dataclasses, functools, typing
+
+    class RunMode(enum.Enum):  # defined in __main__, as in any `python train.py`
+        TRAIN = "train"
+
+    @dataclasses.dataclass
+    class RunConfig:
+        lr: float = 1e-4
+        mode: RunMode = RunMode.TRAIN
+        warmup: typing.Optional[int] = None
+
+    main_opts = argparse.Namespace(mode=RunMode.TRAIN, cfg=RunConfig(), annotations={"x": typing.Any, "y": typing.List[int]})
+    torch.save({"model": state, "opts": main_opts, "epoch": 49}, out / "main_classes.pth")
+    torch.save({"model": state, "rng": np.random.default_rng(0), "seed_sequence": np.random.SeedSequence(7),
+                "legacy_rng": np.random.RandomState(0), "torch_rng": torch.get_rng_state(),
+                "make_optimizer": functools.partial(torch.optim.Adam, lr=1e-4, betas=(0.9, 0.99)),
+                "activation": functools.partial(torch.nn.functional.gelu, approximate="tanh")}, out / "rng_partial.pth")
+    try:
+        from omegaconf import OmegaConf
+
+        hparams = OmegaConf.create({"model": {"name": "resnet18", "lr": 1e-4, "layers": [2, 2, 2, 2]}, "seed": 0})
+    except ImportError:  # the test extra installs omegaconf; without it the typing names still ride along
+        hparams = {"model": {"name": "resnet18"}, "types": typing.Dict[str, typing.Any]}
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=10)
+    lightning_state = {f"model.{k}": v for k, v in state.items()}
+    lightning_state["criterion.class_weights"] = torch.ones(3)  # a loss module's buffer, beside the network
+    torch.save({
+        "epoch": 49, "global_step": 4900, "pytorch-lightning_version": "2.4.0",
+        "state_dict": lightning_state,
+        "loops": {"fit_loop": {"state_dict": {}, "epoch_loop.state_dict": {"_batches_that_stepped": 4900},
+                               "epoch_loop.batch_progress": {"total": {"ready": 4900, "completed": 4900}, "is_last_batch": True}}},
+        "callbacks": {"ModelCheckpoint{'monitor': 'val/loss', 'mode': 'min'}": {
+            "monitor": "val/loss", "best_model_score": torch.tensor(0.25), "best_model_path": "/ckpt/best.ckpt",
+            "best_k_models": {"/ckpt/best.ckpt": torch.tensor(0.25)}, "dirpath": "/ckpt"},
+            "EarlyStopping{'monitor': 'val/loss', 'mode': 'min'}": {"wait_count": 2, "stopped_epoch": 0,
+                                                                  "best_score": torch.tensor(0.25), "patience": 10}},
+        "optimizer_states": [optimizer.state_dict()], "lr_schedulers": [scheduler.state_dict()],
+        "hparams_name": "kwargs", "hyper_parameters": {"cfg": hparams, "lr": 1e-4},
+    }, out / "lightning.pth")
+
+    # EMA weights: the model's scaled (running variances stay positive); their reference numbers
+    ema_state = {k: (v * 1.01 if v.is_floating_point() else v.clone()) for k, v in state.items()}
+    ema_net = anatcl.AnatCL(pretrained=False, use_head=True).eval()
+    ema_net.backbone.load_state_dict(ema_state)
+    with torch.no_grad():
+        ema_net.backbone.use_head = False
+        ema_feats = ema_net(x)
+        ema_net.backbone.use_head = True
+        ema_proj = ema_net(x)
+    torch.save({"features": ema_feats, "projection": ema_proj}, out / "reference_ema.pt")
+    torch.save({k: v.clone() for k, v in ema_state.items()}, out / "reference_ema_state.pt")
+    torch.save({"model": state, "model_ema": ema_state, "epoch": 49, "opts": opts}, out / "ema_both.pth")
+    torch.save({"state_dict": state, "state_dict_ema": ema_state, "epoch": 49}, out / "ema_timm.pth")
+    torch.save({"state_dict_ema": ema_state, "epoch": 49}, out / "ema_only.pth")
     '''
 )
 
-SHAPES = ["training_dict", "module_prefix", "legacy", "whole_model", "whole_wrapper_in_dict"]
+SHAPES = ["training_dict", "module_prefix", "legacy", "whole_model", "whole_wrapper_in_dict", "main_classes", "rng_partial", "lightning"]
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +173,8 @@ def zoo(tmp_path_factory):
     script = root / "write.py"
     script.write_text(_WRITER)
     subprocess.run([sys.executable, str(script), str(root)], check=True, cwd=root, timeout=600)
-    return root
+    yield root
+    shutil.rmtree(root, ignore_errors=True)  # ~2 GB of checkpoints
 
 
 @pytest.mark.slow
@@ -150,3 +209,46 @@ def test_every_shape_gives_the_authors_numbers_exactly(zoo, shape, caplog):
             assert name in dropped[0], name
     if shape.startswith("whole"):
         assert "recovered the state dict of pickled modules" in caplog.text
+    if shape == "lightning":
+        assert "under the prefix 'model.'" in caplog.text and "left out 1 tensors" in caplog.text
+
+
+def _same_as(model, reference, state_file) -> None:
+    theirs = torch.load(state_file, weights_only=True)
+    ours = model.state_dict()
+    assert sorted(ours) == sorted(theirs) and all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    model.encoder.fused = False
+    x = torch.load(state_file.parent / "reference.pt", weights_only=True)["x"]
+    with torch.no_grad():
+        assert torch.equal(model(x), reference["features"]) and torch.equal(model(x, head=True), reference["projection"])
+
+
+@pytest.mark.slow
+def test_ema_weights_warn_and_can_be_chosen(zoo):
+    from anatcl_infer.errors import CheckpointWarning
+
+    plain = torch.load(zoo / "reference.pt", weights_only=True)
+    ema = torch.load(zoo / "reference_ema.pt", weights_only=True)
+    for shape in ("ema_both", "ema_timm"):
+        with pytest.warns(CheckpointWarning, match="EMA weights .*using the model weights.*weights='ema'"):
+            model = load_model(zoo / f"{shape}.pth", device="cpu")
+        _same_as(model, plain, zoo / "reference_state.pt")
+        model = load_model(zoo / f"{shape}.pth", device="cpu", weights="ema")  # timm's use_ema
+        _same_as(model, ema, zoo / "reference_ema_state.pt")
+    with pytest.warns(CheckpointWarning, match="EMA weights only"):
+        model = load_model(zoo / "ema_only.pth", device="cpu")
+    _same_as(model, ema, zoo / "reference_ema_state.pt")
+
+
+@pytest.mark.slow
+def test_convert_weights_ema_on_the_command_line(zoo, tmp_path):
+    from typer.testing import CliRunner
+
+    from anatcl_infer.cli import app
+
+    result = CliRunner().invoke(app, ["convert", str(zoo / "ema_both.pth"), str(tmp_path / "out"), "--weights", "ema", "-q"])
+    assert result.exit_code == 0, result.stderr
+    _same_as(load_model(tmp_path / "out", device="cpu"), torch.load(zoo / "reference_ema.pt", weights_only=True),
+             zoo / "reference_ema_state.pt")
+    result = CliRunner().invoke(app, ["convert", str(zoo / "ema_both.pth"), str(tmp_path / "bad"), "--weights", "shadow"])
+    assert result.exit_code == 1 and "weights must be 'model' or 'ema'" in result.stderr

@@ -126,6 +126,7 @@ def embed(
     inputs: list[str] = typer.Argument(..., help="NIfTI files, directories (searched recursively), glob patterns, a .txt list of paths, or a BIDS root.", show_default=False),
     out: str = typer.Option(..., "--out", "-o", help="Output table: feats.parquet or feats.csv (the suffix sets the format), or a folder (feats/, or any --shard) that receives one Parquet part per shard; errors and unfinished work go beside it."),
     model: str = typer.Option("anatcl-global", "--model", "-m", help="Registry name (anatcl-global, anatcl-local), untrained (random weights, offline: to try things), hf://org/name[@rev], URL, .pth/.safetensors file or model directory."),
+    weights: str = typer.Option("model", "--weights", help="model or ema: which weights of a .pth --model holding both to use (timm's use_ema)."),
     fold: str = typer.Option("0", "--fold", help="Fold 0-4 of a registry model (or fold<k>/ of a folder of fold models), or 'all' for one row per input and fold (never average embeddings across folds)."),
     batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, help="Volumes per forward pass (does not change the result)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, mps."),
@@ -180,7 +181,7 @@ def embed(
         from ..weights.loading import load_model
 
         retain_freed_memory()  # this process only embeds: reuse activation memory between volumes
-        models = [load_model(src, fold=f, device=dev) for src, f in sources]
+        models = [load_model(src, fold=f, device=dev, weights=weights) for src, f in sources]
         if head is not None:
             from ..jobs.embed import check_head
 

@@ -140,6 +140,7 @@ def convert(
     variant: Optional[str] = typer.Option(None, "--variant", help="Variant to record: global or local (guessed from the file name otherwise)."),
     source_url: Optional[str] = typer.Option(None, "--source-url", help="URL the file was downloaded from, recorded in config.json."),
     sha256: Optional[str] = typer.Option(None, "--sha256", help="Expected SHA-256 of SRC."),
+    weights: str = typer.Option("model", "--weights", help="model or ema: which weights of a .pth holding both to convert (timm's use_ema)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Warnings and errors only."),
 ) -> None:
     """Convert a checkpoint (read safely, no code run) into the inference layout; loading OUT_DIR gives bit-identical outputs.
@@ -156,7 +157,7 @@ def convert(
     try:
         # --fold picks the fold of a registry name; for a file it is only recorded (below)
         registry = "://" not in src and not Path(src).expanduser().exists()
-        model = load_model(src, fold=fold if registry else None, sha256=sha256, device="cpu")
+        model = load_model(src, fold=fold if registry else None, sha256=sha256, device="cpu", weights=weights)
         cfg = model.config
         updates: dict[str, object] = {}
         if variant is not None:

@@ -1,8 +1,9 @@
 """Original checkpoints -> the inference layout (``config.json`` + ``model.safetensors``).
 
-An original ``.pth`` is read with :func:`~anatcl_infer.weights.unpickle.safe_load`
-(no code executed), its state dict found (``ckpt["model"]``, ``ckpt["state_dict"]``
-or the flat dict itself), cleaned of ``module.`` prefixes and loaded with strict key
+An original ``.pth`` is read in the jail (:mod:`~anatcl_infer.weights.jail`: a separate,
+limited process running :func:`~anatcl_infer.weights.unpickle.safe_load`, no code executed),
+its state dict found (``ckpt["model"]``, ``ckpt["state_dict"]``, an EMA key when asked, or the
+flat dict itself), cleaned of ``module.`` and wrapper prefixes and loaded with strict key
 checking into a fresh :class:`~anatcl_infer.model.AnatCL`.
 """
 
@@ -11,15 +12,13 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .checkpoint import clean_state_dict, model_from_safetensors, model_with_weights, read_safetensors, save_pretrained
+from .checkpoint import clean_state_dict, model_from_safetensors, read_safetensors, save_pretrained
 from ..config import ModelConfig
-from ..errors import CheckpointError
 
 if TYPE_CHECKING:
     from ..model.resnet import AnatCLNetwork
@@ -28,14 +27,13 @@ __all__ = ["extract_state_dict", "read_checkpoint", "model_from_checkpoint", "co
 
 logger = logging.getLogger(__name__)
 
-_STATE_KEYS = ("model", "state_dict", "model_state_dict", "net")
-
-
-def extract_state_dict(obj: Any, *, path: str | None = None) -> dict[str, torch.Tensor]:
+def extract_state_dict(obj: Any, *, path: str | None = None, weights: str = "model") -> dict[str, torch.Tensor]:
     """Find the network's state dict in a loaded checkpoint and strip ``module.`` prefixes.
 
-    Looks at ``obj["model"]``, then ``obj["state_dict"]`` (and a few common names),
-    then ``obj`` itself when it is a flat mapping of tensors.
+    Looks at ``obj["model"]``, then ``obj["state_dict"]`` (and a few common names), then
+    ``obj`` itself when it is a flat mapping of tensors; ``weights="ema"`` takes the EMA weights
+    (``state_dict_ema``, ``model_ema``, ``ema``) instead, as timm's ``use_ema``
+    (:func:`~anatcl_infer.weights.selection.choose_weights`).
 
     Raises:
         CheckpointError: no state dict found; the message lists the top-level keys.
@@ -44,32 +42,14 @@ def extract_state_dict(obj: Any, *, path: str | None = None) -> dict[str, torch.
         >>> extract_state_dict({"model": {"module.head.0.bias": torch.zeros(2)}, "epoch": 3})
         {'head.0.bias': tensor([0., 0.])}
     """
-    where = f"{path}: " if path else ""
-    if isinstance(obj, Mapping):
-        for key in _STATE_KEYS:
-            inner = obj.get(key)
-            if isinstance(inner, Mapping) and inner and any(isinstance(v, torch.Tensor) for v in inner.values()):
-                return _unwrap(clean_state_dict(inner))
-        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-            return _unwrap(clean_state_dict(obj))
-        keys = ", ".join(repr(k) for k in list(obj)[:20])
-        raise CheckpointError(
-            f"{where}no state dict found: expected a dict of tensors under 'model' or 'state_dict' "
-            f"(top-level keys: {keys or 'none'}); pass an AnatCL checkpoint",
-            path=path,
-        )
-    raise CheckpointError(f"{where}the checkpoint holds a {type(obj).__name__}, not a dict with a state dict; pass an AnatCL checkpoint", path=path)
+    from .selection import choose_weights, match_prefix
+
+    state, _key = choose_weights(obj, weights=weights, path=path)
+    return match_prefix(state, None, path=path)[0]
 
 
-def _unwrap(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The network inside the authors' ``anatcl.AnatCL`` wrapper: every key under ``backbone.``."""
-    if state and all(k.startswith("backbone.") for k in state):
-        return {k[len("backbone."):]: v for k, v in state.items()}
-    return state
-
-
-def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    """Read the state dict of a ``.pth``/``.pt`` (safely) or ``.safetensors`` file.
+def read_checkpoint(path: str | os.PathLike[str], *, weights: str = "model") -> dict[str, torch.Tensor]:
+    """Read the state dict of a ``.pth``/``.pt`` (in the jail: a separate, limited process) or ``.safetensors`` file.
 
     Example:
         >>> state = read_checkpoint("fold0.pth")  # doctest: +SKIP
@@ -79,9 +59,9 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     path = Path(path)
     if path.suffix == ".safetensors":
         return clean_state_dict(read_safetensors(path))
-    from .unpickle import safe_load
+    from .jail import read_in_jail
 
-    return extract_state_dict(safe_load(path), path=str(path))
+    return read_in_jail(path, weights=weights)
 
 
 def guess_identity(text: str) -> tuple[str, str, int | None]:
@@ -103,9 +83,12 @@ def guess_identity(text: str) -> tuple[str, str, int | None]:
 
 
 def model_from_checkpoint(
-    path: str | os.PathLike[str], config: ModelConfig, *, cls: type[AnatCLNetwork] | None = None
+    path: str | os.PathLike[str], config: ModelConfig, *, cls: type[AnatCLNetwork] | None = None, weights: str = "model"
 ) -> torch.nn.Module:
     """Build an :class:`~anatcl_infer.model.AnatCL` (or ``cls``) from an original checkpoint, strictly.
+
+    A ``.pth``/``.pt`` is read in the jail (:mod:`anatcl_infer.weights.jail`: a separate, limited
+    process that writes safetensors), with ``weights`` ``"model"`` or ``"ema"``.
 
     Raises:
         StateDictMismatchError: missing, unexpected or mis-shaped keys (all listed).
@@ -115,19 +98,22 @@ def model_from_checkpoint(
     """
     if Path(path).suffix == ".safetensors":
         return model_from_safetensors(path, config, cls=cls)  # names and shapes checked before any tensor is read
-    return model_with_weights(config, read_checkpoint(path), path=str(path), cls=cls)
+    from .jail import convert_in_jail
+
+    return convert_in_jail(path, config, weights=weights, cls=cls)
 
 
-def convert_checkpoint(src: str | os.PathLike[str], out_dir: str | os.PathLike[str], config: ModelConfig) -> Path:
+def convert_checkpoint(src: str | os.PathLike[str], out_dir: str | os.PathLike[str], config: ModelConfig, *, weights: str = "model") -> Path:
     """Convert an original checkpoint into ``out_dir/config.json`` + ``model.safetensors``.
 
     Args:
         src: the ``.pth``/``.pt``/``.safetensors`` file.
         out_dir: directory to write (created atomically).
         config: the config to record (source URL, source sha256, variant, fold...).
+        weights: ``"model"`` (default) or ``"ema"`` (the file's EMA weights, as timm's ``use_ema``).
 
     Example:
         >>> convert_checkpoint("fold0.pth", "anatcl-global-fold0", ModelConfig())  # doctest: +SKIP
     """
-    model = model_from_checkpoint(src, config)
+    model = model_from_checkpoint(src, config, weights=weights)
     return save_pretrained(model, out_dir)

@@ -38,6 +38,7 @@ from ..errors import CheckpointError, ConfigError, DownloadError, IntegrityError
 from .._files import atomic_dir
 from .integrity import integrity_problem, mark_checked, verify_model_dir, write_record
 from .registry import ResolvedModel, canonical_name, find_by_sha256, resolve
+from .selection import check_weights_choice
 from .untrained import is_untrained_name, untrained_model
 
 if TYPE_CHECKING:
@@ -168,7 +169,8 @@ def _check_recorded_sha(directory: Path, sha256: str | None) -> None:
         )
 
 
-def _download_and_convert(url: str, target: Path, config: ModelConfig, sha256: str | None, *, size: int | None = None, hint: str | None = None) -> Path:
+def _download_and_convert(url: str, target: Path, config: ModelConfig, sha256: str | None, *, size: int | None = None, hint: str | None = None,
+                          weights: str = "model") -> Path:
     """Download an original ``.pth``, convert it into ``target`` and delete the ``.pth``."""
     from .convert import convert_checkpoint
 
@@ -179,7 +181,7 @@ def _download_and_convert(url: str, target: Path, config: ModelConfig, sha256: s
     try:
         config = dataclasses.replace(config, source=url, source_sha256=actual)
         with atomic_dir(target) as staging:  # the folder appears (or replaces the old one) with its record
-            convert_checkpoint(pth, staging, config)
+            convert_checkpoint(pth, staging, config, weights=weights)  # read in the jail (a separate, limited process)
             write_record(staging, source=url, source_sha256=actual)
         mark_checked(target)
     finally:
@@ -297,24 +299,26 @@ def _drop_failing(folder: Path, expected_sources: Collection[str]) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _load_url(url: str, sha256: str | None) -> Path:
+def _load_url(url: str, sha256: str | None, weights: str = "model") -> Path:
     """Directory of the converted model for an original ``.pth`` URL (downloaded once)."""
     from .convert import guess_identity
 
-    target = cache_dir() / "models" / f"url-{hashlib.sha256(url.encode()).hexdigest()[:16]}"
+    target = cache_dir() / "models" / f"url-{hashlib.sha256(url.encode()).hexdigest()[:16]}{'-ema' if weights == 'ema' else ''}"
     if _is_model_dir(target):
         _check_recorded_sha(target, sha256)
         verify_model_dir(target, {sha256} if sha256 else (), repair=f"delete {target} and load {url} again")
         return target
     name, variant, fold = guess_identity(url)
     hint = f"download {url} on a machine with network and load the file directly (load_model('fold0.pth'))"
-    return _download_and_convert(url, target, ModelConfig(variant=variant, fold=fold, name=name), sha256, hint=hint)
+    return _download_and_convert(url, target, ModelConfig(variant=variant, fold=fold, name=name), sha256, hint=hint, weights=weights)
 
 
-def _load_local(path: Path, sha256: str | None, cls: type[AnatCLNetwork] | None = None) -> AnatCL:
+def _load_local(path: Path, sha256: str | None, cls: type[AnatCLNetwork] | None = None, weights: str = "model") -> AnatCL:
     """Build a model from a local directory, ``.safetensors`` or original checkpoint."""
     from .checkpoint import load_pretrained_dir
     from .convert import guess_identity, model_from_checkpoint
+    from .jail.cache import local_model
+    from .jail.parent import check_regular_file
 
     if path.is_dir():
         if not _is_model_dir(path):
@@ -326,6 +330,7 @@ def _load_local(path: Path, sha256: str | None, cls: type[AnatCLNetwork] | None 
         if sha256:
             verify_sha256(path / WEIGHTS_NAME, sha256)
         return load_pretrained_dir(path, cls=cls)  # type: ignore[return-value]
+    check_regular_file(str(path))  # a FIFO, a device: a CheckpointError before a byte is read
     if path.suffix == ".safetensors":
         if sha256:
             verify_sha256(path, sha256)
@@ -350,7 +355,7 @@ def _load_local(path: Path, sha256: str | None, cls: type[AnatCLNetwork] | None 
     else:
         name, variant, fold = guess_identity(str(path))
         config = ModelConfig(name=name, variant=variant, fold=fold, source=str(path.resolve()), source_sha256=actual)
-    return model_from_checkpoint(path, config, cls=cls)  # type: ignore[return-value]
+    return local_model(path, config, actual, weights=weights, cls=cls)  # read in the jail once, then from the cache
 
 
 def load_model(
@@ -362,6 +367,7 @@ def load_model(
     device: str | torch.device | None = None,
     cls: type[AnatCLNetwork] | None = None,
     seed: int | None = None,
+    weights: str = "model",
 ) -> AnatCL:
     """Load AnatCL weights from the registry, the Hub, a URL or a local file.
 
@@ -385,6 +391,9 @@ def load_model(
             :func:`~anatcl_infer.model.resnet.model_class`, the public ``AnatCL``.
         seed: the random draw of the ``untrained`` model (default 0; the same seed gives the
             same weights). Only for ``untrained``.
+        weights: ``"model"`` (default) or ``"ema"``: which weights of an original ``.pth``
+            (file or URL) holding both model and EMA weights to use (timm's ``use_ema``); a
+            warning says which set was used. A file with EMA weights only loads them.
 
     Returns:
         An :class:`~anatcl_infer.model.AnatCL` (or ``cls``) in eval mode on ``device``, carrying its
@@ -392,7 +401,8 @@ def load_model(
 
     Raises:
         UnknownModelError: not a registry name, URL, Hub address or existing path.
-        CheckpointError: unreadable file or mismatching weights (keys listed).
+        CheckpointError: unreadable file or mismatching weights (keys listed); also when the
+            separate process reading an original ``.pth`` crashed or broke a limit.
         UnsafeCheckpointError: the pickle asks to run code; nothing was run.
         IntegrityError: ``sha256`` (or the registry's hash) does not match.
         OfflineError: offline mode is on and the weights are not cached.
@@ -416,6 +426,9 @@ def load_model(
     untrained = not is_hf and not is_url and is_untrained_name(text) and not Path(text).expanduser().exists()
     if seed is not None and not untrained:
         raise ConfigError(f"seed={seed!r:.40} applies only to load_model('untrained'), not to {text!r}")
+    if check_weights_choice(weights) == "ema" and not (is_url or (Path(text).expanduser().is_file() and not text.endswith(".safetensors"))):
+        raise ConfigError(f"weights='ema' applies to original checkpoints (a .pth/.pt file or its URL), not to {text!r}, "
+                          "which holds one set of weights")
     if revision is not None and not is_hf and (is_url or Path(text).expanduser().exists()):
         raise ConfigError(f"revision={revision!r} applies only to hf:// sources and the registry's Hub mirror (ANATCL_HUB_REPO), not to {text!r}")
     if untrained:
@@ -429,11 +442,11 @@ def load_model(
             verify_sha256(files[WEIGHTS_NAME], sha256)
         model = load_pretrained_dir(files[WEIGHTS_NAME].parent, cls=cls)
     elif is_url:
-        model = load_pretrained_dir(_load_url(text, sha256), cls=cls)
+        model = load_pretrained_dir(_load_url(text, sha256, weights), cls=cls)
     else:
         path = Path(text).expanduser()
         if path.exists():
-            model = _load_local(path, sha256, cls)
+            model = _load_local(path, sha256, cls, weights)
         elif path.suffix in (*_CHECKPOINT_SUFFIXES, ".safetensors") or os.sep in text or "/" in text:
             raise CheckpointError(
                 f"{path} does not exist; check the path (a Hub repository is written hf://org/name, "

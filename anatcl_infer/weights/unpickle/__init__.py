@@ -9,16 +9,31 @@ unpickles it with an allowlist:
 
 * tensors are rebuilt here from the raw storage bytes, read straight from the file
   after their declared sizes were checked against the archive; overlapping or stride-0
-  views are refused;
-* containers, primitives, namespaces, paths, dates, numpy arrays/scalars, dtypes,
-  ``torch.Size`` and ``torch.device`` are reconstructed;
+  views are refused, and views share their storage (as with ``torch.load``);
+* containers, primitives, namespaces, paths, dates, ``torch.Size`` and ``torch.device`` are
+  reconstructed; numpy arrays, scalars and dtypes only of plain numeric/bool kinds (a dtype's
+  state may set its byte order and nothing else; void and structured dtypes are refused,
+  object/text ones held inert and dropped);
+* before anything is built, the opcode stream is walked: its size, object count, memo and the
+  nesting depth of every object are bounded (a tuple nested a million deep would overflow the
+  C stack when hashed); every size a load allocates -- storages, the pickle, numpy arrays as
+  itemsize x count, ``bytearray(n)``, containers built from ranges or text -- is charged in
+  bytes to one budget per load (``LIMITS["memory_bytes"]`` plus the file's size);
 * a class or function of a module outside the standard library, torch and numpy is
   never imported: it becomes an inert placeholder, dropped from the result, except that
-  an ``nn.Module`` placeholder is turned into its state dict (whole-model pickles);
+  an ``nn.Module`` placeholder is turned into its state dict (whole-model pickles); so do
+  classes of ``__main__`` (the training script), ``typing`` names, numpy random generators
+  and seed sequences, a few data-only standard-library classes, and ``functools.partial``
+  with the callable it wraps (never called);
 * any other global of the standard library, torch or numpy (``os.system``,
   ``builtins.eval``, ``subprocess.Popen``, ``torch.load``...), and loader functions of
   other libraries (``joblib.load``, ``dill``...), are refused with
-  :class:`~anatcl_infer.errors.UnsafeCheckpointError`.
+  :class:`~anatcl_infer.errors.UnsafeCheckpointError`;
+* every failure is a :class:`~anatcl_infer.errors.CheckpointError` (a FIFO or a device is
+  refused before a byte is read); nothing else escapes.
+
+This is the first layer. ``load_model`` and ``anatcl convert`` run it in a separate, limited
+process (:mod:`anatcl_infer.weights.jail`), so that a crash or a bomb it misses harms nothing.
 
 Why not PyTorch's ``weights_only`` unpickler with ``safe_globals`` stand-ins: its own
 allowlist calls ``bytearray``/storage constructors with sizes the file chooses (a 3 MB

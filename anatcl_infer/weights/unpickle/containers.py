@@ -99,8 +99,8 @@ def _load_zip(path: Path, where: str) -> Any:
         if info.file_size > LIMITS["pickle_bytes"]:
             raise _refuse_sizes(where, f"its data.pkl declares {info.file_size} bytes (limit {LIMITS['pickle_bytes']})")
         data = io.BytesIO(archive.read(info))
-        _scan(data, info.file_size, where)
-        unpickler = _SafeUnpickler(data, path=where, storage=storage)
+        partials = _scan(data, info.file_size, where)
+        unpickler = _SafeUnpickler(data, path=where, storage=storage, partial_callables=partials)
         return _finish(unpickler.load(), unpickler, _Walker(where))
 
 
@@ -138,8 +138,8 @@ def _load_legacy(path: Path, where: str) -> Any:
             declared[key] = _Storage(key, dtype, numel, read_storage)
             return declared[key]
 
-        _scan(fh, min(file_size - fh.tell(), LIMITS["pickle_bytes"]), where)
-        unpickler = _SafeUnpickler(fh, path=where, storage=storage)
+        partials = _scan(fh, min(file_size - fh.tell(), LIMITS["pickle_bytes"]), where)
+        unpickler = _SafeUnpickler(fh, path=where, storage=storage, partial_callables=partials)
         obj = unpickler.load()
         keys = small()
         if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):

@@ -18,7 +18,7 @@ import torch
 
 from ...errors import CheckpointError
 from .limits import LIMITS
-from .rebuild import _PendingTensor, _Storage
+from .rebuild import _NdarrayType, _OpaqueDtype, _PendingArray, _PendingTensor, _PlainDtype, _Storage
 from .stand_ins import Placeholder, _Frozen, _StorageType, _TensorTypeMarker
 
 if TYPE_CHECKING:
@@ -27,6 +27,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__package__)  # the logger name records had before the split
 
 _DROP = object()
+#: what the unpickler hands out instead of real objects: never a key of the result
+_STAND_INS = (Placeholder, _PendingTensor, _PendingArray, _PlainDtype, _OpaqueDtype, _NdarrayType, _Frozen, _StorageType,
+              _TensorTypeMarker, _Storage)
 
 
 class _Walker:
@@ -92,6 +95,16 @@ class _Walker:
         if isinstance(obj, type) and issubclass(obj, Placeholder):
             self.dropped.add(obj.qualified_name)
             return _DROP
+        if isinstance(obj, _PendingArray):
+            if obj.array is None:
+                self.dropped.add(obj.kind)
+                return _DROP
+            return obj.array
+        if isinstance(obj, _PlainDtype):
+            return obj.resolve()
+        if isinstance(obj, _OpaqueDtype):
+            self.dropped.add(f"numpy dtype {obj.code}")
+            return _DROP
         if isinstance(obj, (str, bytes, int, float, complex, bool, type(None), np.ndarray, np.generic, torch.dtype,
                             torch.device, torch.Size, datetime.date, datetime.time, datetime.timedelta, pathlib.PurePath, slice, range)):
             return obj
@@ -102,7 +115,7 @@ class _Walker:
             self.seen[id(obj)] = out
             for key, value in obj.items():
                 value = self.walk(value, depth + 1)
-                if value is not _DROP and not isinstance(key, (Placeholder, _PendingTensor)):
+                if value is not _DROP and not isinstance(key, _STAND_INS) and not (isinstance(key, type) and issubclass(key, Placeholder)):
                     out[key] = value
             return out
         if isinstance(obj, list):
@@ -126,15 +139,16 @@ class _Walker:
                 if value is not _DROP:
                     setattr(ns, key, value)
             return ns
-        if isinstance(obj, (_StorageType, _Frozen, _TensorTypeMarker)) or isinstance(obj, type):
-            return _DROP
-        if isinstance(obj, _Storage):
+        if isinstance(obj, _STAND_INS) or isinstance(obj, type):
             return _DROP
         return obj
 
 
 def _finish(obj: Any, unpickler: _SafeUnpickler, walker: _Walker) -> Any:
     result = walker.walk(obj)
+    if result is _DROP and isinstance(obj, _PendingArray):
+        raise CheckpointError(f"{walker.path} holds only {obj.kind} (never built: only plain numeric arrays are), "
+                              "not a dict with a state dict; pass an AnatCL checkpoint", path=walker.path)
     if result is _DROP:
         name = getattr(obj, "qualified_name", type(obj).__name__)
         raise CheckpointError(
