@@ -29,6 +29,7 @@ __all__ = [
     "InputWarning",
     "InputKindWarning",
     "InputFailureWarning",
+    "BackendWarning",
 ]
 
 
@@ -189,6 +190,11 @@ class InputKindWarning(InputWarning):
 
 class InputFailureWarning(AnatCLWarning):
     """Inputs could not be used and got NaN rows (``on_error="warn"``); the message names each."""
+
+
+class BackendWarning(AnatCLWarning):
+    """The chosen inference backend could not run a model (e.g. its OpenVINO conversion did not match
+    the torch forward), so the torch module ran instead."""
 
 
 def user_stacklevel() -> int:

@@ -103,6 +103,7 @@ def run_embed(
     prior_failures: Sequence[dict[str, Any]] = (),
     shard: tuple[int, int] | None = None,
     coverage: float | None = 0.9,
+    backend: str = "auto",
 ) -> EmbedSummary:
     """Embed ``records`` with one model per fold and write one table.
 
@@ -124,6 +125,8 @@ def run_embed(
             recorded in the table's metadata, and a resume must use the same one.
         prior_failures: failures of earlier stages (e.g. the raw-T1 route) to report with these.
         shard: ``(i, n)``: embed block ``i`` of ``n`` of ``records`` into ``out/part-i-of-n``.
+        backend: ``"auto"``, ``"torch"`` or ``"openvino"`` (see :func:`anatcl_infer.encoding.encoder.encode`);
+            recorded in the metadata; a resume in bf16/fp16 must use the same one.
 
     Returns:
         An :class:`EmbedSummary`; ``summary.failures`` lists the inputs that failed.
@@ -156,6 +159,9 @@ def run_embed(
     meta = _metadata(models, str(dev))
     precision = resolve_precision(precision, dev, amp)
     meta["precision"] = precision
+    from ...encoding.backends import runner_info, select_runner  # issue 24: the backend that will run
+
+    meta["backend"] = runner_info(select_runner(list(models), device=dev, precision=precision, backend=backend))
     if head is not None:
         check_head(head, models)  # before any embedding
     if layout.shard is not None:
@@ -173,6 +179,7 @@ def run_embed(
                     prior_failures=prior_failures,
                     # passed through to iter_encoded as they are:
                     batch_size=batch_size, num_workers=num_workers, precision=precision, strict=strict,
+                    backend=backend,
                 )
             except Interrupted:
                 raise
