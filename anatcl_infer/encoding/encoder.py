@@ -1,8 +1,10 @@
-"""From inputs to features: a DataLoader that prepares volumes in workers, and a batched encoder.
+"""From inputs to features: inputs prepared beside the forward pass, and the encoder.
 
-Data flows one way: item -> :func:`anatcl_infer.inputs.preprocess.prepare` (in a worker) ->
-batch -> model -> ``.cpu()`` -> numpy, in input order. Memory is bounded by the
-batch size and the prefetch depth, not by the number of inputs.
+Data flows one way: item -> :func:`anatcl_infer.inputs.preprocess.prepare` (on CPU in a
+background thread of this process, :mod:`~anatcl_infer.encoding.prefetch`; with
+``num_workers > 0`` or on GPU in DataLoader processes) -> the backend's runner
+(:mod:`~anatcl_infer.encoding.backends`: OpenVINO or torch) -> numpy, in input order. Memory
+is bounded by the batch size and the prefetch depth, not by the number of inputs.
 """
 
 from __future__ import annotations

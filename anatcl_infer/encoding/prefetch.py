@@ -18,6 +18,7 @@ from typing import Any
 __all__ = ["ThreadPrefetcher", "blas_single_thread"]
 
 _END = object()
+_CONTROLLER: list[Any] = []
 
 
 class ThreadPrefetcher:
@@ -92,9 +93,11 @@ def blas_single_thread() -> Iterator[None]:
     1.2x on 2 cores (benchmarks/NOTES.md, attempt 3). The limit is process-wide while it lasts.
     """
     try:
-        from threadpoolctl import threadpool_limits
+        from threadpoolctl import ThreadpoolController
     except ImportError:  # pragma: no cover - threadpoolctl is a dependency
         yield
         return
-    with threadpool_limits(limits=1, user_api="blas"):
+    if not _CONTROLLER:  # finding the loaded BLAS libraries costs 2-100 ms: once per process
+        _CONTROLLER.append(ThreadpoolController())
+    with _CONTROLLER[0].limit(limits=1, user_api="blas"):
         yield
