@@ -30,6 +30,7 @@ __all__ = [
     "InputKindWarning",
     "InputFailureWarning",
     "CheckpointWarning",
+    "BackendWarning",
 ]
 
 
@@ -201,6 +202,11 @@ class CheckpointWarning(AnatCLWarning):
     Emitted when a file holds both model and EMA weights (which set was used, and how to pick
     the other: ``load_model(..., weights="ema")``, ``--weights ema``), or EMA weights only.
     """
+
+
+class BackendWarning(AnatCLWarning):
+    """The chosen inference backend could not run a model (e.g. its OpenVINO conversion did not match
+    the torch forward), so the torch module ran instead."""
 
 
 def user_stacklevel() -> int:

@@ -140,6 +140,7 @@ def embed(
     coverage: float = typer.Option(0.9, "--coverage", min=0.5, max=0.999, help="With --head: coverage of the prediction interval columns (<target>_pred_lo/_hi)."),
     shard: Optional[str] = typer.Option(None, "--shard", help="I/N: embed only block I of N of the sorted inputs (SLURM arrays); --out is then a directory."),
     precision: str = typer.Option("fp32", "--precision", callback=precision_name, help="fp32 (default), bf16 or fp16: arithmetic of the forward pass. bf16 needs a GPU or a CPU with native bf16 (AVX512-BF16/AMX); ~2.5x faster there; rows stay at cosine ~0.99999 to fp32 but subject differences shift more (benchmarks/NOTES.md): validate on your cohort. Recorded in the table's metadata."),
+    backend: str = typer.Option("auto", "--backend", help="auto, torch or openvino: who runs the forward pass. auto: OpenVINO on CPU when installed (extra [openvino]) and its conversion of the model was verified against torch, else torch. Recorded in the table's metadata."),
     amp: bool = typer.Option(False, "--amp", help="Deprecated: use --precision bf16 (CUDA only)."),
     from_t1: bool = typer.Option(False, "--from-t1", help="Inputs are raw native-space T1s (extra [prep]); the route follows the model's input kind: grey-matter models -> deepmriprep mwp1 maps (downloads its weights once); T1 models -> deepbet skull-stripping, affine registration to MNI152 (SimpleITK), the model's grid (offline). Runs in the loader workers."),
     prep_dir: Optional[Path] = typer.Option(None, "--prep-dir", help="Where --from-t1 writes its maps / registered T1s with JSON sidecars (default: <out>.prep/ beside the output); those whose source is unchanged (SHA-256) are reused."),
@@ -167,6 +168,8 @@ def embed(
     # Everything that can be checked without the model is checked first: a typo costs a second, not a model load.
     if fmt is not None and fmt not in ("parquet", "csv"):
         raise fail(f"--format must be parquet or csv, got {fmt!r}", 2)
+    if backend not in ("auto", "torch", "openvino"):
+        raise fail(f"--backend must be auto, torch or openvino, got {backend!r}", 2)
     part: tuple[int, int] | None = _parse_shard(shard) if shard else None
     dist = distributed_shard()
     if dist is not None and part is None:
@@ -211,7 +214,7 @@ def embed(
             records, models, out, fmt=layout.fmt, batch_size=batch_size,
             device=dev, num_workers=workers, resume=resume,
             overwrite=overwrite, strict=strict, progress=not quiet, amp=amp, qc=qc, head=head, precision=precision,
-            prior_failures=prep_failures, shard=layout.shard, coverage=coverage, from_t1=route,
+            prior_failures=prep_failures, shard=layout.shard, coverage=coverage, from_t1=route, backend=backend,
         )
     except AnatCLError as exc:
         raise fail(str(exc), 2) from None

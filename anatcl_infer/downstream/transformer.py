@@ -75,6 +75,11 @@ class AnatCLEncoder(TransformerMixin, BaseEstimator):
         cache: optional directory for an on-disk cache of embeddings, one small
             ``.npy`` per input keyed by the input's content SHA-256, the model's
             SHA-256 (or name) and the fold. A cache hit never loads the model.
+        backend: ``"auto"`` (OpenVINO on CPU when installed and verified, else torch), ``"torch"``
+            or ``"openvino"`` (see :func:`anatcl_infer.encoding.encoder.encode`). The loaded model and
+            its compiled backend are kept for the encoder's life, and inputs are read in a thread
+            beside the forward pass, so a ``transform`` of a few files costs little more than their
+            forward passes.
 
     Inputs to :meth:`transform`: a list or array of paths, a pandas Series (or a
     one-column DataFrame) of paths, nibabel images, or a mix.
@@ -92,12 +97,14 @@ class AnatCLEncoder(TransformerMixin, BaseEstimator):
         batch_size: int = 8,
         device: str | None = None,
         cache: str | os.PathLike[str] | None = None,
+        backend: str = "auto",
     ) -> None:
         self.model = model
         self.fold = fold
         self.batch_size = batch_size
         self.device = device
         self.cache = cache
+        self.backend = backend
 
     # -- pickling: never carry the weights
     def __getstate__(self) -> dict[str, Any]:
@@ -170,7 +177,7 @@ class AnatCLEncoder(TransformerMixin, BaseEstimator):
             from ..encoding.encoder import encode
 
             feats = encode(self._get_model(), [items[i] for i in todo], batch_size=self.batch_size,
-                           device=self.device, progress=False)
+                           device=self.device, progress=False, backend=self.backend)
             out[todo] = feats
             for j, i in enumerate(todo):
                 if cache_paths[i] is not None:
@@ -192,6 +199,8 @@ class AnatCLEncoder(TransformerMixin, BaseEstimator):
             raise ConfigError(f"batch_size must be a positive integer, got {self.batch_size!r}")
         if self.fold is not None and not isinstance(self.fold, (int, np.integer)):
             raise ConfigError(f"fold must be an integer (0-4), got {self.fold!r}")
+        if self.backend not in ("auto", "torch", "openvino"):
+            raise ConfigError(f"backend must be auto, torch or openvino, got {self.backend!r}")
         if self.cache is not None and not isinstance(self.cache, (str, os.PathLike)):
             raise ConfigError(f"cache must be a directory path or None, got {self.cache!r}")
         from ..model.network import AnatCL

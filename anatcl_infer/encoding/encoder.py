@@ -1,8 +1,10 @@
-"""From inputs to features: a DataLoader that prepares volumes in workers, and a batched encoder.
+"""From inputs to features: inputs prepared beside the forward pass, and the encoder.
 
-Data flows one way: item -> :func:`anatcl_infer.inputs.preprocess.prepare` (in a worker) ->
-batch -> model -> ``.cpu()`` -> numpy, in input order. Memory is bounded by the
-batch size and the prefetch depth, not by the number of inputs.
+Data flows one way: item -> :func:`anatcl_infer.inputs.preprocess.prepare` (on CPU in a
+background thread of this process, :mod:`~anatcl_infer.encoding.prefetch`; with
+``num_workers > 0`` or on GPU in DataLoader processes) -> the backend's runner
+(:mod:`~anatcl_infer.encoding.backends`: OpenVINO or torch) -> numpy, in input order. Memory
+is bounded by the batch size and the prefetch depth, not by the number of inputs.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ __all__ = ["encode", "extract_features", "iter_encoded", "EncodedBatch", "Failur
 
 logger = logging.getLogger(__name__)
 
-_ENCODE_KWARGS = ("batch_size", "device", "num_workers", "progress", "precision", "amp", "strict", "on_error", "assume_reference_grid", "from_t1")
+_ENCODE_KWARGS = ("batch_size", "device", "num_workers", "progress", "precision", "amp", "strict", "on_error", "assume_reference_grid", "from_t1", "backend")
 
 
 @dataclass(frozen=True)
@@ -53,24 +55,27 @@ class EncodedBatch:
         features: (len(indices), D) float32.
         infos: per row, what preprocessing reported (``method``, ``warnings``, ``kind``...).
         failures: inputs of this batch that failed.
+        backend: name and version of the backend that ran the forward pass.
     """
 
     indices: list[int]
     features: np.ndarray
     infos: list[dict[str, Any]] = field(default_factory=list)
     failures: list[Failure] = field(default_factory=list)
+    #: the backend that computed ``features``: ``{"name": "openvino"|"torch", "version": ...}``
+    backend: dict[str, str] = field(default_factory=dict)
 
 
 def default_num_workers(device: torch.device, n_inputs: int) -> int:
-    """Worker processes for loading: none for a handful of inputs, else enough to keep the device fed."""
-    if n_inputs <= 2:
+    """Loader processes when ``num_workers`` is not given: none on CPU, else enough to keep the device fed.
+
+    On CPU a thread of this process prepares the inputs instead (:mod:`anatcl_infer.encoding.prefetch`):
+    it overlaps reading with the forward pass like a loader process, without the 0.8-1.3 s a process
+    costs to start on every call (benchmarks/NOTES.md).
+    """
+    if n_inputs <= 2 or device.type == "cpu":
         return 0
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if device.type == "cpu":
-        # The forward pass uses every core; one loader process (one BLAS thread) overlaps
-        # reading and conforming with it: on 2 cores 0.35 vs 0.37 s/volume on-grid and
-        # 0.45 vs 0.48 s for 1 mm inputs (benchmarks/NOTES.md).
-        return 1 if cpus >= 2 else 0
     return max(1, min(8, cpus - 1))
 
 
@@ -218,7 +223,6 @@ def _drop_non_finite(
 
 #: accepted spellings of each precision
 PRECISIONS = {"fp32": "fp32", "float32": "fp32", "bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16"}
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_precision(precision: str, device: str | torch.device | None = None, amp: bool | str = False) -> str:
@@ -268,26 +272,6 @@ def resolve_precision(precision: str, device: str | torch.device | None = None, 
     raise ConfigError(f"precision {key} is supported on CPU and CUDA only; use precision=\"fp32\" on {dev.type}")
 
 
-def _precision_context(device: torch.device, precision: str) -> Any:
-    """Autocast for a reduced precision; on CPU the fused plan (model/fused.py) follows its dtype."""
-    if precision == "fp32":
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=_DTYPES[precision])
-
-
-def _forward(model: Any, x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Run the model on a batch.
-
-    On CPU each volume runs alone: oneDNN picks kernels by batch size, so a batched
-    call would make a row's last bits depend on how inputs were grouped (shards,
-    resumes, failures). Measured on 2 cores, batch 1 costs the same per volume as
-    batch 4 (benchmarks/NOTES.md). On GPU the batch runs as one call.
-    """
-    if device.type == "cpu" and x.shape[0] > 1:
-        return torch.cat([model(x[i:i + 1]) for i in range(x.shape[0])])
-    return model(x)
-
-
 def _as_items(inputs: Any) -> list[Any]:
     """Normalise one input or many into a list of single-volume items.
 
@@ -330,11 +314,12 @@ def iter_encoded(
     progress_desc: str = "embedding",
     assume_reference_grid: bool = False,
     from_t1: Any = False,
+    backend: str = "auto",
 ) -> Iterator[EncodedBatch]:
     """Yield :class:`EncodedBatch` objects in input order; bad inputs are reported, not raised.
 
     This is the engine under :func:`encode` and ``anatcl embed``. ``extra_info`` is
-    called on each :class:`~anatcl_infer.inputs.preprocess.Prepared` inside the worker and
+    called on each :class:`~anatcl_infer.inputs.preprocess.Prepared` where it is prepared and
     its dict merged into the row's info (used for QC metrics). Each row's info carries its
     ``warnings`` (plain sentences) and ``kind_warning``; nothing is emitted here — callers
     show them (:func:`encode` through :mod:`warnings`, ``anatcl embed`` on stderr). A row
@@ -342,15 +327,22 @@ def iter_encoded(
     ``precision``, ``amp`` and ``from_t1`` are described in :func:`encode`; with ``from_t1`` the
     raw-T1 route runs in the loader workers and its ``qc_registration_ncc``, ``qc_skull_strip``
     and ``qc_prep_output`` join each row's info.
+    ``precision``, ``amp``, ``num_workers`` and ``backend`` are described in :func:`encode`;
+    each batch names the backend that computed it (``batch.backend``).
     """
+    from .backends import check_backend, runner_info, select_runner
+
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size!r}")
     items = list(inputs)
     dev = resolve_device(device)
     precision = resolve_precision(precision, dev, amp)
+    check_backend(backend)
     if model.device != dev:
         model.to(dev)
     model.eval()
+    runner = select_runner(model, device=dev, precision=precision, backend=backend)
+    used = runner_info(runner)
     workers = default_num_workers(dev, len(items)) if num_workers is None else int(num_workers)
     route = None
     if from_t1:
@@ -358,7 +350,59 @@ def iter_encoded(
 
         route = as_t1_route(from_t1)
         check_t1_route(model.config.preprocess, route)  # a missing tool or weights: once, before any input
+    threaded = num_workers is None and workers == 0 and dev.type == "cpu" and len(items) > 1
     dataset = _PrepareDataset(items, model.config.preprocess, strict, extra_info, assume_reference_grid, route)
+    dim = model.config.feature_dim
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(items), desc=progress_desc, unit="vol", disable=None if progress else True, leave=False)
+    batches = _streamed(dataset, runner, batch_size, threaded, dim) if workers == 0 else _loaded(dataset, runner, batch_size, workers, dev, dim)
+    try:
+        with torch.inference_mode():
+            for indices, feats, infos, failures in batches:
+                if len(indices):
+                    indices, feats, infos, failures = _drop_non_finite(indices, feats, infos, failures, items)
+                bar.update(len(indices) + len(failures))
+                yield EncodedBatch(indices, feats, infos, failures, backend=dict(used))
+    finally:
+        batches.close()
+        bar.close()
+
+
+_Rows = tuple[list[int], np.ndarray, list[dict[str, Any]], list[Failure]]
+
+
+def _streamed(dataset: _PrepareDataset, runner: Any, batch_size: int, threaded: bool, dim: int) -> Iterator[_Rows]:
+    """Inputs prepared in this process (in a background thread when ``threaded``), each volume's
+    forward as soon as it is ready, grouped ``batch_size`` inputs at a time."""
+    from .prefetch import ThreadPrefetcher, blas_single_thread
+
+    n = len(dataset)
+    source: Any = ThreadPrefetcher(dataset.__getitem__, n, depth=2) if threaded else (dataset[i] for i in range(n))
+    try:
+        with blas_single_thread() if threaded else nullcontext():
+            indices: list[int] = []
+            rows: list[np.ndarray] = []
+            infos: list[dict[str, Any]] = []
+            failures: list[Failure] = []
+            for count, (index, array, info, failure) in enumerate(source, 1):
+                if failure is not None:
+                    failures.append(failure)
+                else:
+                    rows.append(runner(torch.from_numpy(array)[None]).float().cpu().numpy())
+                    indices.append(index)
+                    infos.append(info)  # type: ignore[arg-type]
+                if count % batch_size == 0 or count == n:
+                    feats = np.concatenate(rows) if rows else np.empty((0, dim), dtype=np.float32)
+                    yield indices, feats, infos, failures
+                    indices, rows, infos, failures = [], [], [], []
+    finally:
+        if threaded:
+            source.close()
+
+
+def _loaded(dataset: _PrepareDataset, runner: Any, batch_size: int, workers: int, dev: torch.device, dim: int) -> Iterator[_Rows]:
+    """Inputs prepared by loader processes (a DataLoader), one forward call per batch."""
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
@@ -368,25 +412,13 @@ def iter_encoded(
         worker_init_fn=_worker_init,
         pin_memory=dev.type == "cuda",
         persistent_workers=False,
-        prefetch_factor=2 if workers > 0 else None,
+        prefetch_factor=2,
     )
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=len(items), desc=progress_desc, unit="vol", disable=None if progress else True, leave=False)
-    try:
-        with torch.inference_mode():
-            for indices, batch, infos, failures in loader:
-                feats = np.empty((0, model.config.feature_dim), dtype=np.float32)
-                if batch is not None:
-                    x = batch.to(dev, non_blocking=True)
-                    with _precision_context(dev, precision):
-                        out = _forward(model, x, dev)
-                    feats = out.float().cpu().numpy()
-                    indices, feats, infos, failures = _drop_non_finite(indices, feats, infos, failures, items)
-                bar.update(len(indices) + len(failures))
-                yield EncodedBatch(indices, feats, infos, failures)
-    finally:
-        bar.close()
+    for indices, batch, infos, failures in loader:
+        feats = np.empty((0, dim), dtype=np.float32)
+        if batch is not None:
+            feats = runner(batch.to(dev, non_blocking=True)).float().cpu().numpy()
+        yield indices, feats, infos, failures
 
 
 def encode(
@@ -403,6 +435,7 @@ def encode(
     on_error: str = "raise",
     assume_reference_grid: bool = False,
     from_t1: Any = False,
+    backend: str = "auto",
 ) -> np.ndarray:
     """Embed inputs into an (N, 512) float32 array, in input order.
 
@@ -424,7 +457,10 @@ def encode(
             like the model's reference grid.
         batch_size: volumes per forward pass (does not change the result).
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"`` or None for automatic.
-        num_workers: loader processes (None: chosen from the device and input count).
+        num_workers: loader processes. None (default): on CPU a background thread of this process
+            prepares the next inputs while the forward pass runs (nothing to start, so a call on a
+            handful of files costs little more than its forward passes); on GPU, processes chosen
+            from the input count. 0: everything in the calling thread, one input after the other.
         progress: show a progress bar (only on a terminal).
         precision: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"``: the arithmetic of the forward
             pass (features are float32 either way). bf16 runs on CUDA GPUs that support it and
@@ -449,6 +485,10 @@ def encode(
             deepmriprep's mwp1 map; ``t1`` -> deepbet skull-stripping (when needed), affine
             registration to MNI152, the model's grid (:func:`~anatcl_infer.inputs.t1_route.prepare_t1`).
             Needs the ``[prep]`` extra.
+        backend: who runs the forward pass: ``"auto"`` (default: OpenVINO on CPU when the
+            ``[openvino]`` extra is installed and its conversion of this model was verified against
+            the torch forward, else torch), ``"torch"`` or ``"openvino"``. Float32 features of both
+            agree to ~1e-6 relative; see :mod:`anatcl_infer.encoding.backends`.
 
     Returns:
         ``np.ndarray`` of shape (N, feature_dim), float32.
@@ -474,6 +514,7 @@ def encode(
         model, items, batch_size=batch_size, device=device, num_workers=num_workers,
         progress=progress, precision=precision, amp=amp, strict=strict, assume_reference_grid=assume_reference_grid,
         from_t1=from_t1,
+        backend=backend,
     ):
         for info in batch.infos:  # one warning per input that has any, in the calling process
             emit_input_warnings(info.get("source", "<input>"), info.get("warnings", []), info.get("kind_warning"))
@@ -511,7 +552,7 @@ def extract_features(inputs: Any, model: Any = "anatcl-global", fold: int = 0, *
             ``amp`` (deprecated), ``strict``, ``on_error`` (``"raise"`` or ``"warn"``: NaN rows for
             failed inputs, rows aligned with the inputs), ``assume_reference_grid``, ``from_t1`` (raw T1s:
             the route of the model's input kind runs first; see :func:`encode`).
-            A 4D input (in memory or a 4D file) is one row per volume.
+            ``backend`` (``"auto"``, ``"torch"`` or ``"openvino"``). A 4D input (in memory or a 4D file) is one row per volume.
 
     Example:
         >>> import anatcl_infer

@@ -126,7 +126,11 @@ def _comparable(meta: dict[str, Any], other: dict[str, Any]) -> tuple[dict[str, 
         else:
             model.pop("weights_sha256", None)
         # tables from before --precision existed were float32
-        return {"model": model, "preprocess": m.get("preprocess"), "precision": m.get("precision", "fp32")}
+        precision = m.get("precision", "fp32")
+        # backend (issue 24): float32 features of torch and OpenVINO agree within float32 noise and may
+        # mix; reduced-precision ones differ beyond it, so those must come from the same backend
+        backend = None if precision == "fp32" else (m.get("backend") or {}).get("name", "torch")
+        return {"model": model, "preprocess": m.get("preprocess"), "precision": precision, "backend": backend}
 
     by_weights = bool((meta.get("model") or {}).get("weights_sha256")) and bool((other.get("model") or {}).get("weights_sha256"))
     return pick(meta, by_weights), pick(other, by_weights)
@@ -141,12 +145,14 @@ def _check_compatible(earlier: Sequence[tuple[str, Path, dict[str, Any] | None]]
         if a != b:
             theirs, ours = a["model"], b["model"]
             what = "model" if a["model"] != b["model"] else ("precision" if a.get("precision") != b.get("precision") else "preprocessing")
+            if what == "preprocessing" and a.get("backend") != b.get("backend"):
+                what = f"backend ({a.get('backend')}, not {b.get('backend')}: {a.get('precision')} features of two backends differ)"
             raise ConfigError(
                 f"{label} ({where}) was made with another {what} "
                 f"({theirs.get('name')}, weights sha256 {str(theirs.get('weights_sha256') or '?')[:12]}, "
                 f"precision {a.get('precision')}) than this run "
                 f"({ours.get('name')}, weights sha256 {str(ours.get('weights_sha256') or '?')[:12]}, precision {b.get('precision')}); "
-                "resume with the same model and --precision, use another --out, or --overwrite to start over"
+                "resume with the same model and --precision (and --backend for bf16/fp16), use another --out, or --overwrite to start over"
             )
 
 

@@ -107,6 +107,7 @@ def run_embed(
     shard: tuple[int, int] | None = None,
     coverage: float | None = 0.9,
     from_t1: Any = None,
+    backend: str = "auto",
 ) -> EmbedSummary:
     """Embed ``records`` with one model per fold and write one table.
 
@@ -131,6 +132,8 @@ def run_embed(
         from_t1: a :class:`~anatcl_infer.inputs.t1_route.T1Route` for a T1 model's raw native-space
             T1s: skull-stripping, registration and resampling run in the loader workers, before the
             model's preprocessing; recorded in the table's metadata (a resume must use the same route).
+        backend: ``"auto"``, ``"torch"`` or ``"openvino"`` (see :func:`anatcl_infer.encoding.encoder.encode`);
+            recorded in the metadata; a resume in bf16/fp16 must use the same one.
 
     Returns:
         An :class:`EmbedSummary`; ``summary.failures`` lists the inputs that failed. When every input
@@ -165,6 +168,9 @@ def run_embed(
     meta = _metadata(models, str(dev))
     precision = resolve_precision(precision, dev, amp)
     meta["precision"] = precision
+    from ...encoding.backends import runner_info, select_runner  # issue 24: the backend that will run
+
+    meta["backend"] = runner_info(select_runner(list(models), device=dev, precision=precision, backend=backend))
     if head is not None:
         check_head(head, models)  # before any embedding
     if layout.shard is not None:
@@ -185,6 +191,7 @@ def run_embed(
                     # passed through to iter_encoded as they are:
                     batch_size=batch_size, num_workers=num_workers, precision=precision, strict=strict,
                     **({"from_t1": from_t1} if from_t1 is not None else {}),
+                    backend=backend,
                 )
             except Interrupted:
                 raise
