@@ -17,10 +17,19 @@ os.environ.pop("HF_ENDPOINT", None)
 import huggingface_hub.constants  # noqa: E402,F401  (import now, with the environment above)
 
 
-@pytest.fixture(autouse=True)
-def _isolated_caches(tmp_path_factory, monkeypatch):
-    """Point every cache (ours and the Hub's) at a fresh temporary directory."""
+@pytest.fixture
+def _cache_root(tmp_path_factory):
+    """A fresh cache folder, deleted after the test (converted models are 134 MB each: pytest would
+    keep them for its last 3 runs). Set up before ``monkeypatch``, so torn down after its undo."""
     root = tmp_path_factory.mktemp("cache")
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_caches(_cache_root, monkeypatch):
+    """Point every cache (ours and the Hub's) at a fresh temporary directory."""
+    root = _cache_root
     monkeypatch.setenv("ANATCL_CACHE", str(root / "anatcl"))
     monkeypatch.setenv("HF_HOME", str(root / "hf"))
     monkeypatch.setenv("HF_HUB_CACHE", str(root / "hf" / "hub"))
@@ -28,7 +37,6 @@ def _isolated_caches(tmp_path_factory, monkeypatch):
     for name in ("ANATCL_OFFLINE", "ANATCL_HUB_REPO", "HF_HUB_OFFLINE", "HF_ENDPOINT", "WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
     yield root
-    shutil.rmtree(root, ignore_errors=True)  # converted models are ~130 MB each: the suite would leave ~8 GB behind
 
 
 @pytest.fixture(autouse=True)
