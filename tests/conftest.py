@@ -43,6 +43,10 @@ def _isolated_caches(_cache_root, monkeypatch):
 def _restore_package_logger():
     """The CLI configures the package logger; give every test the default one back."""
     logger = logging.getLogger("anatcl_infer")
-    state = (list(logger.handlers), logger.level, logger.propagate)
+
+    def reset() -> None:  # not the state found: a module-scoped fixture may have run the CLI before it
+        logger.handlers[:], logger.level, logger.propagate = [], logging.NOTSET, True
+
+    reset()
     yield
-    logger.handlers[:], logger.level, logger.propagate = state[0], state[1], state[2]
+    reset()
