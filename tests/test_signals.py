@@ -62,8 +62,11 @@ def setup(tmp_path_factory) -> tuple[Path, Path, Path]:
 
 
 def _args(model_dir: Path, scans: Path, out: Path) -> list[str]:
+    # --backend torch: torch's CPU forward is bit-identical across processes; the OpenVINO backend's
+    # rows of a resumed run were seen to differ from an uninterrupted run's by ~1e-7 (float32 noise),
+    # an open point of issue #23/#24
     return ["embed", str(scans), "--model", str(model_dir), "--device", "cpu", "--batch-size", "2", "--workers", "2",
-            "-q", "--out", str(out)]
+            "--backend", "torch", "-q", "--out", str(out)]
 
 
 def _env() -> dict[str, str]:

@@ -375,7 +375,7 @@ def test_anatcl_embed_from_t1_follows_a_t1_model_and_keeps_its_registered_images
     native.mkdir()
     (native / "sub-01_T1w.nii.gz").write_bytes(Path(displaced[0]).read_bytes())
     args = ["embed", str(native), "--from-t1", "--model", str(mdir), "--out", str(tmp_path / "feats.parquet"),
-            "--prep-dir", str(tmp_path / "prep"), "--no-skull-strip", "--device", "cpu", "--workers", "0", "-q"]
+            "--prep-dir", str(tmp_path / "prep"), "--skull-strip", "no", "--device", "cpu", "--workers", "0", "-q"]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     assert "deepmriprep" not in res.output

@@ -20,6 +20,16 @@ _EPILOG = (
 )
 
 
+
+def _skull_strip_choice(value: Optional[str]) -> Optional[bool]:
+    """``--skull-strip auto|yes|no`` as None/True/False (a tri-state option keeps --help narrow)."""
+    if value is None or isinstance(value, bool):
+        return value
+    choice = {"auto": None, "yes": True, "no": False}
+    if value.lower() not in choice:
+        raise typer.BadParameter(f"{value!r}: use auto, yes or no")
+    return choice[value.lower()]
+
 def _parse_shard(value: str) -> tuple[int, int]:
     try:
         i, n = (int(v) for v in value.split("/"))
@@ -144,7 +154,7 @@ def embed(
     amp: bool = typer.Option(False, "--amp", help="Deprecated: use --precision bf16 (CUDA only)."),
     from_t1: bool = typer.Option(False, "--from-t1", help="Inputs are raw native-space T1s (extra [prep]); the route follows the model's input kind: grey-matter models -> deepmriprep mwp1 maps (downloads its weights once); T1 models -> deepbet skull-stripping, affine registration to MNI152 (SimpleITK), the model's grid (offline). Runs in the loader workers."),
     prep_dir: Optional[Path] = typer.Option(None, "--prep-dir", help="Where --from-t1 writes its maps / registered T1s with JSON sidecars (default: <out>.prep/ beside the output); those whose source is unchanged (SHA-256) are reused."),
-    skull_strip: Optional[bool] = typer.Option(None, "--skull-strip/--no-skull-strip", help="T1 models with --from-t1: force deepbet skull-stripping on or off (default: decided per input; already skull-stripped inputs are not stripped again)."),
+    skull_strip: Optional[str] = typer.Option(None, "--skull-strip", metavar="auto|yes|no", callback=_skull_strip_choice, help="auto (default: decided per input), yes or no. T1 models with --from-t1: deepbet skull-stripping; auto leaves already skull-stripped inputs alone."),
     min_ncc: float = typer.Option(0.7, "--min-ncc", min=-1.0, max=1.0, help="T1 models with --from-t1: an input whose registration to MNI152 is less similar than this to the template (NCC) fails instead of being embedded misplaced."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar, warnings and errors only."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
@@ -194,7 +204,7 @@ def embed(
         route = None
         t1_model = models[0].config.preprocess.input_kind == "t1"
         if skull_strip is not None and not (from_t1 and t1_model):
-            log.warning("--skull-strip/--no-skull-strip only applies to T1 models with --from-t1; ignored")
+            log.warning("--skull-strip only applies to T1 models with --from-t1; ignored")
         if from_t1 and t1_model:
             from ..inputs.t1_route import T1Route, check_t1_route
 

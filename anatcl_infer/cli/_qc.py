@@ -19,6 +19,16 @@ _EPILOG = (
 )
 
 
+
+def _skull_strip_choice(value: Optional[str]) -> Optional[bool]:
+    """``--skull-strip auto|yes|no`` as None/True/False (a tri-state option keeps --help narrow)."""
+    if value is None or isinstance(value, bool):
+        return value
+    choice = {"auto": None, "yes": True, "no": False}
+    if value.lower() not in choice:
+        raise typer.BadParameter(f"{value!r}: use auto, yes or no")
+    return choice[value.lower()]
+
 def _resolve_spec(model: Optional[str]) -> tuple[object, str]:
     """``(PreprocessConfig, label)`` for ``--model``: a model directory/config.json, or a registry name."""
     from ..config import ModelConfig, PreprocessConfig
@@ -46,7 +56,7 @@ def qc(
     workers: int = typer.Option(1, "--workers", "-j", min=1, help="Processes preparing and drawing in parallel."),
     from_t1: bool = typer.Option(False, "--from-t1", help="Inputs are raw native-space T1s: run the route of the model's input kind first (extra [prep]); pictures show the registered image, with its similarity to MNI152 (flagged when low)."),
     prep_dir: Optional[Path] = typer.Option(None, "--prep-dir", help="With --from-t1: where the registered images and sidecars go (default: <out>/prep); unchanged sources are reused, e.g. from an `anatcl embed --from-t1 --prep-dir` run."),
-    skull_strip: Optional[bool] = typer.Option(None, "--skull-strip/--no-skull-strip", help="With --from-t1 and a T1 model: force deepbet on or off (default: decided per input)."),
+    skull_strip: Optional[str] = typer.Option(None, "--skull-strip", metavar="auto|yes|no", callback=_skull_strip_choice, help="auto (default: decided per input), yes or no. With --from-t1 and a T1 model: deepbet skull-stripping."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar, warnings and errors only."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
 ) -> None:

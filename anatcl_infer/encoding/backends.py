@@ -127,7 +127,7 @@ def _weights_key(module: torch.nn.Module) -> tuple[Any, ...]:
 
 def _fold_models(model: Any) -> list[Any] | None:
     """The AnatCL models behind ``model`` (itself, a list of folds, or a fold stack's ``models``), or None."""
-    from ..model.network import AnatCL
+    from ..model.resnet import AnatCLNetwork as AnatCL  # the base class: the weights and encoding stages never import the public one
 
     if isinstance(model, AnatCL):
         return [model]
