@@ -27,6 +27,8 @@ import numpy as np
 import pytest
 import torch
 
+from memory_cap import prelude
+
 from anatcl_infer.errors import CheckpointError, UnsafeCheckpointError
 from anatcl_infer.weights.unpickle import safe_load
 
@@ -304,8 +306,7 @@ def _bombs(root: Path) -> dict[str, Path]:
 
 _RUNNER = textwrap.dedent(
     """
-    import json, resource, sys
-    resource.setrlimit(resource.RLIMIT_AS, ({limit}, {limit}))
+    import json, sys
     from anatcl_infer import load_model
     from anatcl_infer.errors import CheckpointError, ConfigError
     from anatcl_infer.weights.unpickle import safe_load
@@ -328,7 +329,7 @@ def test_memory_bombs_end_in_clean_errors_under_an_address_space_limit(tmp_path)
     files = _bombs(tmp_path)
     assert len(files) >= 15
     script = tmp_path / "run.py"
-    script.write_text(_RUNNER.format(limit=AS_LIMIT))
+    script.write_text(prelude() + _RUNNER.format())  # data cap relative to the process's own baseline
     proc = subprocess.run([sys.executable, str(script), json.dumps({k: str(v) for k, v in files.items()})],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]  # not killed, no traceback
