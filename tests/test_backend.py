@@ -235,6 +235,23 @@ def test_table_records_the_backend_and_resume_mixes_only_fp32(tmp_path, model):
         assert run(records, resume=True, precision="bf16", backend="torch").n_written == 1
 
 
+def test_a_model_left_in_training_mode_still_runs_openvino(tmp_path):
+    """A freshly built model is in training mode; run_embed chose the backend before eval() and the
+    check against the training-mode forward (BatchNorm on batch statistics) refused the conversion."""
+    from anatcl_infer.inputs.discovery import discover_inputs
+    from anatcl_infer.jobs.embed import run_embed
+
+    _write_scans(tmp_path / "scans", 1)
+    model = _model(3).train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BackendWarning)
+        run_embed(discover_inputs([str(tmp_path / "scans")]), [model], tmp_path / "f.parquet", progress=False, device="cpu")
+    assert _meta(tmp_path / "f.parquet")["backend"]["name"] == "openvino"
+    graph = openvino_backend.build_graph(model.train().encoder)
+    assert openvino_backend.verify(model.encoder, graph, PREP3.model_input_shape)["ok"]
+    assert model.encoder.training  # verify() restores the mode it found
+
+
 def test_cli_backend_option(tmp_path, model):
     from typer.testing import CliRunner
 

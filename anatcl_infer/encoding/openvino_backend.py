@@ -179,8 +179,13 @@ def verify(encoder: Any, graph: Any, shape: tuple[int, ...]) -> dict[str, Any]:
     x = _phantom(shape, channels)
     slot = encoder.__dict__.get("_fused_slot")
     had_plan = slot is not None and getattr(slot, "plan", None) is not None
-    with torch.inference_mode(), torch.autocast("cpu", enabled=False):
-        ref = encoder(torch.from_numpy(x)).float().numpy()
+    was_training = encoder.training
+    encoder.eval()  # the graph is the inference graph (BatchNorm on running statistics): compared in eval mode
+    try:
+        with torch.inference_mode(), torch.autocast("cpu", enabled=False):
+            ref = encoder(torch.from_numpy(x)).float().numpy()
+    finally:
+        encoder.train(was_training)
     slot = encoder.__dict__.get("_fused_slot")
     if not had_plan and slot is not None and hasattr(slot, "plan"):
         slot.plan = None  # the torch plan (pre-packed weights, ~130 MB) was built only for this check

@@ -170,6 +170,8 @@ def run_embed(
     meta["precision"] = precision
     from ...encoding.backends import runner_info, select_runner  # issue 24: the backend that will run
 
+    for m in models:  # inference mode before the backend is chosen: OpenVINO is checked against eval-mode outputs
+        m.eval()
     meta["backend"] = runner_info(select_runner(list(models), device=dev, precision=precision, backend=backend))
     if head is not None:
         check_head(head, models)  # before any embedding
