@@ -130,6 +130,24 @@ def test_conversion_is_cached_by_weights_and_reused(_isolated_caches, monkeypatc
     assert np.array_equal(_encode(again, volumes[:2]), feats)
 
 
+def test_a_graph_cached_by_another_converter_version_is_rebuilt(_isolated_caches, monkeypatch, volumes):
+    """The cache is keyed by the weights; a graph an older build_graph wrote (another graph, other float32
+    roundings) must not be reused, or a resumed table mixes two roundings of the same weights."""
+    m = _model(4)
+    feats = _encode(m, volumes[:1])
+    folder = _isolated_caches / "anatcl" / "models" / "openvino" / openvino_backend.weights_digest(m.encoder)
+    record = json.loads((folder / "verified.json").read_text())
+    assert record["converter"] == openvino_backend.CONVERTER_VERSION
+    del record["converter"]  # as the first version wrote it
+    (folder / "verified.json").write_text(json.dumps(record))
+    built = []
+    real = openvino_backend.build_graph
+    monkeypatch.setattr(openvino_backend, "build_graph", lambda enc: built.append(1) or real(enc))
+    assert np.array_equal(_encode(copy.deepcopy(m), volumes[:1]), feats)
+    assert built == [1]
+    assert json.loads((folder / "verified.json").read_text())["converter"] == openvino_backend.CONVERTER_VERSION
+
+
 def test_failed_verification_falls_back_to_torch_with_a_warning(monkeypatch, volumes):
     m = _model(3)
     monkeypatch.setattr(openvino_backend, "MIN_COSINE", 1.5)  # no conversion can pass

@@ -19,7 +19,9 @@ How a model gets there, once per set of weights:
 3. **Cache**: graph and verification record go to ``<cache>/models/openvino/<sha256>/``, keyed by
    the SHA-256 of the encoder's weights (names, dtypes, shapes and bytes), written atomically (a
    temporary folder renamed into place) and reused by every later process. A record made with
-   another OpenVINO version is verified again.
+   another OpenVINO version is verified again; one made by another version of this converter
+   (:data:`CONVERTER_VERSION`) is converted again: the same weights must give the same graph in
+   every process, or a resumed table would mix two float32 roundings.
 
 Each process then compiles the graph for the input size with a latency hint, torch's thread
 count, and ``INFERENCE_PRECISION_HINT`` f32 (bf16 only for ``precision="bf16"``: OpenVINO's own
@@ -49,6 +51,9 @@ logger = logging.getLogger(__name__)
 #: the verification's bounds for every float32 row against the torch forward
 MIN_COSINE = 0.99999
 MAX_REL_DIFF = 1e-5
+
+#: bumped whenever :func:`build_graph` emits a different graph: cached graphs of other versions are rebuilt
+CONVERTER_VERSION = 2
 
 _XML, _RECORD = "encoder.xml", "verified.json"
 _PRECISION_HINT = {"fp32": "f32", "bf16": "bf16"}
@@ -244,6 +249,11 @@ def _record_ok(record: dict[str, Any], version: str) -> bool | None:
     return bool(record.get("ok"))
 
 
+def _built_here(record: dict[str, Any]) -> bool:
+    """Whether a cached graph was written by this version of :func:`build_graph`."""
+    return record.get("converter") == CONVERTER_VERSION
+
+
 def load_or_convert(encoder: Any, shape: tuple[int, ...], cache_root: Path | None) -> tuple[Any, dict[str, Any]]:
     """The encoder's verified OpenVINO graph (from the cache, or converted now) and its verification record.
 
@@ -261,17 +271,32 @@ def load_or_convert(encoder: Any, shape: tuple[int, ...], cache_root: Path | Non
         except (OSError, ValueError, RuntimeError) as exc:  # a damaged cache entry: convert again
             logger.warning("OpenVINO cache entry %s is unreadable (%s); converting again", folder, exc)
         else:
-            state = _record_ok(record, version)
-            if state is True:
-                logger.debug("OpenVINO graph of %s read from %s", digest[:12], folder)
-                return graph, record
-            if state is False:
-                raise ConversionRefused(_refusal(record))
-            record = _verified_record(encoder, graph, shape, digest, version)
-            _try_write(folder, graph, record)
-            if not record["ok"]:
-                raise ConversionRefused(_refusal(record))
-            return graph, record
+            if not _built_here(record):
+                logger.info("OpenVINO cache entry %s was written by converter %s (now %d); converting again",
+                            folder, record.get("converter", 1), CONVERTER_VERSION)
+            else:
+                return _cached(encoder, graph, record, folder, shape, digest, version)
+    return _convert(encoder, folder, shape, digest, version)
+
+
+def _cached(encoder: Any, graph: Any, record: dict[str, Any], folder: Path, shape: tuple[int, ...],
+            digest: str, version: str) -> tuple[Any, dict[str, Any]]:
+    """A graph read from the cache: used as it is, refused as recorded, or verified again (another OpenVINO)."""
+    state = _record_ok(record, version)
+    if state is True:
+        logger.debug("OpenVINO graph of %s read from %s", digest[:12], folder)
+        return graph, record
+    if state is False:
+        raise ConversionRefused(_refusal(record))
+    record = _verified_record(encoder, graph, shape, digest, version)
+    _try_write(folder, graph, record)
+    if not record["ok"]:
+        raise ConversionRefused(_refusal(record))
+    return graph, record
+
+
+def _convert(encoder: Any, folder: Path | None, shape: tuple[int, ...], digest: str, version: str) -> tuple[Any, dict[str, Any]]:
+    """Convert, verify and cache (when ``folder`` is given) the encoder's graph."""
     t0 = time.perf_counter()
     graph = build_graph(encoder)
     record = _verified_record(encoder, graph, shape, digest, version)
@@ -279,7 +304,7 @@ def load_or_convert(encoder: Any, shape: tuple[int, ...], cache_root: Path | Non
                 digest[:12], version, time.perf_counter() - t0, record["cosine_min"], record["max_rel_diff"],
                 "" if folder is None else f"; cached in {folder}")
     if folder is not None and _try_write(folder, graph, record):
-        graph = core.read_model(str(folder / _XML))  # the same graph every later process reads
+        graph = _core().read_model(str(folder / _XML))  # the same graph every later process reads
     if not record["ok"]:
         raise ConversionRefused(_refusal(record))
     return graph, record
@@ -287,7 +312,7 @@ def load_or_convert(encoder: Any, shape: tuple[int, ...], cache_root: Path | Non
 
 def _verified_record(encoder: Any, graph: Any, shape: tuple[int, ...], digest: str, version: str) -> dict[str, Any]:
     record = verify(encoder, graph, shape)
-    record.update({"weights_sha256": digest, "openvino": version, "torch": torch.__version__,
+    record.update({"weights_sha256": digest, "converter": CONVERTER_VERSION, "openvino": version, "torch": torch.__version__,
                    "min_cosine": MIN_COSINE, "max_allowed_rel_diff": MAX_REL_DIFF,
                    "date": time.strftime("%Y-%m-%d %H:%M:%S")})
     return record
