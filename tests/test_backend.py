@@ -182,6 +182,12 @@ def test_when_torch_runs(model, monkeypatch):
     assert backends.select_runner(model, device=CPU, precision="fp16").name == "torch"
     wrapped = torch.nn.Sequential(model)  # not the package's model: it is called as it is
     assert backends.select_runner(wrapped, device=CPU, precision="fp32").name == "torch"
+
+    class Projections(AnatCL):  # a subclass whose output is not the encoder's features
+        def forward(self, x, head=False):
+            return super().forward(x, head=True)
+
+    assert backends.select_runner(Projections(model.config).eval(), device=CPU, precision="fp32").name == "torch"
     with pytest.raises(ConfigError, match="backend must be"):
         backends.select_runner(model, device=CPU, precision="fp32", backend="onnx")
     monkeypatch.setattr(openvino_backend, "openvino_version", lambda: None)

@@ -125,14 +125,25 @@ def _weights_key(module: torch.nn.Module) -> tuple[Any, ...]:
     return tuple(state)
 
 
-def _fold_models(model: Any) -> list[Any] | None:
-    """The AnatCL models behind ``model`` (itself, a list of folds, or a fold stack's ``models``), or None."""
-    from ..model.resnet import AnatCLNetwork as AnatCL  # the base class: the weights and encoding stages never import the public one
+def _is_package_model(model: Any) -> bool:
+    """The package's network (AnatCL or its bare base class) with the package's own forward: its
+    output is its encoder's features, so the encoder can be converted. A subclass that overrides
+    ``forward``, or a wrapper, is called as it is."""
+    forward = getattr(type(model), "forward", None)
+    return (
+        isinstance(model, torch.nn.Module)
+        and isinstance(getattr(model, "encoder", None), torch.nn.Module)
+        and hasattr(getattr(model, "config", None), "preprocess")
+        and getattr(forward, "__module__", "").startswith("anatcl_infer.model.")
+    )
 
-    if isinstance(model, AnatCL):
+
+def _fold_models(model: Any) -> list[Any] | None:
+    """The package models behind ``model`` (itself, a list of folds, or a fold stack's ``models``), or None."""
+    if _is_package_model(model):
         return [model]
     folds = model if isinstance(model, (list, tuple)) else getattr(model, "models", None)
-    if isinstance(folds, (list, tuple)) and folds and all(isinstance(m, AnatCL) for m in folds):
+    if isinstance(folds, (list, tuple)) and folds and all(_is_package_model(m) for m in folds):
         return list(folds)
     return None
 
@@ -158,7 +169,7 @@ def _why_not_openvino(model: Any, device: torch.device, precision: str) -> str |
         return f"precision {precision} runs through torch"
     models = _fold_models(model)
     if models is None:
-        return f"a {type(model).__name__} is not the package's AnatCL model"
+        return f"a {type(model).__name__} is not the package's AnatCL model (or overrides its forward)"
     if any(_has_hooks(m) for m in models):
         return "forward hooks are registered on the encoder (they run only in the torch module)"
     if openvino_version() is None:

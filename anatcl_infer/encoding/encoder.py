@@ -324,11 +324,11 @@ def iter_encoded(
     ``warnings`` (plain sentences) and ``kind_warning``; nothing is emitted here — callers
     show them (:func:`encode` through :mod:`warnings`, ``anatcl embed`` on stderr). A row
     whose features are not finite is turned into a failure (``stage="encode"``).
-    ``precision``, ``amp`` and ``from_t1`` are described in :func:`encode`; with ``from_t1`` the
-    raw-T1 route runs in the loader workers and its ``qc_registration_ncc``, ``qc_skull_strip``
-    and ``qc_prep_output`` join each row's info.
-    ``precision``, ``amp``, ``num_workers`` and ``backend`` are described in :func:`encode`;
-    each batch names the backend that computed it (``batch.backend``).
+    ``precision``, ``amp``, ``num_workers``, ``from_t1`` and ``backend`` are described in
+    :func:`encode`; with ``from_t1`` the raw-T1 route runs where inputs are prepared (the loader
+    thread or processes) and its ``qc_registration_ncc``, ``qc_skull_strip`` and
+    ``qc_prep_output`` join each row's info. Each batch names the backend that computed it
+    (``batch.backend``).
     """
     from .backends import check_backend, runner_info, select_runner
 
