@@ -247,6 +247,17 @@ def test_python_errors_name_python_arguments():
     assert "fold='all'" in str(info.value) and "--fold" not in str(info.value)
 
 
+def test_load_model_takes_a_fold_of_a_folder_of_fold_models(models):
+    """Python's load_model(folder, fold=k) as the CLI's --model folder --fold k: fold k's folder."""
+    one = loading.load_model(models, fold=1, device="cpu")
+    assert one.config.fold == 1
+    assert all(torch.equal(a, b) for a, b in zip(one.state_dict().values(), _model(1).state_dict().values()))
+    with pytest.raises(ConfigError, match=r"fold0, fold1.*fold=<k>"):
+        loading.load_model(models, device="cpu")  # which fold: not guessed
+    with pytest.raises(ConfigError, match="has no fold3/"):
+        loading.load_model(models, fold=3, device="cpu")
+
+
 def test_fold_all_over_a_folder_of_fold_models(models, tmp_path):
     scans = _scans(tmp_path / "in", 2)
     out = tmp_path / "f.parquet"

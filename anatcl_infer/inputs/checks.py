@@ -478,6 +478,6 @@ def check_kind(
         f"but {who} expects {_EXPECTED_WORDS[expected_kind]}; {_ADVICE[(expected_kind, guess.kind)]}"
     )
     if strict:
-        raise InputKindError(message + " (or drop --strict to only warn)", path=path, stage="check")
+        raise InputKindError(message + " (an error because of strict=True, --strict on the command line; without it, only a warning)", path=path, stage="check")
     logger.debug("%s: %s", path or "<input>", message)
     return message

@@ -39,6 +39,7 @@ from .._files import atomic_dir
 from .integrity import integrity_problem, mark_checked, verify_model_dir, write_record
 from .registry import ResolvedModel, canonical_name, find_by_sha256, resolve
 from .selection import check_weights_choice
+from .sources import fold_dirs
 from .untrained import is_untrained_name, untrained_model
 
 if TYPE_CHECKING:
@@ -313,6 +314,17 @@ def _load_url(url: str, sha256: str | None, weights: str = "model") -> Path:
     return _download_and_convert(url, target, ModelConfig(variant=variant, fold=fold, name=name), sha256, hint=hint, weights=weights)
 
 
+def _pick_fold_dir(path: Path, folds: dict[int, Path], fold: int | None) -> Path:
+    """The ``fold<k>/`` folder of a folder of fold models that ``fold`` names."""
+    have = ", ".join(f"fold{k}" for k in sorted(folds))
+    if fold is None:
+        raise ConfigError(f"{path} holds one model per fold ({have}); pass fold=<k> to load one of them "
+                          "(folds are separate models: never average their features)")
+    if fold not in folds:
+        raise ConfigError(f"{path} has no fold{fold}/ model folder; it has {have}")
+    return folds[fold]
+
+
 def _load_local(path: Path, sha256: str | None, cls: type[AnatCLNetwork] | None = None, weights: str = "model") -> AnatCL:
     """Build a model from a local directory, ``.safetensors`` or original checkpoint."""
     from .checkpoint import load_pretrained_dir
@@ -378,8 +390,10 @@ def load_model(
             original ``.pth``; a local ``.pth``/``.pt``/``.safetensors`` file; or a
             directory holding ``config.json`` + ``model.safetensors``.
         fold: cross-validation fold (0-4) of a registry model (default 0). Folds are
-            separate models: never average their embeddings. A file, URL or Hub
-            repository holds one fold: a different ``fold`` there is a warning.
+            separate models: never average their embeddings. A folder of ``fold<k>/`` model
+            folders (cross-validation output, a registry cache folder): the fold to load
+            (required). A file, URL or Hub repository holds one fold: a different ``fold``
+            there is a warning.
         revision: Hub branch, tag or commit (``hf://`` sources and the registry's Hub
             mirror only).
         sha256: expected SHA-256 of the file read: the original ``.pth`` for URLs,
@@ -445,7 +459,11 @@ def load_model(
         model = load_pretrained_dir(_load_url(text, sha256, weights), cls=cls)
     else:
         path = Path(text).expanduser()
-        if path.exists():
+        folds = fold_dirs(path) if path.is_dir() else {}
+        if folds:  # a folder of fold<k>/ model folders (cross-validation output, a registry cache folder)
+            model = _load_local(_pick_fold_dir(path, folds, fold), sha256, cls, weights)
+            fold = None  # used
+        elif path.exists():
             model = _load_local(path, sha256, cls, weights)
         elif path.suffix in (*_CHECKPOINT_SUFFIXES, ".safetensors") or os.sep in text or "/" in text:
             raise CheckpointError(
