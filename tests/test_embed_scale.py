@@ -110,6 +110,20 @@ def test_sharded_run_with_a_failure_reads_back_with_every_reader(model, model_di
     assert _mode(tmp_path / "head" / "head.json") == 0o644 and _mode(tmp_path / "pred.csv") == 0o644
 
 
+def test_a_shard_whose_every_input_failed_is_named_at_read_time(model, tmp_path):
+    """A shard that embedded nothing writes no part (no empty table to block the corrected rerun), only its
+    errors file; reading the folder says that shard ran and failed, and where its errors are."""
+    _write_scans(tmp_path / "in", 3)
+    broken = sorted((tmp_path / "in").glob("*.nii.gz"))[1]  # shard 1/3's only input
+    broken.write_bytes(b"not a NIfTI file")
+    feats = tmp_path / "feats"
+    written = [_run(model, [tmp_path / "in"], feats, shard=(i, 3)).written for i in range(3)]
+    assert written == [True, False, True]
+    assert sorted(p.name for p in feats.iterdir()) == ["part-00000-of-00003.parquet", "part-00002-of-00003.parquet"]
+    with pytest.raises(InputError, match=r"shard 1/3 ran but embedded no input \(every input failed\): see .*part-00001-of-00003.errors.csv"):
+        read_features(feats)
+
+
 def test_missing_and_overlapping_shards_are_errors_at_read_time(model, tmp_path):
     _write_scans(tmp_path / "in", 5)
     feats = tmp_path / "feats"

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import re
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -260,6 +261,10 @@ def _read_parts(folder: str, allow_missing: bool) -> tuple[pd.DataFrame, dict[st
             shown = ", ".join(f"{i}/{count}" for i in missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
             msg = (f"{len(missing)} of {count} shards are missing from {folder!r}: {shown}; run `anatcl embed ... --out {folder} "
                    f"--shard I/{count} --resume` for each (unfinished work is in {folder.rstrip('/')}.partial/)")
+            failed = _failed_shards(folder, set(missing))
+            if failed:  # a shard whose every input failed writes no part, only its errors file
+                msg += ("; " + ", ".join(f"shard {i}/{count}" for i in sorted(failed)) + " ran but embedded no input (every input "
+                        f"failed): see {', '.join(str(failed[i]) for i in sorted(failed)[:3])}")
             if not allow_missing:
                 raise InputError(msg + ", or read the parts present with read_features(..., allow_missing_shards=True)", path=folder, stage="read")
             logger.warning("%s", msg)
@@ -277,6 +282,18 @@ def _read_parts(folder: str, allow_missing: bool) -> tuple[pd.DataFrame, dict[st
     if "shard" in meta:
         meta["shard"] = {"count": next(iter(counts)) if counts else None, "parts": len(files)}
     return df, meta
+
+
+def _failed_shards(folder: str, missing: set[int]) -> dict[int, Path]:
+    """The errors files (``<folder>.errors/part-I-of-N.errors.csv``) of missing shards that ran and failed every input."""
+    errors_dir = Path(folder.rstrip("/") + ".errors")
+    found: dict[int, Path] = {}
+    if errors_dir.is_dir():
+        for p in sorted(errors_dir.iterdir()):
+            m = _PART_RE.match(p.name)
+            if m and p.name.endswith(".errors.csv") and int(m.group(1)) in missing:
+                found[int(m.group(1))] = p
+    return found
 
 
 def read_labels(path: str | os.PathLike[str]) -> pd.DataFrame:
