@@ -220,6 +220,7 @@ def _run_locked(
 ) -> EmbedSummary:
     """The body of :func:`run_embed`, run while holding the output's lock; ``encode_kwargs`` go to ``iter_encoded``."""
     from ...encoding.encoder import iter_encoded
+    from ...inputs.preprocess import describe_item
 
     batch_size = int(encode_kwargs.get("batch_size", 8))
     out, fmt, partial_dir, errors_path = layout.out, layout.fmt, layout.partial_dir, layout.errors_path
@@ -267,7 +268,8 @@ def _run_locked(
             ):
                 for f in batch.failures:
                     unit = todo[f.index]
-                    rec = {"path": unit.path, "volume": unit.volume, "fold": "all" if len(fold_ids) > 1 else fold_ids[0], "stage": f.stage, "message": f.message}
+                    # the path as printed (undecodable bytes as \\xNN: the errors file is UTF-8), its volume apart
+                    rec = {"path": describe_item(unit.path), "volume": unit.volume, "fold": "all" if len(fold_ids) > 1 else fold_ids[0], "stage": f.stage, "message": f.message}
                     failures.append(rec)
                     logger.error("%s [%s]: %s", f.path, f.stage, f.message)
                 for idx, info in zip(batch.indices, batch.infos):
