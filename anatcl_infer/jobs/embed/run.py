@@ -268,7 +268,7 @@ def _run_locked(
             ):
                 for f in batch.failures:
                     unit = todo[f.index]
-                    # the path as printed (undecodable bytes as \\xNN: the errors file is UTF-8), its volume apart
+                    # the path as printed (undecodable bytes as \xNN: the errors file is UTF-8), its volume apart
                     rec = {"path": describe_item(unit.path), "volume": unit.volume, "fold": "all" if len(fold_ids) > 1 else fold_ids[0], "stage": f.stage, "message": f.message}
                     failures.append(rec)
                     logger.error("%s [%s]: %s", f.path, f.stage, f.message)
