@@ -61,6 +61,7 @@ class Corpus:
         failing: name -> a fragment of the expected failure message.
         extra_specs: explicit arguments after the folder (a missing file, an empty folder),
             with the fragment expected for each.
+        volumes: names of 4D files -> their number of volumes: one row (and one QC row) each.
     """
 
     root: Path
@@ -68,6 +69,7 @@ class Corpus:
     warned: list[str] = field(default_factory=list)
     failing: dict[str, str] = field(default_factory=dict)
     extra_specs: dict[str, str] = field(default_factory=dict)
+    volumes: dict[str, int] = field(default_factory=dict)
 
 
 def build_corpus(base: Path) -> Corpus:
@@ -152,7 +154,8 @@ def build_corpus(base: Path) -> Corpus:
     c.failing["sub-\\xff\\xfe_mwp1.nii.gz"] = "not valid UTF-8"
 
     # --- content that cannot be a single brain map in MNI space
-    _save(fail("4d_mwp1.nii.gz", "holding 3 volumes"), np.stack([gm, gm, gm], axis=-1))
+    c.volumes["4d_mwp1.nii.gz"] = 3  # not a failure: one row per volume (issue 21)
+    _save(root / "4d_mwp1.nii.gz", np.stack([gm, gm, gm], axis=-1))
     _save(fail("2d_mwp1.nii.gz", "3D"), gm[:, :, 30])
     nan = gm.copy()
     nan[30, 30, 30] = np.nan

@@ -130,7 +130,8 @@ def test_embed_writes_parquet_with_ids_features_metadata(model, tmp_path):
     assert summary.ok and summary.n_written == 4
     table = pq.read_table(out)
     df = table.to_pandas()
-    assert list(df.columns[:6]) == ["path", "subject", "session", "run", "model", "fold"]
+    assert list(df.columns[:7]) == ["path", "volume", "subject", "session", "run", "model", "fold"]
+    assert df["volume"].isna().all()  # 3D files: no volume
     feats = [c for c in df.columns if c.startswith("feat_")]
     assert feats[0] == "feat_000" and feats[-1] == "feat_511" and len(feats) == 512
     assert df[feats].dtypes.unique().tolist() == [np.dtype("float32")]

@@ -300,7 +300,7 @@ def test_out_suffix_sets_the_format_and_a_folder_means_parts(model, model_dir, t
     _write_scans(tmp_path / "in", 2)
     res = _cli(tmp_path / "in", "--out", tmp_path / "feats.csv", "--model", model_dir)
     assert res.exit_code == 0, res.output
-    assert (tmp_path / "feats.csv").read_text().startswith('"path","subject"')
+    assert (tmp_path / "feats.csv").read_text().startswith('"path","volume","subject"')
     df, meta = read_features(tmp_path / "feats.csv")
     assert df["subject"].tolist() == ["00", "01"] and meta["model"]["name"] == "test-model"  # BIDS ids stay strings
     res = _cli(tmp_path / "in", "--out", tmp_path / "x.csv", "--format", "parquet", "--model", model_dir)

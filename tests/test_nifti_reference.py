@@ -456,26 +456,6 @@ def test_encode_gives_one_row_per_volume_of_a_4d_file(tmp_path, small_model):
     np.testing.assert_array_equal(mixed[1:], expected)
 
 
-@pytest.mark.slow
-def test_anatcl_embed_never_writes_one_row_for_a_4d_file(tmp_path, small_model):
-    from typer.testing import CliRunner
-
-    from anatcl_infer.cli import app
-    from anatcl_infer.weights.checkpoint import save_pretrained
-
-    model_dir = save_pretrained(small_model, tmp_path / "model")
-    stack, single = tmp_path / "stack.nii.gz", tmp_path / "single.nii.gz"
-    nib.save(nib.Nifti1Image(np.stack([_gm(), _gm(seed=1)], axis=-1), GRID3_AFFINE), stack)
-    nib.save(nib.Nifti1Image(_gm(), GRID3_AFFINE), single)
-    out = tmp_path / "feats.csv"
-    res = CliRunner().invoke(app, ["embed", str(stack), str(single), "--model", str(model_dir), "--out", str(out), "--quiet"])
-    assert res.exit_code == 1
-    rows = out.read_text().splitlines()
-    assert len(rows) == 2 and "single.nii.gz" in rows[1]  # header + the 3D file; the 4D file is no row
-    errors = (tmp_path / "feats.errors.csv").read_text()
-    assert "stack.nii.gz" in errors and "holding 2 volumes" in errors
-
-
 # ---------------------------------------------------------------- the differential test against nibabel
 
 

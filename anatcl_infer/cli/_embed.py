@@ -159,7 +159,7 @@ def embed(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar, warnings and errors only."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
 ) -> None:
-    """Embed brain maps into 512-d AnatCL features, one row per input (and fold).
+    """Embed brain maps into 512-d AnatCL features, one row per input (and fold); a 4D file of N volumes gives N rows, told apart by the volume column.
 
     Options, the output and the inputs are checked before the model loads; when no input exists or every input fails, no table is written (only the errors file). Rows are written as batches finish; the output appears atomically at the end. A bad input never stops the run: it is reported on stderr and in an errors file beside the output (feats.errors.csv for feats.parquet, feats.errors/ for a folder), and the exit status is 1. SIGTERM or Ctrl-C keeps the finished batches: rerun with --resume. Two runs on one output are refused (a lock file beside it). Off a terminal, progress lines (count, rate, ETA) go to the log.
     """

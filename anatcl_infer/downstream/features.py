@@ -1,8 +1,9 @@
 """The features table: column names, and reading the Parquet files ``anatcl embed`` writes.
 
-A features file has one row per input (per input and fold with ``--fold all``):
-``path``, ``subject``, ``session``, ``run``, ``model``, ``fold``, then
-``feat_000`` ... ``feat_511`` (float32), then QC columns prefixed ``qc_``. Its
+A features file has one row per input (per input and fold with ``--fold all``; per
+volume of a 4D input file): ``path``, ``volume`` (null but for the volumes of a 4D file,
+0..N-1), ``subject``, ``session``, ``run``, ``model``, ``fold``, then ``feat_000`` ...
+``feat_511`` (float32), then QC columns prefixed ``qc_``. Its
 Parquet key-value metadata under ``anatcl_infer`` is a JSON block naming the model
 (name, source, sha256, folds), the preprocessing and the package version, so every
 number derived from it can be traced back.
@@ -142,7 +143,8 @@ def read_features(
             the missing ones) instead of raising.
 
     Returns:
-        ``(dataframe, metadata)``; metadata is ``{}`` when the file carries none.
+        ``(dataframe, metadata)``; metadata is ``{}`` when the file carries none. A ``volume``
+        column is pandas' nullable ``Int64`` (``<NA>`` for a 3D input).
 
     Raises:
         InputError: when the file does not exist, cannot be read, or has no feature columns;
@@ -166,6 +168,8 @@ def read_features(
     else:
         df, meta = _read_one(p)
     feature_columns(df)
+    if "volume" in df.columns:  # nullable integers: NaN-filled floats would turn volume 1 into 1.0
+        df["volume"] = df["volume"].astype("Int64")
     return df, meta
 
 
@@ -270,7 +274,7 @@ def _read_parts(folder: str, allow_missing: bool) -> tuple[pd.DataFrame, dict[st
             logger.warning("%s", msg)
     df = pd.concat([f for f in frames if len(f.columns)], ignore_index=True, sort=False) if len(frames) > 1 else frames[0]
     if "path" in df.columns:
-        keys = df[["path", "fold"]] if "fold" in df.columns else df[["path"]]
+        keys = df[[c for c in ("path", "volume", "fold") if c in df.columns]]
         dup = keys.duplicated(keep=False)
         if dup.any():
             where = df.loc[dup, "path"].iloc[0]

@@ -1,6 +1,7 @@
 """The QC report: run every input through the preprocessing, measure, draw, write one page.
 
-:func:`build_qc_report` is what ``anatcl qc`` runs. For each input it calls
+:func:`build_qc_report` is what ``anatcl qc`` runs. A 4D file of N volumes is N inputs, each
+named by its volume (as ``anatcl embed`` gives it N rows). For each input it calls
 :func:`~anatcl_infer.inputs.preprocess.prepare` (keeping the conformed grid), computes
 :func:`~anatcl_infer.qc.qc_metrics`, draws the three-slice picture; then it flags the
 cohort's outliers and writes, in ``out_dir``:
@@ -9,7 +10,8 @@ cohort's outliers and writes, in ``out_dir``:
   (autoescaped, inline CSS, no script): failed inputs first, then flagged ones, then the
   rest. Pictures are *linked* from the folder, not embedded, so the page stays well under
   2 kB per input (about 20 MB for 10,000 inputs instead of 1.7 GB); keep the folder together;
-* ``qc_metrics.csv`` — one row per input: ``path``, ``status``, ``stage``, ``error``,
+* ``qc_metrics.csv`` — one row per input: ``path``, ``volume`` (empty but for a volume of a
+  4D file), ``status``, ``stage``, ``error``,
   ``qc_flag``, ``qc_reasons``, every ``qc_*`` metric, the picture and the MNI positions (mm)
   of its three slices;
 * ``images/NNNN_<name>.png`` — the three-slice picture of each input;
@@ -58,7 +60,7 @@ class QCItem:
     """The QC outcome of one input.
 
     Attributes:
-        path: the input as given.
+        path: the input as given (the file, for one volume of a 4D file).
         ok: whether it went through preprocessing.
         metrics: ``qc_*`` columns (empty when it failed).
         png: the three-slice picture (PNG bytes; empty when it failed or was written to a folder).
@@ -70,6 +72,7 @@ class QCItem:
         flagged: outlier flag (set once the whole cohort is known).
         reasons: why it is flagged.
         slices_mm: MNI coordinates (x, y, z) of the picture's three slices, in mm.
+        volume: the volume's index, for one volume of a 4D file; else None.
     """
 
     path: str
@@ -84,6 +87,12 @@ class QCItem:
     flagged: bool = False
     reasons: str = ""
     slices_mm: tuple[float, float, float] | None = None
+    volume: int | None = None
+
+    @property
+    def label(self) -> str:
+        """The input as shown: its path, followed by ``[volume i]`` for one volume of a 4D file."""
+        return self.path if self.volume is None else f"{self.path}[volume {self.volume}]"
 
 
 @dataclass
@@ -180,7 +189,8 @@ def qc_one(
     """Prepare, measure and draw one input; failures are returned, not raised.
 
     Args:
-        item: a path (or anything :func:`~anatcl_infer.inputs.preprocess.prepare` accepts).
+        item: a path, one volume of a 4D file (:class:`~anatcl_infer.inputs.io.NiftiVolume`), or anything
+            :func:`~anatcl_infer.inputs.preprocess.prepare` accepts.
         index: position in the cohort (names the picture).
         config: the preprocessing spec.
         strict: refuse inputs that do not look like what the model expects.
@@ -202,9 +212,12 @@ def qc_one(
         >>> qc_one("examples/data/missing.nii.gz", 1, PreprocessConfig()).stage
         'read'
     """
+    from ..inputs.io import NiftiVolume
     from ..inputs.preprocess import describe_item, prepare
 
-    source = describe_item(item)
+    source = describe_item(item)  # "<path>[volume i]" for a volume of a 4D file
+    volume = item.index if isinstance(item, NiftiVolume) else None
+    path = describe_item(item.path) if isinstance(item, NiftiVolume) else source
     route: dict[str, Any] = {}
     try:
         target = item
@@ -222,12 +235,12 @@ def qc_one(
     except AnatCLError as exc:
         stage = getattr(exc, "stage", "prepare")
         message = str(exc.args[0]) if exc.args else str(exc)
-        return QCItem(path=source, ok=False, stage=stage, error=message)
+        return QCItem(path=path, volume=volume, ok=False, stage=stage, error=message)
     except Exception as exc:  # any library's exception is this input's failure (and pickles back as text)
-        return QCItem(path=source, ok=False, stage="read", error=f"{type(exc).__name__}: {exc}")
+        return QCItem(path=path, volume=volume, ok=False, stage="read", error=f"{type(exc).__name__}: {exc}")
     try:
         metrics = {**qc_metrics(prepared, config=config), **route}
-        name = output_stem(index, source) + ".png"
+        name = output_stem(index, path) + ("" if volume is None else f"_vol{volume}") + ".png"
         target = None if images_dir is None else Path(images_dir) / name
         png = render_slices(prepared, target, config=config, title=_title(source, metrics), subtitle=_caption(metrics))
         if target is not None:
@@ -237,9 +250,9 @@ def qc_one(
     except AnatCLError:
         raise  # a missing extra or a broken installation concerns every input: stop
     except (ValueError, MemoryError, OSError) as exc:
-        return QCItem(path=source, ok=False, stage="qc", error=f"{type(exc).__name__}: {exc}")
+        return QCItem(path=path, volume=volume, ok=False, stage="qc", error=f"{type(exc).__name__}: {exc}")
     return QCItem(
-        path=source, metrics=metrics, png=png, image_name=name, thumbnail=thumb, warnings=list(prepared.warnings),
+        path=path, volume=volume, metrics=metrics, png=png, image_name=name, thumbnail=thumb, warnings=list(prepared.warnings),
         slices_mm=slices,
     )
 
@@ -296,10 +309,10 @@ def write_metrics_csv(items: Sequence[QCItem], path: str | os.PathLike[str]) -> 
     columns = list(QC_COLUMNS)
     if any(col in it.metrics for it in items for col in ROUTE_QC_COLUMNS):  # raw-T1 routes only
         columns += ROUTE_QC_COLUMNS
-    header = ["path", "status", "stage", "error", "qc_flag", "qc_reasons", *columns, "image", *_SLICE_COLUMNS]
+    header = ["path", "volume", "status", "stage", "error", "qc_flag", "qc_reasons", *columns, "image", *_SLICE_COLUMNS]
     rows = []
     for it in items:
-        row = [it.path, "ok" if it.ok else "failed", it.stage, it.error, str(bool(it.flagged)).lower(), it.reasons]
+        row = [it.path, "" if it.volume is None else it.volume, "ok" if it.ok else "failed", it.stage, it.error, str(bool(it.flagged)).lower(), it.reasons]
         row += [_fmt(it.metrics.get(col)) for col in columns]
         row.append(f"images/{it.image_name}" if it.image_name else "")
         row += [f"{v:g}" for v in it.slices_mm] if it.slices_mm else ["", "", ""]
@@ -370,8 +383,8 @@ def _row(it: QCItem, num: int) -> dict[str, Any]:
         "num": num,
         "ok": it.ok,
         "cls": "failed" if not it.ok else ("flagged" if it.flagged else "ok"),
-        "name": os.path.basename(it.path) or it.path,
-        "path": it.path,
+        "name": os.path.basename(it.label) or it.label,
+        "path": it.label,
         "stage": it.stage,
         "error": it.error,
     }
@@ -458,7 +471,8 @@ def build_qc_report(
     """QC a cohort: pictures, metrics, flags, a contact sheet and one HTML page.
 
     Args:
-        inputs: paths (or anything :func:`~anatcl_infer.inputs.preprocess.prepare` accepts).
+        inputs: paths (or anything :func:`~anatcl_infer.inputs.preprocess.prepare` accepts); a path
+            to a 4D file of N volumes is N inputs (:func:`~anatcl_infer.inputs.preprocess.split_volumes`).
         out_dir: the report folder (created; existing files of a previous run are replaced).
         config: the preprocessing spec (default: the published grey-matter spec).
         strict: refuse inputs whose kind is not what the model expects (reported as failed).
@@ -489,8 +503,10 @@ def build_qc_report(
     from .plots import _matplotlib
 
     _matplotlib()  # fail early, before any work, when the extra is missing
+    from ..inputs.preprocess import split_volumes
+
     config = config or PreprocessConfig()
-    inputs = list(inputs)
+    inputs = [v for item in inputs for v in (split_volumes(item) if isinstance(item, (str, os.PathLike)) else [item])]
     if from_t1:
         from ..inputs.t1_route import as_t1_route, check_t1_route
 
@@ -512,7 +528,7 @@ def build_qc_report(
     items += _run(task, inputs, max(1, int(workers)), progress)
     for it in items:
         if not it.ok:
-            logger.warning("%s: failed at %s: %s", it.path, it.stage, it.error)
+            logger.warning("%s: failed at %s: %s", it.label, it.stage, it.error)
 
     ok = [it for it in items if it.ok]
     left_out = {os.path.abspath(k): v for k, v in (skipped or {}).items()}
@@ -529,7 +545,7 @@ def build_qc_report(
         if it.thumbnail is not None:
             it.thumbnail.flagged = it.flagged
         if why:
-            logger.warning("%s: flagged: %s", it.path, why)
+            logger.warning("%s: flagged: %s", it.label, why)
     for it in items:
         if not it.ok and os.path.abspath(it.path) in left_out:
             it.reasons = f"skipped by anatcl embed: {left_out[os.path.abspath(it.path)]}"

@@ -24,7 +24,7 @@ from .fold_head import FoldHead
 from .intervals import _halfwidth
 from .labels import _id_hashes, join_labels
 from .persistence import load_head, save_head
-from .rows import _ID_COLUMNS, _fold_mask, _fold_values, _input_keys, _meta_for_fold, _rows_per_input
+from .rows import _ID_COLUMNS, _fold_mask, _fold_values, _id_columns, _input_keys, _meta_for_fold, _rows_per_input
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -229,7 +229,8 @@ class Head:
     ) -> pd.DataFrame:
         """Predictions with one row per input (the rows of all folds of one input merged).
 
-        Columns: ``path``/``subject``/``session``/``run`` (when present),
+        Columns: ``path``/``volume``/``subject``/``session``/``run`` (when present; ``volume``
+        when some input is a volume of a 4D file: each such volume is one input),
         ``<target>_pred_fold{k}`` per fold and ``<target>_pred_fold_sd`` (their spread;
         several folds only), ``<target>_pred`` (the fold ensemble: mean of fold
         predictions). Regression adds ``<target>_pred_lo``/``_hi``, a split-conformal
@@ -276,7 +277,7 @@ class Head:
 
         row_pos, first = _rows_per_input(keys)
         n, multi = len(first), len(z_by_fold) > 1
-        out: dict[str, Any] = {c: df[c].to_numpy()[first] for c in _ID_COLUMNS if c in df.columns}
+        out: dict[str, Any] = {c: df[c].to_numpy()[first] for c in _id_columns(df)}
         width = 1 if self.kind == "regression" else max(2, len(self.classes))
         per_fold, raw = [], []
         for f, mask, z in z_by_fold:

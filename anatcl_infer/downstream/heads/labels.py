@@ -1,4 +1,4 @@
-"""Labels joined to feature rows: on ``path``, else ``subject`` (+ ``session``), BIDS prefixes ignored.
+"""Labels joined to feature rows: on ``path`` (+ ``volume``), else ``subject`` (+ ``session``), BIDS prefixes ignored.
 
 Also the short digests of a table's subjects (else paths) that a head stores, so that predicting on
 its own training subjects can be spotted (:meth:`Head._warn_in_sample`).
@@ -33,11 +33,17 @@ def _has(df: pd.DataFrame, col: str) -> bool:
     return col in df.columns and bool(df[col].notna().any())
 
 
+def _norm_volume(values: pd.Series) -> pd.Series:
+    """Volume indices as strings (``""`` for a 3D file), whether read as integers or NaN-filled floats."""
+    return values.astype("Int64").astype("string").fillna("")
+
+
 def join_labels(features: pd.DataFrame, labels: pd.DataFrame, *, columns: list[str] | None = None) -> tuple[pd.DataFrame, str]:
     """Attach label columns to feature rows, matching on ``path``, else ``subject`` (+ ``session``).
 
     ``path`` is used when both tables have it (relative paths are taken from the
-    working directory) and at least one matches; else ``subject`` (BIDS ``sub-``
+    working directory) and at least one matches — with ``volume`` too when the labels give
+    one (a 4D file whose volumes are different scans); else ``subject`` (BIDS ``sub-``
     prefixes ignored), together with ``session`` when both tables have sessions
     (longitudinal labels: one row per subject and session). Feature rows without a
     label get missing values.
@@ -49,7 +55,7 @@ def join_labels(features: pd.DataFrame, labels: pd.DataFrame, *, columns: list[s
 
     Returns:
         ``(frame aligned with features' rows holding the label columns, key used)``;
-        the key is ``"path"``, ``"subject"`` or ``"subject+session"``.
+        the key is ``"path"``, ``"path+volume"``, ``"subject"`` or ``"subject+session"``.
 
     Raises:
         HeadError: when the tables share no key column, a key repeats in the labels,
@@ -68,6 +74,10 @@ def join_labels(features: pd.DataFrame, labels: pd.DataFrame, *, columns: list[s
         if both_subject and not left.isin(set(right.dropna())).any():
             logger.warning("no `path` of the labels matches the features; joining on `subject` instead")
             key = None
+        elif _has(labels, "volume"):
+            key = "path+volume"
+            vol = _norm_volume(features["volume"]) if "volume" in features.columns else ""
+            left, right = left + "\x1f" + vol, right + "\x1f" + _norm_volume(labels["volume"])
     if key is None and both_subject:
         key = "subject"
         left, right = _norm_id(features["subject"], "sub-"), _norm_id(labels["subject"], "sub-")
@@ -86,10 +96,10 @@ def join_labels(features: pd.DataFrame, labels: pd.DataFrame, *, columns: list[s
     dup = right[right.duplicated()]
     if len(dup):
         hint = {"subject": "or give a `session` column (in both files) or join on `path` instead",
-                "subject+session": "or join on `path` instead"}.get(key, "")
-        raise HeadError(f"`{key}` is not unique in the labels (e.g. {[d.replace(chr(31), '/') for d in dup.unique()[:5]]}); "
+                "subject+session": "or join on `path` instead", "path": "(or give a `volume` column for a 4D file's volumes)"}.get(key, "")
+        raise HeadError(f"`{key}` is not unique in the labels (e.g. {[str(d).replace(chr(31), '/') for d in dup.unique()[:5]]}); "
                         f"keep one row per {key} {hint}")
-    key_cols = {"path": ("path",), "subject": ("subject",), "subject+session": ("subject", "session")}[key]
+    key_cols = {"path": ("path",), "path+volume": ("path", "volume"), "subject": ("subject",), "subject+session": ("subject", "session")}[key]
     cols = [c for c in (columns if columns is not None else labels.columns) if c not in key_cols]
     missing = [c for c in cols if c not in labels.columns]
     if missing:

@@ -2,6 +2,7 @@
 
 A features table embedded with several model folds holds one row per input and fold; a head
 keeps the folds apart (each has its own linear model) and merges an input's rows in its output.
+Each volume of a 4D input file (``volume`` set) is an input of its own.
 """
 
 from __future__ import annotations
@@ -15,8 +16,14 @@ from ...errors import HeadError
 if TYPE_CHECKING:
     import pandas as pd
 
-#: Columns naming an input, copied (first row per input) into prediction tables.
-_ID_COLUMNS = ("path", "subject", "session", "run")
+#: Columns naming an input, copied (first row per input) into prediction tables (``volume`` only
+#: when some row is a volume of a 4D file: see :func:`_id_columns`).
+_ID_COLUMNS = ("path", "volume", "subject", "session", "run")
+
+
+def _id_columns(df: pd.DataFrame) -> list[str]:
+    """The :data:`_ID_COLUMNS` of ``df`` copied into predictions; ``volume`` only when not all null."""
+    return [c for c in _ID_COLUMNS if c in df.columns and (c != "volume" or df[c].notna().any())]
 
 
 def _meta_for_fold(meta: dict[str, Any], fold: int | None) -> dict[str, Any]:
@@ -57,9 +64,13 @@ def _fold_mask(df: pd.DataFrame, fold: int | None) -> np.ndarray:
 
 
 def _input_keys(df: pd.DataFrame) -> np.ndarray:
-    """One key per input (rows of several folds of the same input share it)."""
+    """One key per input (rows of several folds of the same input share it; each volume of a 4D file is one input)."""
     if "path" in df.columns and df["path"].notna().all():
-        return df["path"].astype(str).to_numpy()
+        paths = df["path"].astype(str)
+        if "volume" in df.columns and df["volume"].notna().any():
+            volumes = df["volume"].astype("Int64").astype("string").fillna("")
+            return (paths + "\0" + volumes).to_numpy(dtype=object)
+        return paths.to_numpy()
     if "fold" in df.columns and df["fold"].nunique(dropna=False) > 1:
         raise HeadError("a features table with several folds needs a `path` column to match rows of the same input")
     return np.asarray([f"row{i}" for i in range(len(df))], dtype=object)

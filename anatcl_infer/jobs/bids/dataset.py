@@ -203,8 +203,9 @@ named in `dataset_description.json`.
 ## Files
 
 - `sub-<label>/[ses-<label>/]anat/sub-<label>_[ses-<label>_]..._desc-<model>_features.parquet`: one
-  Parquet table per scan, one row per model fold, with the columns `path`, `subject`, `session`,
-  `run`, `model`, `fold`, `feat_000` ... (float32) and `qc_*`; its metadata records the model, the
+  Parquet table per scan, one row per model fold (per volume and fold for a 4D map), with the columns
+  `path`, `volume` (empty but for a 4D map's volumes), `subject`, `session`, `run`, `model`, `fold`,
+  `feat_000` ... (float32) and `qc_*`; its metadata records the model, the
   SHA-256 of its weights and the preprocessing.
 - the `.json` sidecar beside each: the model and its SHA-256, the fold, the preprocessing spec, the
   source map and its SHA-256.

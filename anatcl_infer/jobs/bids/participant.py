@@ -258,7 +258,8 @@ def _sidecar(rec: InputRecord, sha: str | None, identity: dict[str, Any], run_me
     folds = identity["Model"]["Folds"]
     return {
         "Description": (
-            f"AnatCL features of one scan: {len(folds)} row(s), one per fold {folds}, with columns path, subject, "
+            f"AnatCL features of one scan: {len(folds)} row(s), one per fold {folds} (per volume and fold for a 4D map), "
+            f"with columns path, volume (null but for a 4D map's volumes), subject, "
             f"session, run, model, fold, feat_000..feat_{identity['Model']['FeatureDim'] - 1:03d} (float32) and qc_*, "
             "as written by `anatcl embed`. Never average rows of different folds."
         ),

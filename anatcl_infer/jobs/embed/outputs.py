@@ -267,6 +267,8 @@ def _remove_output(out: Path, fmt: str) -> None:
 
 
 def _write_errors(path: Path, failures: Sequence[dict[str, Any]]) -> None:
+    """The errors CSV: ``path``, ``volume`` (empty but for a volume of a 4D file), ``fold``, ``stage``, ``message``;
+    no file when nothing failed."""
     if not failures:
         path.unlink(missing_ok=True)
         if path.parent.name.endswith(".errors"):  # feats.errors/ beside a folder output, once empty
@@ -275,6 +277,6 @@ def _write_errors(path: Path, failures: Sequence[dict[str, Any]]) -> None:
         return
     with atomic_path(path) as tmp:
         with tmp.open("w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=["path", "fold", "stage", "message"], extrasaction="ignore")
+            writer = csv.DictWriter(fh, fieldnames=["path", "volume", "fold", "stage", "message"], extrasaction="ignore")
             writer.writeheader()
             writer.writerows(failures)

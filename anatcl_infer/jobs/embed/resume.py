@@ -4,7 +4,8 @@ An earlier run's rows are reused only when it was made with the same model (SHA-
 its weights), preprocessing and precision (:func:`_check_compatible`), and each row only
 while its input is still among the inputs and its file unchanged: same size and mtime,
 or else the same SHA-256 (:class:`_Freshness`). The fingerprints of this run's inputs are
-computed in background threads as they are embedded (:class:`_Fingerprints`).
+computed in background threads as they are embedded (:class:`_Fingerprints`), once per file
+(the volumes of a 4D file share their file's). A row is done per (path, volume, fold).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..._files import regular_file_sha256
 from ...errors import ConfigError
-from .table import _FINGERPRINT_COLUMNS
+from .table import _FINGERPRINT_COLUMNS, _row_keys
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -87,7 +88,11 @@ class _Freshness:
 
 
 class _Fingerprints:
-    """Hashes the inputs in two background threads, a little ahead of the encoder."""
+    """Hashes the inputs in two background threads, a little ahead of the encoder.
+
+    ``paths`` has one entry per row source: consecutive equal paths (the volumes of one 4D
+    file) share one hash of the file.
+    """
 
     def __init__(self, paths: Sequence[str], ahead: int) -> None:
         from concurrent.futures import ThreadPoolExecutor
@@ -97,11 +102,18 @@ class _Fingerprints:
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="anatcl-hash")
         self.futures: dict[int, Any] = {}
         self._submitted = 0
+        self._last: tuple[str, Any] | None = None
         self._submit(self.ahead)
 
     def _submit(self, upto: int) -> None:
         while self._submitted < min(upto, len(self.paths)):
-            self.futures[self._submitted] = self.pool.submit(_fingerprint, self.paths[self._submitted])
+            i = self._submitted
+            path = self.paths[i]
+            if self._last is not None and self._last[0] == path:
+                self.futures[i] = self._last[1]  # another volume of the same file
+            else:
+                self.futures[i] = self.pool.submit(_fingerprint, path)
+                self._last = (path, self.futures[i])
             self._submitted += 1
 
     def get(self, index: int) -> tuple[str | None, int | None, int | None]:
@@ -156,12 +168,13 @@ def _check_compatible(earlier: Sequence[tuple[str, Path, dict[str, Any] | None]]
             )
 
 
-def _still_done(fresh: _Freshness, tables: Sequence[pa.Table]) -> set[tuple[str, int | None]]:
-    """(path, fold) of the rows of ``tables`` that still describe their input; logs what changed and what is gone."""
-    done: set[tuple[str, int | None]] = set()
+def _still_done(fresh: _Freshness, tables: Sequence[pa.Table]) -> set[tuple[str, int | None, int | None]]:
+    """(path, volume, fold) of the rows of ``tables`` that still describe their input (``volume`` null for
+    a 3D file, and for every row of a table written before the column existed); logs what changed and what is gone."""
+    done: set[tuple[str, int | None, int | None]] = set()
     for t in tables:
         t = fresh.filter(t)
-        done.update(zip(t.column("path").to_pylist(), t.column("fold").to_pylist()))
+        done.update(_row_keys(t))
     if fresh.changed:
         logger.warning("re-embedding %d input(s) whose file changed since the earlier run (size, mtime or content): %s",
                        len(fresh.changed), _some(fresh.changed))

@@ -2,7 +2,8 @@
 
 It picks this run's block of the inputs (:func:`shard_records`), takes the output's lock,
 skips what an earlier run already wrote (``resume``), writes each finished batch as a
-part, and assembles the final table from the parts at the end.
+part, and assembles the final table from the parts at the end. A 4D input file of N volumes
+is N rows (per fold), told apart by the ``volume`` column.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from .outputs import OutputLayout, _Parts, _read_existing, _remove_output, _writ
 from .progress import _ProgressLog
 from .resume import _check_compatible, _Fingerprints, _Freshness, _still_done
 from .signals import Interrupted, _stop_on_signals
-from .table import _FINGERPRINT_COLUMNS, _add_head_columns, _build_table, _dedupe, _sort_table
+from .table import _FINGERPRINT_COLUMNS, _add_head_columns, _build_table, _dedupe, _sort_table, _units
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -45,6 +46,7 @@ class EmbedSummary:
 
     out: Path
     errors_path: Path | None
+    #: inputs, counting each volume of a 4D file as one (failures of earlier stages included)
     n_inputs: int
     n_written: int
     n_skipped: int
@@ -70,7 +72,8 @@ def shard_records(records: Sequence[Any], index: int, count: int) -> list[Any]:
     """Contiguous block ``index`` of ``count`` of the (already sorted) records.
 
     Concatenating the blocks in order gives the records back, so reading the parts
-    of a sharded run in name order gives exactly the single-process table.
+    of a sharded run in name order gives exactly the single-process table. Records are
+    files: every volume of a 4D file is embedded by the shard that holds the file.
     """
     if count < 1 or not 0 <= index < count:
         raise ConfigError(f"shard must be i/n with 0 <= i < n, got {index}/{count}")
@@ -113,7 +116,9 @@ def run_embed(
 
     Args:
         records: inputs (from :func:`anatcl_infer.inputs.discovery.discover_inputs`), sorted;
-            with ``shard``, all of them (this run embeds its block).
+            with ``shard``, all of them (this run embeds its block). A 4D file of N volumes gives
+            N rows (per fold), its ``volume`` column 0..N-1 (null for a 3D file); its fingerprint
+            is the file's, and ``resume`` embeds only the volumes missing.
         models: one loaded model per fold, sharing a preprocessing spec.
         out: output file (``.parquet`` or ``.csv``), or a folder (trailing ``/``, an existing
             folder, or any ``shard``) that receives one part per shard.
@@ -215,6 +220,7 @@ def _run_locked(
 ) -> EmbedSummary:
     """The body of :func:`run_embed`, run while holding the output's lock; ``encode_kwargs`` go to ``iter_encoded``."""
     from ...encoding.encoder import iter_encoded
+    from ...inputs.preprocess import describe_item
 
     batch_size = int(encode_kwargs.get("batch_size", 8))
     out, fmt, partial_dir, errors_path = layout.out, layout.fmt, layout.partial_dir, layout.errors_path
@@ -227,17 +233,19 @@ def _run_locked(
     fold_ids = [m.config.fold for m in models]
     wanted = {r.path for r in records}
     fresh = _Freshness(wanted)
-    done: set[tuple[str, int | None]] = set()
+    done: set[tuple[str, int | None, int | None]] = set()
     existing: pa.Table | None = None
     if resume:
         existing, existing_meta = _read_existing(out, fmt)
         _check_compatible([("the existing output", out, existing_meta), ("the interrupted run", partial_dir, parts.metadata())], meta)
         done = _still_done(fresh, ([existing] if existing is not None else []) + parts.tables())
 
-    todo = [r for r in records if any((r.path, f) not in done for f in fold_ids)]
-    skipped = len(records) - len(todo)
+    # one unit per file, one per volume of a 4D file; a 3D file already done is not opened again
+    units = _units(records, lambda r: all((r.path, None, f) in done for f in fold_ids))
+    todo = [u for u in units if any((*u.key, f) not in done for f in fold_ids)]
+    skipped = len(units) - len(todo)
     if skipped:
-        logger.info("resuming: %d of %d inputs already embedded", skipped, len(records))
+        logger.info("resuming: %d of %d inputs already embedded", skipped, len(units))
 
     extra = None
     if qc:
@@ -256,16 +264,18 @@ def _run_locked(
     try:
         if todo:
             for batch in iter_encoded(
-                runner, [r.path for r in todo], device=dev, progress=progress, extra_info=extra, **encode_kwargs,
+                runner, [u.item() for u in todo], device=dev, progress=progress, extra_info=extra, **encode_kwargs,
             ):
                 for f in batch.failures:
-                    rec = {"path": f.path, "fold": "all" if len(fold_ids) > 1 else fold_ids[0], "stage": f.stage, "message": f.message}
+                    unit = todo[f.index]
+                    # the path as printed (undecodable bytes as \xNN: the errors file is UTF-8), its volume apart
+                    rec = {"path": describe_item(unit.path), "volume": unit.volume, "fold": "all" if len(fold_ids) > 1 else fold_ids[0], "stage": f.stage, "message": f.message}
                     failures.append(rec)
                     logger.error("%s [%s]: %s", f.path, f.stage, f.message)
                 for idx, info in zip(batch.indices, batch.infos):
                     if info.get("warnings"):  # one WARNING line per doubtful input, with every reason
                         n_warned += 1
-                        logger.warning("%s: %s", todo[idx].path, "; ".join(info["warnings"]))
+                        logger.warning("%s: %s", todo[idx], "; ".join(info["warnings"]))
                 if batch.indices:
                     fps = [prints.get(i) for i in batch.indices] if prints is not None else None
                     table = _build_table(todo, fold_ids, models[0].config.name, batch.indices, batch.features, batch.infos,
@@ -307,7 +317,7 @@ def _run_locked(
             logger.info("no input could be embedded: nothing was written to %s (the failures are in %s)", out, errors_path)
         _write_errors(errors_path, failures)
     shutil.rmtree(partial_dir, ignore_errors=True)
-    n_inputs = len(records) + len(prior_failures)
+    n_inputs = len(units) + len(prior_failures)
     return EmbedSummary(out, errors_path if failures else None, n_inputs, n_written, skipped, failures,
                         changed=sorted(fresh.changed), n_dropped=len(fresh.gone), n_rows=final.num_rows, n_warned=n_warned,
                         written=written)

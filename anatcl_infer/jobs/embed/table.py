@@ -1,15 +1,18 @@
 """The features table's rows: its schema, building rows from a batch, sorting, head columns.
 
-Columns, in order: the identifying ones (``path``, ``subject``, ``session``, ``run``,
-``model``, ``fold``), ``feat_000``..., the ``qc_*`` ones, then the fingerprint ones
-(``input_sha256``, ``input_size``, ``input_mtime_ns``) that ``--resume`` checks. Reading
-and writing these tables is in :mod:`.outputs`; deciding which rows are stale in :mod:`.resume`.
+Columns, in order: the identifying ones (``path``, ``volume``, ``subject``, ``session``,
+``run``, ``model``, ``fold``), ``feat_000``..., the ``qc_*`` ones, then the fingerprint ones
+(``input_sha256``, ``input_size``, ``input_mtime_ns``) that ``--resume`` checks. ``volume``
+is null for a 3D file and 0..N-1 for the volumes of a 4D file of N volumes (one row each);
+a row is identified by (path, volume, fold). Reading and writing these tables is in
+:mod:`.outputs`; deciding which rows are stale in :mod:`.resume`.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -21,8 +24,9 @@ if TYPE_CHECKING:
 
     from ...inputs.discovery import InputRecord
 
-#: Arrow types of the identifying columns, in table order (BIDS entities stay strings: "01" is not 1).
-_ID_TYPES = {"path": "string", "subject": "string", "session": "string", "run": "string", "model": "string", "fold": "int64"}
+#: Arrow types of the identifying columns, in table order (BIDS entities stay strings: "01" is not 1;
+#: ``volume`` is null for a 3D file, the volume's index for one of a 4D file).
+_ID_TYPES = {"path": "string", "volume": "int64", "subject": "string", "session": "string", "run": "string", "model": "string", "fold": "int64"}
 #: Columns recording which file content each row came from (checked by ``--resume``), last in the table.
 _FINGERPRINT_TYPES = {"input_sha256": "string", "input_size": "int64", "input_mtime_ns": "int64"}
 _FINGERPRINT_COLUMNS = tuple(_FINGERPRINT_TYPES)
@@ -37,12 +41,72 @@ _FIXED_QC_TYPES = {
 }
 
 
+@dataclass(frozen=True)
+class _Unit:
+    """What one row (per fold) is made from: an input file, or one volume of a 4D input file."""
+
+    record: InputRecord
+    volume: int | None = None
+    count: int = 1  # volumes in the file
+
+    @property
+    def path(self) -> str:
+        return self.record.path
+
+    @property
+    def key(self) -> tuple[str, int | None]:
+        """(path, volume): with the fold, what identifies a row."""
+        return self.record.path, self.volume
+
+    def item(self) -> Any:
+        """What the encoder is given: the path, or a :class:`~anatcl_infer.inputs.io.NiftiVolume`."""
+        from ...inputs.io import NiftiVolume
+
+        return self.record.path if self.volume is None else NiftiVolume(self.record.path, self.volume, self.count)
+
+    def __str__(self) -> str:
+        return self.record.path if self.volume is None else f"{self.record.path}[volume {self.volume}]"
+
+
+def _units(records: Sequence[InputRecord], one_volume: Any = None) -> list[_Unit]:
+    """One unit per input file, one per volume of a 4D file (read from its header by
+    :func:`~anatcl_infer.inputs.preprocess.split_volumes`), in input order.
+
+    ``one_volume(record)`` true: the record is taken as one 3D file without reading its header
+    (rows of a 3D file already written, on ``--resume``). A file whose header cannot be read is
+    one unit; it fails, with its reason, when it is read.
+    """
+    from ...inputs.io import NiftiVolume
+    from ...inputs.preprocess import split_volumes
+
+    out: list[_Unit] = []
+    for rec in records:
+        if one_volume is not None and one_volume(rec):
+            out.append(_Unit(rec))
+            continue
+        parts = split_volumes(rec.path)
+        out.extend(_Unit(rec, p.index, p.count) if isinstance(p, NiftiVolume) else _Unit(rec) for p in parts)
+    return out
+
+
+def _volumes(table: pa.Table) -> list[int | None]:
+    """The ``volume`` column as a list; all null for a table written before it existed."""
+    if "volume" in table.column_names:
+        return table.column("volume").to_pylist()
+    return [None] * table.num_rows
+
+
+def _row_keys(table: pa.Table) -> list[tuple[Any, Any, Any]]:
+    """(path, volume, fold) of each row."""
+    return list(zip(table.column("path").to_pylist(), _volumes(table), table.column("fold").to_pylist()))
+
+
 def _build_table(
-    records: Sequence[InputRecord], fold_ids: Sequence[int | None], model_name: str,
+    records: Sequence[InputRecord | _Unit], fold_ids: Sequence[int | None], model_name: str,
     indices: Sequence[int], features: np.ndarray, infos: Sequence[dict[str, Any]],
     dim: int | None = None, fingerprints: Sequence[tuple[str | None, int | None, int | None]] | None = None,
 ) -> pa.Table:
-    """The rows of one batch (one per input and fold) as a table, columns in the order above."""
+    """The rows of one batch (one per input, or volume of a 4D input, and fold) as a table, columns in the order above."""
     import pyarrow as pa
 
     n_folds = len(fold_ids)
@@ -52,7 +116,8 @@ def _build_table(
     feat_rows: list[np.ndarray] = []
     extra: dict[str, list[Any]] = {k: [] for k in _FIXED_QC_TYPES}
     for row, idx in enumerate(indices):
-        rec = records[idx]
+        unit = records[idx]
+        rec, volume = (unit.record, unit.volume) if isinstance(unit, _Unit) else (unit, None)
         info = infos[row]
         qc = {
             "qc_method": info.get("method"),
@@ -65,7 +130,7 @@ def _build_table(
         fingerprint = fingerprints[row] if fingerprints is not None else (None, None, None)
         for k, fold in enumerate(fold_ids):
             # the identifying columns, then the fingerprint ones (the order of ``cols``)
-            for name, value in zip(cols, (rec.path, rec.subject, rec.session, rec.run, model_name, fold, *fingerprint)):
+            for name, value in zip(cols, (rec.path, volume, rec.subject, rec.session, rec.run, model_name, fold, *fingerprint)):
                 cols[name].append(value)
             feat_rows.append(features[row, k * dim:(k + 1) * dim])
             for key, value in qc.items():
@@ -82,14 +147,16 @@ def _build_table(
 
 
 def _sort_table(table: pa.Table) -> pa.Table:
-    """Rows by path, then fold: the order of every table a run writes."""
-    return table.sort_by([("path", "ascending"), ("fold", "ascending")])
+    """Rows by path, then volume, then fold: the order of every table a run writes (a table
+    without ``volume``, written before it existed, by path and fold)."""
+    keys = ["path", "volume", "fold"] if "volume" in table.column_names else ["path", "fold"]
+    return table.sort_by([(k, "ascending") for k in keys])
 
 
 def _dedupe(table: pa.Table) -> pa.Table:
-    """Keep the first row of each (path, fold) (a resumed run never writes one twice, but be safe)."""
-    first: dict[tuple[Any, Any], int] = {}
-    for i, key in enumerate(zip(table.column("path").to_pylist(), table.column("fold").to_pylist())):
+    """Keep the first row of each (path, volume, fold) (a resumed run never writes one twice, but be safe)."""
+    first: dict[tuple[Any, Any, Any], int] = {}
+    for i, key in enumerate(_row_keys(table)):
         first.setdefault(key, i)
     if len(first) == table.num_rows:
         return table
